@@ -1,0 +1,7 @@
+"""Exact dilated attention (LongNet) for very long sequences, on one device or a ring of them."""
+
+from .functional import dilated_attention
+from .modules import DilatedAttention, MultiheadDilatedAttention
+
+__all__ = ["dilated_attention", "DilatedAttention", "MultiheadDilatedAttention"]
+__version__ = "0.1.0"

@@ -1,0 +1,170 @@
+"""The functional core: ``dilated_attention`` and its exact autograd.
+
+Forward runs every work item of the schedule (see ``plan``) as dense attention over
+strided views and merges the items through their log-sum-exp into one float32 (float64
+for float64 inputs) accumulator: out(i) is one softmax over the multiset of linked keys
+(Eq. 10). Backward runs each item's attention backward against the merged (out, lse)
+and sums the contributions: the exact gradient, with no detached merge weights.
+
+Both passes are ``torch.library.custom_op`` s with fake implementations, so
+``torch.compile`` sees one opaque node per pass.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import backends
+from .merge import merge_
+from .plan import build_plan, check_schedule, segment_views
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("dilated_attention::forward", mutates_args=())
+def _forward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    is_causal: bool,
+    scale: float,
+    mode: str,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k, v: (b, n, h, d) -> merged out (b, n, h, d) in q.dtype, lse (b, n, h) float32/64."""
+    b, n, h, d = q.shape
+    impl = backends.select(q, backend)
+    acc = _acc_dtype(q.dtype)
+    out = torch.zeros((b, n, h, v.shape[-1]), dtype=acc, device=q.device)
+    lse = torch.full((b, n, h), float("-inf"), dtype=acc, device=q.device)
+    for item in build_plan(n, h, segment_lengths, dilation_rates, mode):
+        views = zip(*(segment_views(t, item) for t in (q, k, v, out, lse)))
+        for qv, kv, vv, ov, lv in views:
+            merge_(ov, lv, *impl.forward(qv, kv, vv, scale, is_causal))
+    return out.to(q.dtype), lse
+
+
+@_forward_op.register_fake
+def _(q, k, v, segment_lengths, dilation_rates, is_causal, scale, mode, backend):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
+
+
+@torch.library.custom_op("dilated_attention::backward", mutates_args=())
+def _backward_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    is_causal: bool,
+    scale: float,
+    mode: str,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dout, q, k, v, out: (b, n, h, d); lse: (b, n, h) -> dq, dk, dv (b, n, h, d) in q.dtype."""
+    b, n, h, d = q.shape
+    impl = backends.select(q, backend)
+    acc = _acc_dtype(q.dtype)
+    grads = [torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v)]
+    dout = dout.to(q.dtype)
+    for item in build_plan(n, h, segment_lengths, dilation_rates, mode):
+        views = zip(*(segment_views(t, item) for t in (dout, q, k, v, out, lse, *grads)))
+        for dov, qv, kv, vv, ov, lv, dqv, dkv, dvv in views:
+            gq, gk, gv = impl.backward(dov, qv, kv, vv, ov, lv, scale, is_causal)
+            dqv += gq
+            dkv += gk
+            dvv += gv
+    return tuple(g.to(q.dtype) for g in grads)
+
+
+@_backward_op.register_fake
+def _(dout, q, k, v, out, lse, segment_lengths, dilation_rates, is_causal, scale, mode, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, segment_lengths, dilation_rates, is_causal, scale, mode, backend = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.config = (segment_lengths, dilation_rates, is_causal, scale, mode, backend)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, *ctx.config)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_qkv(q, k, v) -> None:
+    """Raise a TypeError/ValueError naming the argument when q, k, v do not fit together."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (batch, seq, heads, head_dim), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating point tensor, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device ({q.device}), got {t.device}")
+    if 0 in q.shape:
+        raise ValueError(f"q, k, v must not be empty, got shape {tuple(q.shape)}")
+
+
+def resolve_scale(scale: float | None, head_dim: int) -> float:
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    return float(scale)
+
+
+def dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    mode: str = "paper",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Dilated attention of LongNet (arXiv 2307.02486).
+
+    q, k, v: (batch, seq, heads, head_dim), one dtype and device.
+    segment_lengths, dilation_rates: one ``(w, r)`` per branch.
+    mode: ``"paper"`` (Eq. 10: every head in every branch, merged through softmax
+    denominators) or ``"head_groups"`` (heads split into one group per branch, output / m).
+    backend: ``None`` picks the fastest; ``"sdpa"`` or ``"math"`` forces one.
+    Returns (batch, seq, heads, head_dim) in q's dtype.
+    """
+    check_qkv(q, k, v)
+    check_schedule(segment_lengths, dilation_rates, mode)
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    backends.select(q, backend)  # validates the name before any work
+    build_plan(q.shape[1], q.shape[2], segment_lengths, dilation_rates, mode)  # validates heads vs branches
+    out, _ = _forward_op(
+        q, k, v, list(segment_lengths), list(dilation_rates), is_causal,
+        resolve_scale(scale, q.shape[-1]), mode, backend or "",
+    )
+    if mode == "head_groups":
+        out = out / len(segment_lengths)
+    return out

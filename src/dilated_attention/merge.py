@@ -1,0 +1,30 @@
+"""Merging partial attention results through their log-sum-exp.
+
+Eq. 10 of LongNet weights each branch by its softmax denominator, which is one softmax
+over the multiset union of the branches' keys. Partial results ``(out_a, lse_a)`` and
+``(out_b, lse_b)`` over disjoint parts of that multiset combine exactly as
+
+    lse = logaddexp(lse_a, lse_b)
+    out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse)
+
+which is how branches, and ring steps, are merged. A row with no key has lse = -inf and
+output 0; the guard below keeps such rows at 0 instead of NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def merge_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+    """Merge ``(out_b, lse_b)`` into the accumulators ``(out, lse)`` in place.
+
+    out: (..., d) float32/64 accumulator (any strided view); lse: (...) same dtype.
+    out_b: (..., d) any float dtype; lse_b: (...) float.
+    """
+    lse_b = lse_b.to(lse.dtype)
+    new = torch.logaddexp(lse, lse_b)
+    finite = torch.where(torch.isneginf(new), torch.zeros_like(new), new)
+    out.mul_(torch.exp(lse - finite).unsqueeze(-1))
+    out.add_(out_b.to(out.dtype) * torch.exp(lse_b - finite).unsqueeze(-1))
+    lse.copy_(new)

@@ -1,0 +1,146 @@
+"""``nn.Module`` wrappers over the functional core."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .functional import dilated_attention
+from .plan import check_schedule
+
+
+def check_dropout(dropout: float) -> float:
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    return float(dropout)
+
+
+def refuse_dropout(module: nn.Module) -> None:
+    """Attention dropout is not implemented: refuse it in training rather than ignore it."""
+    if module.training and module.dropout > 0.0:
+        raise NotImplementedError(
+            f"{type(module).__name__}: attention dropout (dropout={module.dropout}) is not implemented; "
+            "construct it with dropout=0.0, or call .eval()"
+        )
+
+
+class DilatedAttention(nn.Module):
+    """Dilated attention over (batch, seq, heads, head_dim) inputs; no parameters.
+
+    ``forward(q, k, v, is_causal=False)`` returns (batch, seq, heads, head_dim).
+    """
+
+    def __init__(
+        self,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        *,
+        mode: str = "paper",
+        scale: float | None = None,
+        dropout: float = 0.0,
+        use_pattern_cache: bool = True,
+    ) -> None:
+        super().__init__()
+        check_schedule(segment_lengths, dilation_rates, mode)
+        self.segment_lengths = tuple(segment_lengths)
+        self.dilation_rates = tuple(dilation_rates)
+        self.mode = mode
+        self.scale = scale
+        self.dropout = check_dropout(dropout)
+        self.use_pattern_cache = use_pattern_cache
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+        refuse_dropout(self)
+        return dilated_attention(
+            q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal, scale=self.scale, mode=self.mode
+        )
+
+    def extra_repr(self) -> str:
+        return f"segment_lengths={self.segment_lengths}, dilation_rates={self.dilation_rates}, mode={self.mode!r}"
+
+
+class MultiheadDilatedAttention(nn.Module):
+    """Multi-head dilated attention as in LongNet's MAGNETO block, batch-first.
+
+    q/k/v projections, dilated attention, an optional LayerNorm, then ``out_proj``.
+    ``forward(query, key=None, value=None, *, is_causal=False, need_weights=False)``
+    takes (batch, seq, embed_dim) and returns ``(out (batch, seq, embed_dim), None)``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        *,
+        mode: str = "paper",
+        dropout: float = 0.0,
+        bias: bool = True,
+        layer_norm: bool = True,
+        layer_norm_eps: float = 1e-5,
+        gamma_init: float = 1.0,
+        use_pattern_cache: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if num_heads <= 0 or embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.head_dim = embed_dim // num_heads
+        kw = dict(bias=bias, device=device, dtype=dtype)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, **kw)
+        self.k_proj = nn.Linear(embed_dim, embed_dim, **kw)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, **kw)
+        self.attention = self._make_attention(segment_lengths, dilation_rates, mode, dropout, use_pattern_cache)
+        self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps, device=device, dtype=dtype) if layer_norm else None
+        self.out_proj = nn.Linear(embed_dim, embed_dim, **kw)
+        self.gamma_init = gamma_init
+        self._reset_parameters()
+
+    def _make_attention(self, segment_lengths, dilation_rates, mode, dropout, use_pattern_cache) -> nn.Module:
+        return DilatedAttention(
+            segment_lengths, dilation_rates, mode=mode, dropout=dropout, use_pattern_cache=use_pattern_cache
+        )
+
+    def _reset_parameters(self) -> None:
+        nn.init.xavier_normal_(self.q_proj.weight)
+        nn.init.xavier_normal_(self.k_proj.weight)
+        nn.init.xavier_normal_(self.v_proj.weight, gain=self.gamma_init)
+        nn.init.xavier_normal_(self.out_proj.weight, gain=self.gamma_init)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        *,
+        is_causal: bool = False,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, None]:
+        if need_weights:
+            raise ValueError("need_weights=True is not supported: dilated attention never forms the weight matrix")
+        key = query if key is None else key
+        value = key if value is None else value
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.dim() != 3 or t.shape[-1] != self.embed_dim:
+                raise ValueError(f"{name} must have shape (batch, seq, {self.embed_dim}), got {tuple(t.shape)}")
+        if key.shape[:2] != query.shape[:2] or value.shape[:2] != query.shape[:2]:
+            raise ValueError(
+                f"query, key and value must share (batch, seq): got {tuple(query.shape)}, "
+                f"{tuple(key.shape)}, {tuple(value.shape)}"
+            )
+        heads = (self.num_heads, self.head_dim)
+        q = self.q_proj(query).unflatten(-1, heads)
+        k = self.k_proj(key).unflatten(-1, heads)
+        v = self.v_proj(value).unflatten(-1, heads)
+        x = self.attention(q, k, v, is_causal=is_causal).flatten(-2)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.out_proj(x), None
