@@ -1,0 +1,175 @@
+"""Benchmark: dilated attention against dense SDPA at the same n, time and peak memory.
+
+    python -m dilated_attention.bench                                   # CPU, small sizes
+    python -m dilated_attention.bench --device cuda --seq-lens 32768 131072 524288 1048576
+
+Prints a table and writes JSON. Useful TFLOP/s count only linked query-key pairs
+(4 * pairs * d per head; dense: 4 n^2 d h, halved when causal); forward+backward counts
+3.5x the forward. Peak memory is the extra over the inputs: device allocator peak on CUDA,
+process peak RSS of a fresh child process on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import time
+
+import torch
+
+from .functional import dilated_attention
+from .plan import useful_flops
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_call(fn, device: str, min_reps: int = 3, budget_s: float = 2.0) -> float:
+    """Median seconds of ``fn()`` after one warm-up; at least ``min_reps`` runs, more while under budget."""
+    fn()
+    _sync(device)
+    times: list[float] = []
+    while len(times) < min_reps or (sum(times) < budget_s and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make_call(method: str, cfg: dict, n: int):
+    """Build inputs and the closure to time. method: 'dense' or a dilated mode."""
+    device, dtype = cfg["device"], DTYPES[cfg["dtype"]]
+    shape = (1, n, cfg["heads"], cfg["head_dim"])
+    grad = cfg["backward"]
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=grad) for _ in range(3))
+    if method == "dense":
+        def attend():
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=cfg["causal"]
+            )
+            return o.transpose(1, 2)
+    else:
+        def attend():
+            return dilated_attention(q, k, v, cfg["segment_lengths"], cfg["dilation_rates"],
+                                     is_causal=cfg["causal"], mode=method)
+    if grad:
+        dout = torch.randn(shape, device=device, dtype=dtype)
+
+        def call():
+            torch.autograd.grad(attend(), (q, k, v), dout)
+    else:
+        def call():
+            with torch.no_grad():
+                attend()
+    return call
+
+
+def measure(method: str, cfg: dict, n: int) -> dict:
+    device = cfg["device"]
+    call = make_call(method, cfg, n)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        call()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        call()
+        extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
+    seconds = time_call(call, device, budget_s=cfg["budget_s"])
+    h, d = cfg["heads"], cfg["head_dim"]
+    if method == "dense":
+        flops = 4 * n * n * d * h // (2 if cfg["causal"] else 1)
+    else:
+        flops = useful_flops(n, h, d, cfg["segment_lengths"], cfg["dilation_rates"], method)
+        if cfg["causal"]:
+            flops //= 2
+    flops = flops * 7 // 2 if cfg["backward"] else flops
+    return {"method": method, "n": n, "ms": seconds * 1e3, "tflops": flops / seconds / 1e12,
+            "tokens_per_s": n / seconds, "extra_peak_gib": extra / 2**30}
+
+
+def _measure_in_child(args):
+    torch.set_num_threads(args[1]["threads"])
+    return measure(*args)
+
+
+def run(cfg: dict) -> list[dict]:
+    results = []
+    jobs = [(m, cfg, n) for n in cfg["seq_lens"] for m in cfg["modes"] + ["dense"]
+            if m != "dense" or n <= cfg["dense_max_n"]]
+    if cfg["device"] == "cpu":  # a fresh process per job, so peak RSS belongs to that job alone
+        ctx = mp.get_context("spawn")
+        for job in jobs:
+            with ctx.Pool(1) as pool:
+                results.append(pool.apply(_measure_in_child, (job,)))
+            print_row(results[-1])
+    else:
+        for job in jobs:
+            results.append(measure(*job))
+            print_row(results[-1])
+            torch.cuda.empty_cache()
+    return results
+
+
+def print_row(r: dict) -> None:
+    print(f"{r['method']:>12} {r['n']:>9} {r['ms']:>11.2f} {r['tflops']:>9.2f} {r['tokens_per_s']:>13,.0f} "
+          f"{r['extra_peak_gib']:>10.3f}", flush=True)
+
+
+def main(argv=None) -> None:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=None)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.add_argument("--segment-lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
+    p.add_argument("--dilation-rates", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--modes", nargs="+", default=["paper"], choices=["paper", "head_groups"])
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--backward", action="store_true", help="time forward+backward")
+    p.add_argument("--dense-max-n", type=int, default=None, help="skip dense SDPA above this n")
+    p.add_argument("--budget-s", type=float, default=2.0, help="timing budget per measurement")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--json", default=None, help="output path (default bench-results/bench-DEVICE.json)")
+    args = p.parse_args(argv)
+    on_cuda = args.device.startswith("cuda")
+    cfg = {
+        "device": args.device,
+        "seq_lens": args.seq_lens or ([32768, 131072, 524288, 1048576] if on_cuda else [4096, 16384, 65536]),
+        "heads": args.heads, "head_dim": args.head_dim,
+        "dtype": args.dtype or ("bfloat16" if on_cuda else "float32"),
+        "segment_lengths": args.segment_lengths, "dilation_rates": args.dilation_rates,
+        "modes": args.modes, "causal": args.causal, "backward": args.backward,
+        "dense_max_n": args.dense_max_n or (1 << 20 if on_cuda else 16384),
+        "budget_s": args.budget_s, "threads": args.threads,
+    }
+    name = torch.cuda.get_device_name() if on_cuda else platform.processor() or platform.machine()
+    print(f"device: {name}; torch {torch.__version__}; b=1 h={cfg['heads']} d={cfg['head_dim']} {cfg['dtype']} "
+          f"causal={cfg['causal']} {'fwd+bwd' if cfg['backward'] else 'fwd'}")
+    print(f"schedule w={cfg['segment_lengths']} r={cfg['dilation_rates']}")
+    print(f"{'method':>12} {'n':>9} {'ms':>11} {'TFLOP/s':>9} {'tokens/s':>13} {'extra GiB':>10}")
+    results = run(cfg)
+    path = args.json or os.path.join("bench-results", f"bench-{args.device.split(':')[0]}.json")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"device": name, "torch": torch.__version__, "config": cfg, "results": results}, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

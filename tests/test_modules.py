@@ -1,0 +1,56 @@
+"""The nn.Module wrappers compute the functional op and the MAGNETO block."""
+
+import pytest
+import torch
+
+from conftest import rand
+from reference import reference
+
+from dilated_attention import DilatedAttention, MultiheadDilatedAttention
+
+
+@pytest.mark.parametrize("mode", ["paper", "head_groups"])
+def test_dilated_attention_module_matches_reference(mode):
+    attn = DilatedAttention([8, 16], [1, 2], mode=mode, scale=0.5)
+    q, k, v = (rand((2, 30, 4, 8)) for _ in range(3))
+    out = attn(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, reference(q, k, v, [8, 16], [1, 2], True, 0.5, mode))
+
+
+@pytest.mark.parametrize("layer_norm", [True, False])
+def test_multihead_block_matches_manual_computation(layer_norm):
+    torch.manual_seed(0)
+    e, h, segs, rates = 24, 3, [8, 16], [1, 2]
+    mha = MultiheadDilatedAttention(e, h, segs, rates, layer_norm=layer_norm, dtype=torch.float64)
+    x = rand((2, 21, e), grad=True)
+    out, weights = mha(x, is_causal=True)
+    assert weights is None and out.shape == x.shape
+    q = mha.q_proj(x).unflatten(-1, (h, e // h))
+    k = mha.k_proj(x).unflatten(-1, (h, e // h))
+    v = mha.v_proj(x).unflatten(-1, (h, e // h))
+    y = reference(q, k, v, segs, rates, True).flatten(-2)
+    if layer_norm:
+        y = torch.nn.functional.layer_norm(y, (e,), mha.norm.weight, mha.norm.bias, mha.norm.eps)
+    expected = mha.out_proj(y)
+    torch.testing.assert_close(out, expected)
+    g1 = torch.autograd.grad(out.sum(), [x, mha.q_proj.weight])
+    g2 = torch.autograd.grad(expected.sum(), [x, mha.q_proj.weight])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_multihead_cross_attention_uses_key_and_value():
+    mha = MultiheadDilatedAttention(16, 2, [8], [1], dtype=torch.float64)
+    x, y = rand((1, 8, 16), grad=False), rand((1, 8, 16), grad=False)
+    assert not torch.allclose(mha(x)[0], mha(x, y, y)[0])
+    torch.testing.assert_close(mha(x, y)[0], mha(x, y, y)[0])
+
+
+def test_gamma_init_scales_value_and_output_projections():
+    torch.manual_seed(1)
+    a = MultiheadDilatedAttention(256, 4, [8], [1], gamma_init=1.0)
+    torch.manual_seed(1)
+    b = MultiheadDilatedAttention(256, 4, [8], [1], gamma_init=0.1)
+    torch.testing.assert_close(b.v_proj.weight, 0.1 * a.v_proj.weight)
+    torch.testing.assert_close(b.out_proj.weight, 0.1 * a.out_proj.weight)
+    torch.testing.assert_close(b.q_proj.weight, a.q_proj.weight)

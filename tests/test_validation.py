@@ -1,0 +1,72 @@
+"""Every bad input raises a clear ValueError/TypeError naming the argument."""
+
+import pytest
+import torch
+
+from dilated_attention import DilatedAttention, MultiheadDilatedAttention, dilated_attention
+
+X = torch.randn(1, 16, 2, 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(segment_lengths=[8, 16], dilation_rates=[1]), ValueError, "same length"),
+        (dict(segment_lengths=[], dilation_rates=[]), ValueError, "segment_lengths must not be empty"),
+        (dict(segment_lengths=[0], dilation_rates=[1]), ValueError, "segment_lengths must be positive"),
+        (dict(segment_lengths=[8], dilation_rates=[-2]), ValueError, "dilation_rates must be positive"),
+        (dict(segment_lengths=[8.0], dilation_rates=[1]), TypeError, "segment_lengths must hold ints"),
+        (dict(segment_lengths=8, dilation_rates=[1]), TypeError, "segment_lengths must be a list"),
+        (dict(segment_lengths=[8], dilation_rates="1"), TypeError, "dilation_rates must be a list"),
+        (dict(segment_lengths=[8], dilation_rates=[True]), TypeError, "dilation_rates must hold ints"),
+        (dict(segment_lengths=[8], dilation_rates=[1], mode="fast"), ValueError, "mode must be one of"),
+        (dict(segment_lengths=[8, 8, 8], dilation_rates=[1, 1, 1], mode="head_groups"), ValueError, "head per branch"),
+        (dict(segment_lengths=[8], dilation_rates=[1], scale="x"), TypeError, "scale"),
+        (dict(segment_lengths=[8], dilation_rates=[1], is_causal=1), TypeError, "is_causal"),
+        (dict(segment_lengths=[8], dilation_rates=[1], backend="triton9"), ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        dilated_attention(X, X, X, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "q,k,v,error,match",
+    [
+        (X.numpy(), X, X, TypeError, "q must be a torch.Tensor"),
+        (X[0], X[0], X[0], ValueError, r"q must have shape \(batch, seq, heads, head_dim\)"),
+        (X, X[:, :8], X, ValueError, "k must have the shape of q"),
+        (X, X, X.double(), TypeError, "v must have the dtype of q"),
+        (X.long(), X.long(), X.long(), TypeError, "q must be a floating point"),
+        (X[:, :0], X[:, :0], X[:, :0], ValueError, "must not be empty"),
+        (X, X.to("meta"), X, ValueError, "k must be on q's device"),
+    ],
+)
+def test_bad_tensors(q, k, v, error, match):
+    with pytest.raises(error, match=match):
+        dilated_attention(q, k, v, [8], [1])
+
+
+def test_module_arguments():
+    with pytest.raises(ValueError, match="same length"):
+        DilatedAttention([8, 16], [1])
+    with pytest.raises(ValueError, match="dropout"):
+        DilatedAttention([8], [1], dropout=1.5)
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        MultiheadDilatedAttention(30, 4, [8], [1])
+    mha = MultiheadDilatedAttention(16, 2, [8], [1])
+    with pytest.raises(ValueError, match="need_weights"):
+        mha(torch.randn(1, 8, 16), need_weights=True)
+    with pytest.raises(ValueError, match=r"query must have shape \(batch, seq, 16\)"):
+        mha(torch.randn(1, 8, 12))
+    with pytest.raises(ValueError, match="share"):
+        mha(torch.randn(1, 8, 16), torch.randn(1, 4, 16))
+
+
+def test_dropout_is_refused_in_training_not_ignored():
+    attn = DilatedAttention([8], [1], dropout=0.1)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        attn(X, X, X)
+    attn.eval()
+    torch.testing.assert_close(attn(X, X, X), dilated_attention(X, X, X, [8], [1]))
