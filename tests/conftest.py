@@ -22,5 +22,5 @@ def rand(shape, dtype=torch.float64, device="cpu", grad=True, seed=None):
 
 
 def rel_err(a, b):
-    a, b = a.double(), b.double()
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

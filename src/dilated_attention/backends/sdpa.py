@@ -74,14 +74,13 @@ def backward(dout, q, k, v, out, lse, scale: float, causal: bool):
             dok, qk, kk, vk, ok, lk, 0.0, causal, scale=scale
         )
     elif _flash(q):
-        empty = torch.empty(0, dtype=torch.int64, device=q.device)
+        # None: no varlen sequence offsets, no dropout RNG state
         grads = aten._scaled_dot_product_flash_attention_backward(
-            dok, qk, kk, vk, ok, lk, empty, empty, rows, rows, 0.0, causal, empty, empty, scale=scale
+            dok, qk, kk, vk, ok, lk, None, None, rows, rows, 0.0, causal, None, None, scale=scale
         )
     else:
-        empty = torch.empty(0, dtype=torch.int64, device=q.device)
         lk = torch.nn.functional.pad(lk, (0, -rows % 32))  # the kernel's lse rows come in 32s
         grads = aten._scaled_dot_product_efficient_attention_backward(
-            dok, qk, kk, vk, None, ok, lk, empty, empty, 0.0, [True, True, True, False], causal, scale=scale
+            dok, qk, kk, vk, None, ok, lk, None, None, 0.0, [True, True, True, False], causal, scale=scale
         )[:3]
     return tuple(_block_layout(g, b) for g in grads)
