@@ -79,7 +79,8 @@ def test_low_precision_within_twice_torch_math(dtype, backend, mode, causal, dev
     if backend == "sdpa" and device == "cuda" and dtype == torch.float32 and not sdpa.supports(torch.empty(1, 1, 1, 32, device=device)):
         pytest.skip("no fused float32 kernel")
     ours, theirs = _low_precision_errors(dtype, device, backend, causal, mode)
-    floor = {torch.float32: 1e-7, torch.bfloat16: 2e-4, torch.float16: 2e-5}[dtype]  # ~10% of the typical error
+    # rounding-noise floor: 3 eps for float32, ~10% of the typical error for the 16-bit types
+    floor = {torch.float32: 3.6e-7, torch.bfloat16: 2e-4, torch.float16: 2e-5}[dtype]
     for name, a, t in zip(["out", "dq", "dk", "dv"], ours, theirs):
         assert a <= 2 * t + floor, f"{name}: error {a:.3g} vs torch math {t:.3g} in {dtype}"
 

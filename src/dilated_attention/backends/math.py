@@ -17,15 +17,15 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunks(b: int, segments: int, rows: int, heads: int):
+def _chunks(b: int, segments: int, rows: int, keys: int, heads: int):
     """Yield (segment slice, query-row slice) covering the block within SCORE_BUDGET."""
-    per_segment = b * heads * rows * rows
+    per_segment = b * heads * rows * keys
     if per_segment <= SCORE_BUDGET:
         step = max(1, SCORE_BUDGET // per_segment)
         for s0 in range(0, segments, step):
             yield slice(s0, min(s0 + step, segments)), slice(0, rows)
     else:
-        step = max(1, SCORE_BUDGET // (b * heads * rows))
+        step = max(1, SCORE_BUDGET // (b * heads * keys))
         for s0 in range(segments):
             for q0 in range(0, rows, step):
                 yield slice(s0, s0 + 1), slice(q0, min(q0 + step, rows))
@@ -42,12 +42,12 @@ def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, q0: in
 
 
 def forward(q, k, v, scale: float, causal: bool):
-    """q, k, v: (b, S, c, h, d) -> out (b, S, c, h, d) in q's accumulation dtype, lse (b, S, c, h)."""
+    """q: (b, S, c, h, d); k, v: (b, S, ck, h, d) -> out (b, S, c, h, d) in the accumulation dtype, lse (b, S, c, h)."""
     acc = _acc_dtype(q.dtype)
     b, segments, rows, heads, d = q.shape
     out = torch.empty((b, segments, rows, heads, v.shape[-1]), dtype=acc, device=q.device)
     lse = torch.empty((b, segments, rows, heads), dtype=acc, device=q.device)
-    for ss, qs in _chunks(b, segments, rows, heads):
+    for ss, qs in _chunks(b, segments, rows, k.shape[2], heads):
         kc, vc = k[:, ss].to(acc), v[:, ss].to(acc)
         s = _scores(q[:, ss, qs].to(acc), kc, scale, causal, qs.start)
         row_lse = torch.logsumexp(s, dim=-1)
@@ -60,15 +60,15 @@ def forward(q, k, v, scale: float, causal: bool):
 def backward(dout, q, k, v, out, lse, scale: float, causal: bool):
     """Gradients of one block against the merged (out, lse) of its rows.
 
-    dout, q, out: (b, S, c, h, d); k, v: (b, S, c, h, d); lse: (b, S, c, h).
-    Returns dq, dk, dv (b, S, c, h, d) in the accumulation dtype.
+    dout, q, out: (b, S, c, h, d); k, v: (b, S, ck, h, d); lse: (b, S, c, h).
+    Returns dq (b, S, c, h, d), dk, dv (b, S, ck, h, d) in the accumulation dtype.
     """
     acc = _acc_dtype(q.dtype)
     b, segments, rows, heads, d = q.shape
     dq = torch.empty(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
-    for ss, qs in _chunks(b, segments, rows, heads):
+    for ss, qs in _chunks(b, segments, rows, k.shape[2], heads):
         qc, kc, vc = q[:, ss, qs].to(acc), k[:, ss].to(acc), v[:, ss].to(acc)
         doc = dout[:, ss, qs].to(acc)
         delta = (doc * out[:, ss, qs].to(acc)).sum(-1).transpose(-1, -2)  # (b, s, h, q)
