@@ -1,0 +1,290 @@
+"""Ring dilated attention: sequence parallelism over ``torch.distributed``.
+
+Each rank holds its shard of q, k, v (``(b, n/P, h, d)``, chunks given by ``layout``) and
+returns exactly its shard of ``dilated_attention`` on the whole sequence. Segments inside
+a chunk never communicate; a segment spanning several chunks exchanges only the
+sparsified K/V rows of its pieces (see ``ring_plan``), by packed P2P sends, one round per
+ring distance, the next round posted before the current one is computed. Backward sends
+the same rows again and returns their dK/dV to their owners. All partial results merge in
+fp32 through their log-sum-exp, so forward and gradients are exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import backends
+from .functional import check_qkv, dilated_attention, resolve_scale
+from .merge import merge_
+from .modules import MultiheadDilatedAttention, check_dropout, refuse_dropout
+from .plan import WorkItem, build_plan, check_schedule
+from .ring_comm import Exchange, check_agreement, fingerprint, pack, unpack
+from .ring_plan import LAYOUTS, FullSegments, Pair, Piece, RingSchedule, build_ring_schedule, shard_rows
+
+
+@dataclass
+class _RingCall:
+    plan: tuple[WorkItem, ...]
+    schedule: RingSchedule
+    group: object
+    rank: int
+    scale: float
+    causal: bool
+    stats: dict
+
+
+def _full_view(t: torch.Tensor, item: WorkItem, fs: FullSegments) -> torch.Tensor:
+    """(b, m, h, *rest) -> (b, count, c, hs, *rest): the batched full segments."""
+    rows = t[:, fs.local_start : fs.local_start + fs.count * item.segment]
+    return rows.unflatten(1, (fs.count, item.segment))[:, :, item.offset :: item.rate, item.heads]
+
+
+def _piece_view(t: torch.Tensor, item: WorkItem, piece: Piece) -> torch.Tensor:
+    """(b, m, h, *rest) -> (b, 1, c, hs, *rest)."""
+    return t[:, piece.rows, item.heads].unsqueeze(1)
+
+
+def _unique_keys(pairs: Sequence[Pair]) -> list[tuple[int, Piece]]:
+    """The distinct (item, key piece) of a peer's pairs, in schedule order."""
+    return list(dict.fromkeys((p.item, p.k) for p in pairs))
+
+
+def _recv_shapes(call: _RingCall, keys, b: int, d: int) -> list[tuple[int, ...]]:
+    shapes = []
+    for i, piece in keys:
+        item = call.plan[i]
+        hs = len(range(item.head_start, item.head_stop, item.head_step))
+        shapes.append((b, 1, len(piece), hs, d))
+    return shapes
+
+
+def _post_kv(call: _RingCall, k: torch.Tensor, v: torch.Tensor, distance: int, phase: str) -> Exchange:
+    """Send my key pieces to rank+distance; receive rank-distance's into packed buffers."""
+    world, rank = call.schedule.world, call.rank
+    dst, src = (rank + distance) % world, (rank - distance) % world
+    sends = _unique_keys(call.schedule.pairs[rank][dst])
+    recvs = _unique_keys(call.schedule.pairs[src][rank])
+    send_buf = pack([_piece_view(t, call.plan[i], p) for i, p in sends for t in (k, v)], k.dtype, k.device)
+    shapes = _recv_shapes(call, recvs, k.shape[0], k.shape[-1])
+    recv_buf = torch.empty(2 * sum(torch.Size(s).numel() for s in shapes), dtype=k.dtype, device=k.device)
+    return Exchange(call.group, {dst: send_buf} if sends else {}, {src: recv_buf} if recvs else {}, call.stats, phase)
+
+
+def _received_kv(call: _RingCall, exchange: Exchange, src: int, b: int, d: int) -> dict:
+    """{(item, key piece): (k, v)} from a finished exchange."""
+    buffers = exchange.wait()  # also completes this round's sends
+    keys = _unique_keys(call.schedule.pairs[src][call.rank])
+    if not keys:
+        return {}
+    shapes = _recv_shapes(call, keys, b, d)
+    parts = unpack(buffers[src], [s for s in shapes for _ in range(2)])
+    return {key: (parts[2 * j], parts[2 * j + 1]) for j, key in enumerate(keys)}
+
+
+def _local_blocks(call: _RingCall, q, k, v):
+    """Yield (item, view function over q-side, view function over k-side, causal) for local work."""
+    for i, fs in call.schedule.full[call.rank]:
+        item = call.plan[i]
+        view = lambda t, item=item, fs=fs: _full_view(t, item, fs)  # noqa: E731
+        yield item, view, view, call.causal
+    for pair in call.schedule.pairs[call.rank][call.rank]:
+        item = call.plan[pair.item]
+        yield (item, lambda t, item=item, p=pair.q: _piece_view(t, item, p),
+               lambda t, item=item, p=pair.k: _piece_view(t, item, p), pair.causal_diagonal)
+
+
+def ring_forward(call: _RingCall, q, k, v):
+    """Local shards (b, m, h, d) -> local out (b, m, h, d) in q.dtype, lse (b, m, h) fp32/64."""
+    impl = backends.select(q)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    b, m, h, d = q.shape
+    out = torch.zeros((b, m, h, d), dtype=acc, device=q.device)
+    lse = torch.full((b, m, h), float("-inf"), dtype=acc, device=q.device)
+    world = call.schedule.world
+    pending = _post_kv(call, k, v, 1, "forward") if world > 1 else None
+    for item, qview, kview, causal in _local_blocks(call, q, k, v):
+        merge_(qview(out), qview(lse), *impl.forward(qview(q), kview(k), kview(v), call.scale, causal))
+    for distance in range(1, world):
+        src = (call.rank - distance) % world
+        received = _received_kv(call, pending, src, b, d)
+        pending = _post_kv(call, k, v, distance + 1, "forward") if distance + 1 < world else None
+        for pair in call.schedule.pairs[src][call.rank]:
+            item = call.plan[pair.item]
+            kb, vb = received[(pair.item, pair.k)]
+            qv = lambda t: _piece_view(t, item, pair.q)  # noqa: E731
+            merge_(qv(out), qv(lse), *impl.forward(qv(q), kb, vb, call.scale, False))
+    return out.to(q.dtype), lse
+
+
+def ring_backward(call: _RingCall, dout, q, k, v, out, lse):
+    """Gradients of the local shards; dK/dV of sent rows come home from the ranks that used them."""
+    impl = backends.select(q)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    b, m, h, d = q.shape
+    dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
+    dout = dout.to(q.dtype)
+    world, rank = call.schedule.world, call.rank
+    pending = _post_kv(call, k, v, 1, "backward") if world > 1 else None
+    for item, qview, kview, causal in _local_blocks(call, q, k, v):
+        gq, gk, gv = impl.backward(qview(dout), qview(q), kview(k), kview(v), qview(out), qview(lse), call.scale, causal)
+        qview(dq).add_(gq)
+        kview(dk).add_(gk)
+        kview(dv).add_(gv)
+    returns = []
+    for distance in range(1, world):
+        src, dst = (rank - distance) % world, (rank + distance) % world
+        received = _received_kv(call, pending, src, b, d)
+        pending = _post_kv(call, k, v, distance + 1, "backward") if distance + 1 < world else None
+        grads = {key: (torch.zeros(kb.shape, dtype=acc, device=q.device), torch.zeros(vb.shape, dtype=acc, device=q.device))
+                 for key, (kb, vb) in received.items()}
+        for pair in call.schedule.pairs[src][rank]:
+            item = call.plan[pair.item]
+            kb, vb = received[(pair.item, pair.k)]
+            qv = lambda t: _piece_view(t, item, pair.q)  # noqa: E731
+            gq, gk, gv = impl.backward(qv(dout), qv(q), kb, vb, qv(out), qv(lse), call.scale, False)
+            qv(dq).add_(gq)
+            grads[(pair.item, pair.k)][0].add_(gk)
+            grads[(pair.item, pair.k)][1].add_(gv)
+        # send dK/dV home to src; receive those of my rows from dst
+        mine = _unique_keys(call.schedule.pairs[rank][dst])
+        shapes = _recv_shapes(call, mine, b, d)
+        back = torch.empty(2 * sum(torch.Size(s).numel() for s in shapes), dtype=acc, device=q.device)
+        send = pack([g for key in grads for g in grads[key]], acc, q.device)
+        returns.append((dst, mine, shapes, Exchange(
+            call.group, {src: send} if grads else {}, {dst: back} if mine else {}, call.stats, "backward")))
+    for dst, mine, shapes, exchange in returns:
+        buffers = exchange.wait()
+        if not mine:
+            continue
+        parts = unpack(buffers[dst], [s for s in shapes for _ in range(2)])
+        for j, (i, piece) in enumerate(mine):
+            item = call.plan[i]
+            _piece_view(dk, item, piece).add_(parts[2 * j])
+            _piece_view(dv, item, piece).add_(parts[2 * j + 1])
+    return tuple(g.to(q.dtype) for g in (dq, dk, dv))
+
+
+class _RingFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, call: _RingCall):
+        out, lse = ring_forward(call, q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.call = call
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*ring_backward(ctx.call, dout, q, k, v, out, lse), None)
+
+
+class RingDilatedAttention(nn.Module):
+    """Dilated attention over a sequence sharded across the ranks of ``process_group``.
+
+    ``forward(q_local, k_local, v_local, is_causal=False)`` takes this rank's shard
+    (b, n/P, h, d) and returns its shard of the output. ``layout="contiguous"`` (default)
+    means rank p holds rows ``[p n/P, (p+1) n/P)``; ``"zigzag"`` holds chunks p and 2P-1-p of
+    2P (use ``shard``/``unshard``). ``comm_bytes`` holds the bytes this rank sent in the
+    last forward and backward.
+    """
+
+    def __init__(
+        self,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        *,
+        process_group=None,
+        mode: str = "paper",
+        scale: float | None = None,
+        dropout: float = 0.0,
+        use_pattern_cache: bool = True,
+        layout: str = "contiguous",
+    ) -> None:
+        super().__init__()
+        check_schedule(segment_lengths, dilation_rates, mode)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.segment_lengths = tuple(segment_lengths)
+        self.dilation_rates = tuple(dilation_rates)
+        self.process_group = process_group
+        self.mode, self.scale, self.layout = mode, scale, layout
+        self.dropout = check_dropout(dropout)
+        self.use_pattern_cache = use_pattern_cache
+        self.comm_bytes: dict[str, int] = {}
+
+    def _group(self):
+        if self.process_group is not None and not dist.is_initialized():
+            raise RuntimeError("RingDilatedAttention: a process_group was given but torch.distributed is not initialized")
+        if not dist.is_initialized():
+            return None, 0, 1
+        group = self.process_group or dist.group.WORLD
+        return group, dist.get_rank(group), dist.get_world_size(group)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+        refuse_dropout(self)
+        check_qkv(q, k, v)
+        group, rank, world = self._group()
+        if world == 1:
+            return dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates,
+                                     is_causal=is_causal, scale=self.scale, mode=self.mode)
+        b, m, h, d = q.shape
+        n = m * world
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        check_agreement(group, {
+            "batch": b, "local_seq_len": m, "heads": h, "head_dim": d,
+            "dtype": fingerprint(q.dtype), "is_causal": int(is_causal), "requires_grad": int(grad),
+            "schedule": fingerprint((self.segment_lengths, self.dilation_rates, self.mode, self.layout, self.scale)),
+        })
+        plan = build_plan(n, h, self.segment_lengths, self.dilation_rates, self.mode)
+        schedule = build_ring_schedule(n, world, self.layout, plan, is_causal)
+        self.comm_bytes = {"forward": 0, "backward": 0}
+        call = _RingCall(plan, schedule, group, rank, resolve_scale(self.scale, d), is_causal, self.comm_bytes)
+        out = _RingFunction.apply(q, k, v, call)
+        if self.mode == "head_groups":
+            out = out / len(self.segment_lengths)
+        return out
+
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a full (b, n, ...) tensor, in this module's layout."""
+        group, rank, world = self._group()
+        rows = shard_rows(x.shape[1], world, rank, self.layout)
+        return torch.cat([x[:, a:b] for a, b in rows], dim=1)
+
+    def unshard(self, x_local: torch.Tensor) -> torch.Tensor:
+        """All-gather the ranks' shards (b, n/P, ...) back into the full (b, n, ...) in global order."""
+        group, rank, world = self._group()
+        if world == 1:
+            return x_local
+        parts = [torch.empty_like(x_local) for _ in range(world)]
+        dist.all_gather(parts, x_local.contiguous(), group=group)
+        n = x_local.shape[1] * world
+        out = torch.empty((x_local.shape[0], n, *x_local.shape[2:]), dtype=x_local.dtype, device=x_local.device)
+        for r, part in enumerate(parts):
+            offset = 0
+            for a, b in shard_rows(n, world, r, self.layout):
+                out[:, a:b] = part[:, offset : offset + b - a]
+                offset += b - a
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"segment_lengths={self.segment_lengths}, dilation_rates={self.dilation_rates}, "
+                f"mode={self.mode!r}, layout={self.layout!r}")
+
+
+class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
+    """``MultiheadDilatedAttention`` over this rank's shard (b, n/P, embed_dim) of the sequence."""
+
+    def __init__(self, embed_dim: int, num_heads: int, segment_lengths: Sequence[int],
+                 dilation_rates: Sequence[int], *, process_group=None, layout: str = "contiguous", **kwargs) -> None:
+        self._ring_options = dict(process_group=process_group, layout=layout)
+        super().__init__(embed_dim, num_heads, segment_lengths, dilation_rates, **kwargs)
+
+    def _make_attention(self, segment_lengths, dilation_rates, mode, dropout, use_pattern_cache) -> nn.Module:
+        return RingDilatedAttention(segment_lengths, dilation_rates, mode=mode, dropout=dropout,
+                                    use_pattern_cache=use_pattern_cache, **self._ring_options)
+

@@ -1,0 +1,160 @@
+"""Ring dilated attention over real gloo process groups: each rank's shard equals the single-process result."""
+
+import pytest
+import torch
+
+from distributed import run_world
+
+from dilated_attention import dilated_attention
+from dilated_attention.ring import RingDilatedAttention
+
+# (name, segment_lengths, dilation_rates) for n = 12 * P * 2 (chunks of 12 rows in zigzag)
+SCHEDULES = [
+    ("ragged-w%r-w>n", lambda n: ([8, 20, 2 * n], [1, 3, 4])),
+    ("no-r1", lambda n: ([6, 45], [2, 5])),
+    ("mixed-spans", lambda n: ([5, 10, 30, n // 2 + 3], [1, 2, 3, 7])),
+    ("inside-shards", lambda n: ([4, 12], [1, 2])),
+]
+
+
+def _compare(rank, world, ring, dtype, segs, rates, mode, causal, n, b=2, h=5, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, dout = (torch.randn(b, n, h, d, generator=g, dtype=torch.float64).to(dtype) for _ in range(4))
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    expected = dilated_attention(*full, segs, rates, is_causal=causal, mode=mode)
+    expected_grads = torch.autograd.grad(expected, full, dout)
+    local = [ring.shard(t).requires_grad_() for t in (q, k, v)]
+    out = ring(*local, is_causal=causal)
+    grads = torch.autograd.grad(out, local, ring.shard(dout))
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    where = f"rank {rank}/{world} {mode} causal={causal} {ring.layout} {dtype} w={segs} r={rates}"
+    torch.testing.assert_close(out, ring.shard(expected), **tol, msg=lambda m: f"out {where}: {m}")
+    for name, a, e in zip("qkv", grads, expected_grads):
+        torch.testing.assert_close(a, ring.shard(e), **tol, msg=lambda m: f"d{name} {where}: {m}")
+    torch.testing.assert_close(ring.unshard(out.detach()), expected.detach(), **tol)
+
+
+def _exactness_worker(rank, world):
+    n = 24 * world
+    for layout in ("contiguous", "zigzag"):
+        for _, schedule in SCHEDULES:
+            segs, rates = schedule(n)
+            for mode in ("paper", "head_groups"):
+                for causal in (False, True):
+                    ring = RingDilatedAttention(segs, rates, mode=mode, layout=layout)
+                    _compare(rank, world, ring, torch.float64, segs, rates, mode, causal, n)
+    for causal in (False, True):  # float32 through the fused CPU kernels
+        ring = RingDilatedAttention([5, 10, 30], [1, 2, 3])
+        _compare(rank, world, ring, torch.float32, [5, 10, 30], [1, 2, 3], "paper", causal, n, seed=1)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_ring_matches_single_process(world):
+    run_world(world, _exactness_worker)
+
+
+def _dense_worker(rank, world):
+    n, b, h, d = 16 * world, 2, 3, 8
+    g = torch.Generator().manual_seed(3)
+    q, k, v, dout = (torch.randn(b, n, h, d, generator=g, dtype=torch.float64) for _ in range(4))
+    for causal in (False, True):
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in full), is_causal=causal).transpose(1, 2)
+        expected_grads = torch.autograd.grad(expected, full, dout)
+        ring = RingDilatedAttention([n], [1])
+        local = [ring.shard(t).requires_grad_() for t in (q, k, v)]
+        out = ring(*local, is_causal=causal)
+        grads = torch.autograd.grad(out, local, ring.shard(dout))
+        torch.testing.assert_close(out, ring.shard(expected))
+        for a, e in zip(grads, expected_grads):
+            torch.testing.assert_close(a, ring.shard(e))
+        m = n // world
+        kv_bytes = 2 * b * m * h * d * 8  # one rank's K and V shards in float64
+        sends = world - 1 if not causal else world - 1 - rank  # K/V to the ranks that use them
+        uses = world - 1 if not causal else rank  # dK/dV home to the ranks whose K/V this rank used
+        assert ring.comm_bytes["forward"] == sends * kv_bytes
+        assert ring.comm_bytes["backward"] == (sends + uses) * kv_bytes
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_dense_ring_attention_matches_sdpa_and_sends_only_shards(world):
+    run_world(world, _dense_worker)
+
+
+def _sparse_traffic_worker(rank, world):
+    n, b, h, d = 64 * world, 1, 4, 8
+    x = torch.randn(b, n // world, h, d, dtype=torch.float64)
+    local = RingDilatedAttention([32], [2])  # every segment inside a shard
+    local(x, x, x)
+    assert local.comm_bytes["forward"] == 0
+    dense, dilated = RingDilatedAttention([n], [1]), RingDilatedAttention([n], [4])
+    dense(x, x, x)
+    dilated(x, x, x)
+    assert dilated.comm_bytes["forward"] == dense.comm_bytes["forward"] // 4
+
+
+def test_sparse_communication():
+    run_world(2, _sparse_traffic_worker)
+
+
+def _mismatch_worker(rank, world, what):
+    m = 16
+    segs = [8, 32]
+    if what == "shape" and rank == 1:
+        m = 8
+    if what == "schedule" and rank == 1:
+        segs = [8, 64]
+    ring = RingDilatedAttention(segs, [1, 2])
+    x = torch.randn(1, m, 2, 8)
+    with pytest.raises(ValueError, match="ranks disagree on " + ("local_seq_len" if what == "shape" else "schedule")):
+        ring(x, x, x)
+
+
+@pytest.mark.parametrize("what", ["shape", "schedule"])
+def test_disagreeing_ranks_fail_on_every_rank(what):
+    run_world(2, _mismatch_worker, what)
+
+
+def _dead_rank_worker(rank, world):
+    if rank == 1:
+        return  # this rank dies before attending
+    from dilated_attention.ring_comm import RingCommError
+
+    ring = RingDilatedAttention([64], [1])
+    x = torch.randn(1, 32, 2, 8)
+    with pytest.raises(RingCommError, match="a rank died or timed out"):
+        ring(x, x, x)
+
+
+def test_dead_rank_gives_clear_error_within_timeout():
+    run_world(2, _dead_rank_worker, timeout_s=5)
+
+
+def test_zigzag_needs_even_chunks_and_single_process_is_plain():
+    x = torch.randn(1, 30, 2, 8)
+    ring = RingDilatedAttention([8], [2], layout="zigzag")
+    torch.testing.assert_close(ring(x, x, x), dilated_attention(x, x, x, [8], [2]))
+    with pytest.raises(ValueError, match="layout"):
+        RingDilatedAttention([8], [2], layout="striped-ish")
+
+
+def _multihead_worker(rank, world):
+    torch.manual_seed(0)  # same parameters on every rank
+    from dilated_attention import MultiheadDilatedAttention, RingMultiheadDilatedAttention
+
+    kw = dict(dtype=torch.float64)
+    single = MultiheadDilatedAttention(16, 4, [6, 20], [1, 2], **kw)
+    ring = RingMultiheadDilatedAttention(16, 4, [6, 20], [1, 2], layout="zigzag", **kw)
+    ring.load_state_dict(single.state_dict())
+    x = torch.randn(2, 12 * world, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    expected, _ = single(x, is_causal=True)
+    local = ring.attention.shard(x).requires_grad_()
+    out, _ = ring(local, is_causal=True)
+    torch.testing.assert_close(out, ring.attention.shard(expected))
+    out.sum().backward()  # parameter grads are per-rank partial sums, as in data parallel
+    assert local.grad is not None and torch.isfinite(local.grad).all()
+
+
+def test_ring_multihead_matches_single_process():
+    run_world(2, _multihead_worker)
