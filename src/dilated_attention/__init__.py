@@ -2,6 +2,7 @@
 
 from .functional import dilated_attention
 from .modules import DilatedAttention, MultiheadDilatedAttention
+from .pattern_cache import PatternCache, clear_global_pattern_cache, get_global_pattern_cache
 from .ring import RingDilatedAttention, RingMultiheadDilatedAttention
 
 __all__ = [
@@ -10,5 +11,8 @@ __all__ = [
     "MultiheadDilatedAttention",
     "RingDilatedAttention",
     "RingMultiheadDilatedAttention",
+    "PatternCache",
+    "get_global_pattern_cache",
+    "clear_global_pattern_cache",
 ]
 __version__ = "0.1.0"

@@ -18,7 +18,8 @@ import torch
 
 from . import backends
 from .merge import merge_
-from .plan import build_plan, check_schedule, segment_views
+from .pattern_cache import PatternCache, cache_by_id, get_global_pattern_cache
+from .plan import cached_plan, check_heads, check_schedule, segment_views
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -36,6 +37,7 @@ def _forward_op(
     scale: float,
     mode: str,
     backend: str,
+    cache_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k, v: (b, n, h, d) -> merged out (b, n, h, d) in q.dtype, lse (b, n, h) float32/64."""
     b, n, h, d = q.shape
@@ -43,7 +45,7 @@ def _forward_op(
     acc = _acc_dtype(q.dtype)
     out = torch.zeros((b, n, h, v.shape[-1]), dtype=acc, device=q.device)
     lse = torch.full((b, n, h), float("-inf"), dtype=acc, device=q.device)
-    for item in build_plan(n, h, segment_lengths, dilation_rates, mode):
+    for item in cached_plan(cache_by_id(cache_id), n, h, segment_lengths, dilation_rates, mode):
         views = zip(*(segment_views(t, item) for t in (q, k, v, out, lse)))
         for qv, kv, vv, ov, lv in views:
             merge_(ov, lv, *impl.forward(qv, kv, vv, scale, is_causal))
@@ -51,7 +53,7 @@ def _forward_op(
 
 
 @_forward_op.register_fake
-def _(q, k, v, segment_lengths, dilation_rates, is_causal, scale, mode, backend):
+def _(q, k, v, segment_lengths, dilation_rates, is_causal, scale, mode, backend, cache_id):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
 
 
@@ -69,6 +71,7 @@ def _backward_op(
     scale: float,
     mode: str,
     backend: str,
+    cache_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dout, q, k, v, out: (b, n, h, d); lse: (b, n, h) -> dq, dk, dv (b, n, h, d) in q.dtype."""
     b, n, h, d = q.shape
@@ -76,7 +79,7 @@ def _backward_op(
     acc = _acc_dtype(q.dtype)
     grads = [torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v)]
     dout = dout.to(q.dtype)
-    for item in build_plan(n, h, segment_lengths, dilation_rates, mode):
+    for item in cached_plan(cache_by_id(cache_id), n, h, segment_lengths, dilation_rates, mode):
         views = zip(*(segment_views(t, item) for t in (dout, q, k, v, out, lse, *grads)))
         for dov, qv, kv, vv, ov, lv, dqv, dkv, dvv in views:
             gq, gk, gv = impl.backward(dov, qv, kv, vv, ov, lv, scale, is_causal)
@@ -87,20 +90,20 @@ def _backward_op(
 
 
 @_backward_op.register_fake
-def _(dout, q, k, v, out, lse, segment_lengths, dilation_rates, is_causal, scale, mode, backend):
+def _(dout, q, k, v, out, lse, segment_lengths, dilation_rates, is_causal, scale, mode, backend, cache_id):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, segment_lengths, dilation_rates, is_causal, scale, mode, backend = inputs
+    q, k, v, *config = inputs
     ctx.save_for_backward(q, k, v, *output)
-    ctx.config = (segment_lengths, dilation_rates, is_causal, scale, mode, backend)
+    ctx.config = config
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = _backward_op(dout, q, k, v, out, lse, *ctx.config)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, *([None] * len(ctx.config))
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -145,6 +148,7 @@ def dilated_attention(
     scale: float | None = None,
     mode: str = "paper",
     backend: str | None = None,
+    pattern_cache: PatternCache | None = None,
 ) -> torch.Tensor:
     """Dilated attention of LongNet (arXiv 2307.02486).
 
@@ -153,6 +157,7 @@ def dilated_attention(
     mode: ``"paper"`` (Eq. 10: every head in every branch, merged through softmax
     denominators) or ``"head_groups"`` (heads split into one group per branch, output / m).
     backend: ``None`` picks the fastest; ``"sdpa"`` or ``"math"`` forces one.
+    pattern_cache: where the schedule's plan is kept (default: the process-wide cache).
     Returns (batch, seq, heads, head_dim) in q's dtype.
     """
     check_qkv(q, k, v)
@@ -160,10 +165,11 @@ def dilated_attention(
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     backends.select(q, backend)  # validates the name before any work
-    build_plan(q.shape[1], q.shape[2], segment_lengths, dilation_rates, mode)  # validates heads vs branches
+    cache = pattern_cache if pattern_cache is not None else get_global_pattern_cache()
+    check_heads(q.shape[2], len(segment_lengths), mode)
     out, _ = _forward_op(
         q, k, v, list(segment_lengths), list(dilation_rates), is_causal,
-        resolve_scale(scale, q.shape[-1]), mode, backend or "",
+        resolve_scale(scale, q.shape[-1]), mode, backend or "", cache.cache_id,
     )
     if mode == "head_groups":
         out = out / len(segment_lengths)

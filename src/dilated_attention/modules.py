@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .functional import dilated_attention
+from .pattern_cache import PatternCache, get_global_pattern_cache
 from .plan import check_schedule
 
 
@@ -15,6 +16,18 @@ def check_dropout(dropout: float) -> float:
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     return float(dropout)
+
+
+class UsesPatternCache:
+    """``use_pattern_cache=True``: the process-wide cache; False: a cache of this instance alone."""
+
+    def _init_pattern_cache(self, use_pattern_cache: bool) -> None:
+        self.use_pattern_cache = bool(use_pattern_cache)
+        self._own_cache = None if self.use_pattern_cache else PatternCache()
+
+    @property
+    def pattern_cache(self) -> PatternCache:
+        return get_global_pattern_cache() if self._own_cache is None else self._own_cache
 
 
 def refuse_dropout(module: nn.Module) -> None:
@@ -26,7 +39,7 @@ def refuse_dropout(module: nn.Module) -> None:
         )
 
 
-class DilatedAttention(nn.Module):
+class DilatedAttention(UsesPatternCache, nn.Module):
     """Dilated attention over (batch, seq, heads, head_dim) inputs; no parameters.
 
     ``forward(q, k, v, is_causal=False)`` returns (batch, seq, heads, head_dim).
@@ -49,12 +62,13 @@ class DilatedAttention(nn.Module):
         self.mode = mode
         self.scale = scale
         self.dropout = check_dropout(dropout)
-        self.use_pattern_cache = use_pattern_cache
+        self._init_pattern_cache(use_pattern_cache)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         refuse_dropout(self)
         return dilated_attention(
-            q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal, scale=self.scale, mode=self.mode
+            q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal, scale=self.scale, mode=self.mode,
+            pattern_cache=self.pattern_cache,
         )
 
     def extra_repr(self) -> str:

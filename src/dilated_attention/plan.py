@@ -56,6 +56,13 @@ def check_schedule(segment_lengths: Sequence[int], dilation_rates: Sequence[int]
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
+def check_heads(num_heads: int, num_branches: int, mode: str) -> None:
+    if mode == "head_groups" and num_heads < num_branches:
+        raise ValueError(
+            f"mode='head_groups' needs at least one head per branch: got {num_heads} heads for {num_branches} branches"
+        )
+
+
 def head_groups(num_heads: int, num_branches: int) -> list[tuple[int, int]]:
     """``[start, stop)`` heads of each group: ``h // m`` each, the first ``h % m`` one more."""
     base, extra = divmod(num_heads, num_branches)
@@ -82,11 +89,7 @@ def build_plan(
             for o in range(min(r, seg, num_heads)):
                 items.append(WorkItem(seg, r, o, o, num_heads, r))
     else:
-        if num_heads < len(segment_lengths):
-            raise ValueError(
-                f"mode='head_groups' needs at least one head per branch: got {num_heads} heads "
-                f"for {len(segment_lengths)} branches"
-            )
+        check_heads(num_heads, len(segment_lengths), mode)
         for g, ((w, r), (start, stop)) in enumerate(
             zip(zip(segment_lengths, dilation_rates), head_groups(num_heads, len(segment_lengths)))
         ):
@@ -127,3 +130,11 @@ def useful_flops(
         rows_tail = len(range(item.offset, n - full, item.rate))
         total += heads * ((n // item.segment) * rows_full**2 + rows_tail**2)
     return 4 * batch * head_dim * total
+
+
+def cached_plan(cache, seq_len, num_heads, segment_lengths, dilation_rates, mode) -> tuple[WorkItem, ...]:
+    """``build_plan`` through a ``PatternCache``: built once per configuration."""
+    key = ("plan", seq_len, num_heads, tuple(segment_lengths), tuple(dilation_rates), mode)
+    return cache.get_or_create(
+        key, lambda: build_plan(seq_len, num_heads, segment_lengths, dilation_rates, mode)
+    )

@@ -21,8 +21,8 @@ from torch import nn
 from . import backends
 from .functional import check_qkv, dilated_attention, resolve_scale
 from .merge import merge_
-from .modules import MultiheadDilatedAttention, check_dropout, refuse_dropout
-from .plan import WorkItem, build_plan, check_schedule
+from .modules import MultiheadDilatedAttention, UsesPatternCache, check_dropout, refuse_dropout
+from .plan import WorkItem, cached_plan, check_schedule
 from .ring_comm import Exchange, check_agreement, fingerprint, pack, unpack
 from .ring_plan import LAYOUTS, FullSegments, Pair, Piece, RingSchedule, build_ring_schedule, shard_rows
 
@@ -183,7 +183,7 @@ class _RingFunction(torch.autograd.Function):
         return (*ring_backward(ctx.call, dout, q, k, v, out, lse), None)
 
 
-class RingDilatedAttention(nn.Module):
+class RingDilatedAttention(UsesPatternCache, nn.Module):
     """Dilated attention over a sequence sharded across the ranks of ``process_group``.
 
     ``forward(q_local, k_local, v_local, is_causal=False)`` takes this rank's shard
@@ -214,7 +214,7 @@ class RingDilatedAttention(nn.Module):
         self.process_group = process_group
         self.mode, self.scale, self.layout = mode, scale, layout
         self.dropout = check_dropout(dropout)
-        self.use_pattern_cache = use_pattern_cache
+        self._init_pattern_cache(use_pattern_cache)
         self.comm_bytes: dict[str, int] = {}
 
     def _group(self):
@@ -230,8 +230,8 @@ class RingDilatedAttention(nn.Module):
         check_qkv(q, k, v)
         group, rank, world = self._group()
         if world == 1:
-            return dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates,
-                                     is_causal=is_causal, scale=self.scale, mode=self.mode)
+            return dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal,
+                                     scale=self.scale, mode=self.mode, pattern_cache=self.pattern_cache)
         b, m, h, d = q.shape
         n = m * world
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
@@ -240,8 +240,11 @@ class RingDilatedAttention(nn.Module):
             "dtype": fingerprint(q.dtype), "is_causal": int(is_causal), "requires_grad": int(grad),
             "schedule": fingerprint((self.segment_lengths, self.dilation_rates, self.mode, self.layout, self.scale)),
         })
-        plan = build_plan(n, h, self.segment_lengths, self.dilation_rates, self.mode)
-        schedule = build_ring_schedule(n, world, self.layout, plan, is_causal)
+        plan = cached_plan(self.pattern_cache, n, h, self.segment_lengths, self.dilation_rates, self.mode)
+        schedule = self.pattern_cache.get_or_create(
+            ("ring_schedule", n, world, self.layout, plan, is_causal),
+            lambda: build_ring_schedule(n, world, self.layout, plan, is_causal),
+        )
         self.comm_bytes = {"forward": 0, "backward": 0}
         call = _RingCall(plan, schedule, group, rank, resolve_scale(self.scale, d), is_causal, self.comm_bytes)
         out = _RingFunction.apply(q, k, v, call)
