@@ -113,7 +113,7 @@ class PatternCache:
 
     @staticmethod
     def _tier(device) -> Any:
-        if device is None:
+        if device is None or device == _HOST:
             return _HOST
         device = torch.device(device)
         if device.type == "cpu":
