@@ -167,14 +167,20 @@ class PatternCache:
     # -- public API ---------------------------------------------------------------
     def get(self, key: Hashable, target_device=None):
         """The pattern for ``key`` on ``target_device`` (None or CPU: host tier), or None on a miss."""
-        self._check_key(key)
-        tier = self._tier(target_device)
+        if isinstance(key, (str, bytes)):
+            self._check_key(key)
+        tier = _HOST if target_device is None else self._tier(target_device)
+        slot = (key, tier)
         with self._lock:
-            entry = self._entries.get((key, tier))
-            if entry is not None:
-                self._entries.move_to_end((key, tier))
+            try:
+                entry = self._entries.get(slot)
+            except TypeError:
+                self._check_key(key)
+                raise
+            if entry is not None:  # the steady-state path: no copy, no allocation
+                self._entries.move_to_end(slot)
                 self._stats.hits += 1
-                return self._ready(entry, tier)
+                return entry.value if entry.ready is None else self._ready(entry, tier)
             host = self._entries.get((key, _HOST))
             if host is None:
                 self._stats.misses += 1
