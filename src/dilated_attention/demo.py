@@ -2,6 +2,10 @@
 
     python -m dilated_attention.demo                       # 64K tokens on the CPU
     python -m dilated_attention.demo --seq-len 1048576 --device cuda --dtype bfloat16
+    torchrun --nproc-per-node 4 -m dilated_attention.demo  # ring over 4 processes (gloo on CPU, NCCL on GPUs)
+
+Under torchrun every rank draws the same inputs from one seed on the host, keeps its
+shard on its device, and runs RingDilatedAttention; rank 0 checks the gathered output.
 
 Prints time, tokens/s, peak memory, and the largest error on a sample of query rows
 recomputed in float64 straight from Eq. 10 (one softmax over the multiset of linked keys).
@@ -10,12 +14,14 @@ recomputed in float64 straight from Eq. 10 (one softmax over the multiset of lin
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 
 import torch
+import torch.distributed as dist
 
-from .functional import dilated_attention
+from .ring import RingDilatedAttention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -55,14 +61,21 @@ def main(argv=None) -> None:
     p.add_argument("--check-rows", type=int, default=16)
     args = p.parse_args(argv)
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if args.device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            args.device = f"cuda:{torch.cuda.current_device()}"
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
     torch.manual_seed(0)
     shape = (1, args.seq_len, args.heads, args.head_dim)
-    q, k, v = (torch.randn(shape, device=args.device, dtype=DTYPES[args.dtype]) for _ in range(3))
+    q, k, v = (torch.randn(shape, dtype=DTYPES[args.dtype]) for _ in range(3))
+    ring = RingDilatedAttention(args.segment_lengths, args.dilation_rates)
+    q_local, k_local, v_local = (ring.shard(t).to(args.device) for t in (q, k, v))
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    run = lambda: dilated_attention(  # noqa: E731
-        q, k, v, args.segment_lengths, args.dilation_rates, is_causal=args.causal
-    )
+    run = lambda: ring(q_local, k_local, v_local, is_causal=args.causal)  # noqa: E731
     with torch.no_grad():
         run()  # warm-up
         if args.device.startswith("cuda"):
@@ -72,9 +85,13 @@ def main(argv=None) -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
+        out = ring.unshard(out)
+    if rank != 0:
+        dist.destroy_process_group()
+        return
 
     rows = torch.randperm(args.seq_len)[: args.check_rows].tolist()
-    expected = dense_rows(q.cpu(), k.cpu(), v.cpu(), rows, args.segment_lengths, args.dilation_rates,
+    expected = dense_rows(q, k, v, rows, args.segment_lengths, args.dilation_rates,
                           args.head_dim**-0.5, args.causal)
     error = (out[0, rows].cpu().double() - expected).abs().max().item()
     if args.device.startswith("cuda"):
@@ -83,12 +100,15 @@ def main(argv=None) -> None:
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process peak RSS)"
     io = 4 * q.numel() * q.element_size() / 2**30
     print(f"dilated attention, paper mode: n={args.seq_len} h={args.heads} d={args.head_dim} {args.dtype} "
-          f"{args.device} causal={args.causal}")
+          f"{args.device} causal={args.causal}, {world} process(es)")
     print(f"schedule w={args.segment_lengths} r={args.dilation_rates}")
     print(f"time {seconds:.3f} s, {args.seq_len / seconds:,.0f} tokens/s")
-    print(f"peak memory {peak}; q, k, v, out take {io:.2f} GiB")
+    print(f"peak memory {peak}; q, k, v, out take {io:.2f} GiB on one device, {io / world:.2f} GiB per rank")
     tol = 1e-4 if DTYPES[args.dtype] in (torch.float32, torch.float64) else 3e-2
     print(f"max |error| on {len(rows)} rows x {args.heads} heads vs dense float64 Eq. 10: {error:.2e} (tolerance {tol:g})")
+    if world > 1:
+        print(f"ring: {ring.comm_bytes['forward'] / 2**20:.2f} MiB sent by rank 0 in the forward")
+        dist.destroy_process_group()
     if not error <= tol:
         raise SystemExit("check FAILED")
     print("check passed")

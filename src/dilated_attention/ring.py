@@ -229,6 +229,7 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
         refuse_dropout(self)
         check_qkv(q, k, v)
         group, rank, world = self._group()
+        self.comm_bytes = {"forward": 0, "backward": 0}
         if world == 1:
             return dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal,
                                      scale=self.scale, mode=self.mode, pattern_cache=self.pattern_cache)
@@ -245,7 +246,6 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
             ("ring_schedule", n, world, self.layout, plan, is_causal),
             lambda: build_ring_schedule(n, world, self.layout, plan, is_causal),
         )
-        self.comm_bytes = {"forward": 0, "backward": 0}
         call = _RingCall(plan, schedule, group, rank, resolve_scale(self.scale, d), is_causal, self.comm_bytes)
         out = _RingFunction.apply(q, k, v, call)
         if self.mode == "head_groups":
