@@ -127,6 +127,9 @@ def _dead_rank_worker(rank, world):
         ring(x, x, x)
 
 
+_dead_rank_worker.leaves_early = True
+
+
 def test_dead_rank_gives_clear_error_within_timeout():
     run_world(2, _dead_rank_worker, timeout_s=5)
 

@@ -135,7 +135,4 @@ def useful_flops(
 def cached_plan(cache, seq_len, num_heads, segment_lengths, dilation_rates, mode) -> tuple[WorkItem, ...]:
     """``build_plan`` through a ``PatternCache``: built once per configuration."""
     key = ("plan", seq_len, num_heads, tuple(segment_lengths), tuple(dilation_rates), mode)
-    plan = cache.get(key)
-    if plan is None:
-        plan = cache.get_or_create(key, lambda: build_plan(seq_len, num_heads, segment_lengths, dilation_rates, mode))
-    return plan
+    return cache.get_or_create(key, lambda: build_plan(seq_len, num_heads, segment_lengths, dilation_rates, mode))
