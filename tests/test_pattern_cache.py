@@ -69,7 +69,7 @@ def test_keys_must_be_structured():
     with pytest.raises(TypeError, match="not a string"):
         cache.put("ring_dilated_s1024_r2_off0", _pattern(0))
     with pytest.raises(TypeError, match="hashable"):
-        cache.get(["list"])
+        cache.put(["list"], _pattern(0))
 
 
 def test_hits_misses_and_clear():

@@ -167,8 +167,6 @@ class PatternCache:
     # -- public API ---------------------------------------------------------------
     def get(self, key: Hashable, target_device=None):
         """The pattern for ``key`` on ``target_device`` (None or CPU: host tier), or None on a miss."""
-        if isinstance(key, (str, bytes)):
-            self._check_key(key)
         tier = _HOST if target_device is None else self._tier(target_device)
         slot = (key, tier)
         with self._lock:
@@ -210,8 +208,11 @@ class PatternCache:
     def get_or_create(self, key: Hashable, builder: Callable[[], Any], device=None):
         """``get(key, device)``, or build it once, store it, and return it on ``device``."""
         value = self.get(key, device)
-        if value is not None:
-            return value
+        return value if value is not None else self.create(key, builder, device)
+
+    def create(self, key: Hashable, builder: Callable[[], Any], device=None):
+        """Build the pattern, store it (host tier, and ``device``'s for tensors), and return it."""
+        self._check_key(key)
         built = builder()
         with self._lock:
             self._stats.builds += 1

@@ -135,4 +135,7 @@ def useful_flops(
 def cached_plan(cache, seq_len, num_heads, segment_lengths, dilation_rates, mode) -> tuple[WorkItem, ...]:
     """``build_plan`` through a ``PatternCache``: built once per configuration."""
     key = ("plan", seq_len, num_heads, tuple(segment_lengths), tuple(dilation_rates), mode)
-    return cache.get_or_create(key, lambda: build_plan(seq_len, num_heads, segment_lengths, dilation_rates, mode))
+    plan = cache.get(key)
+    if plan is None:
+        plan = cache.create(key, lambda: build_plan(seq_len, num_heads, segment_lengths, dilation_rates, mode))
+    return plan
