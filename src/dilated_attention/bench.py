@@ -47,7 +47,7 @@ def time_call(fn, device: str, min_reps: int = 3, budget_s: float = 2.0) -> floa
 
 
 def make_call(method: str, cfg: dict, n: int):
-    """Build inputs and the closure to time. method: 'dense' or a dilated mode."""
+    """Build inputs and the closure to time. method: 'dense', or 'MODE' / 'MODE:BACKEND' for ours."""
     device, dtype = cfg["device"], DTYPES[cfg["dtype"]]
     shape = (1, n, cfg["heads"], cfg["head_dim"])
     grad = cfg["backward"]
@@ -59,9 +59,11 @@ def make_call(method: str, cfg: dict, n: int):
             )
             return o.transpose(1, 2)
     else:
+        mode, _, backend = method.partition(":")
+
         def attend():
             return dilated_attention(q, k, v, cfg["segment_lengths"], cfg["dilation_rates"],
-                                     is_causal=cfg["causal"], mode=method)
+                                     is_causal=cfg["causal"], mode=mode, backend=backend or None)
     if grad:
         dout = torch.randn(shape, device=device, dtype=dtype)
 
@@ -93,7 +95,7 @@ def measure(method: str, cfg: dict, n: int) -> dict:
     if method == "dense":
         flops = 4 * n * n * d * h // (2 if cfg["causal"] else 1)
     else:
-        flops = useful_flops(n, h, d, cfg["segment_lengths"], cfg["dilation_rates"], method)
+        flops = useful_flops(n, h, d, cfg["segment_lengths"], cfg["dilation_rates"], method.partition(":")[0])
         if cfg["causal"]:
             flops //= 2
     flops = flops * 7 // 2 if cfg["backward"] else flops
@@ -125,7 +127,7 @@ def run(cfg: dict) -> list[dict]:
 
 
 def print_row(r: dict) -> None:
-    print(f"{r['method']:>12} {r['n']:>9} {r['ms']:>11.2f} {r['tflops']:>9.2f} {r['tokens_per_s']:>13,.0f} "
+    print(f"{r['method']:>18} {r['n']:>9} {r['ms']:>11.2f} {r['tflops']:>9.2f} {r['tokens_per_s']:>13,.0f} "
           f"{r['extra_peak_gib']:>10.3f}", flush=True)
 
 
@@ -139,7 +141,8 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=None)
     p.add_argument("--segment-lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
     p.add_argument("--dilation-rates", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--modes", nargs="+", default=["paper"], choices=["paper", "head_groups"])
+    p.add_argument("--modes", nargs="+", default=["paper"],
+                   help="paper, head_groups, or MODE:BACKEND (e.g. paper:sdpa) to force a backend")
     p.add_argument("--causal", action="store_true")
     p.add_argument("--backward", action="store_true", help="time forward+backward")
     p.add_argument("--dense-max-n", type=int, default=None, help="skip dense SDPA above this n")
@@ -162,7 +165,7 @@ def main(argv=None) -> None:
     print(f"device: {name}; torch {torch.__version__}; b=1 h={cfg['heads']} d={cfg['head_dim']} {cfg['dtype']} "
           f"causal={cfg['causal']} {'fwd+bwd' if cfg['backward'] else 'fwd'}")
     print(f"schedule w={cfg['segment_lengths']} r={cfg['dilation_rates']}")
-    print(f"{'method':>12} {'n':>9} {'ms':>11} {'TFLOP/s':>9} {'tokens/s':>13} {'extra GiB':>10}")
+    print(f"{'method':>18} {'n':>9} {'ms':>11} {'TFLOP/s':>9} {'tokens/s':>13} {'extra GiB':>10}")
     results = run(cfg)
     path = args.json or os.path.join("bench-results", f"bench-{args.device.split(':')[0]}.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

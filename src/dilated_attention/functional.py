@@ -42,10 +42,13 @@ def _forward_op(
     """q, k, v: (b, n, h, d) -> merged out (b, n, h, d) in q.dtype, lse (b, n, h) float32/64."""
     b, n, h, d = q.shape
     impl = backends.select(q, backend)
+    plan = cached_plan(cache_by_id(cache_id), n, h, segment_lengths, dilation_rates, mode)
+    if hasattr(impl, "forward_all"):
+        return impl.forward_all(q, k, v, plan, scale, is_causal)
     acc = _acc_dtype(q.dtype)
     out = torch.zeros((b, n, h, v.shape[-1]), dtype=acc, device=q.device)
     lse = torch.full((b, n, h), float("-inf"), dtype=acc, device=q.device)
-    for item in cached_plan(cache_by_id(cache_id), n, h, segment_lengths, dilation_rates, mode):
+    for item in plan:
         views = zip(*(segment_views(t, item) for t in (q, k, v, out, lse)))
         for qv, kv, vv, ov, lv in views:
             merge_(ov, lv, *impl.forward(qv, kv, vv, scale, is_causal))
@@ -76,10 +79,13 @@ def _backward_op(
     """dout, q, k, v, out: (b, n, h, d); lse: (b, n, h) -> dq, dk, dv (b, n, h, d) in q.dtype."""
     b, n, h, d = q.shape
     impl = backends.select(q, backend)
+    plan = cached_plan(cache_by_id(cache_id), n, h, segment_lengths, dilation_rates, mode)
+    if hasattr(impl, "backward_all"):
+        return impl.backward_all(dout, q, k, v, out, lse, plan, scale, is_causal)
     acc = _acc_dtype(q.dtype)
     grads = [torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v)]
     dout = dout.to(q.dtype)
-    for item in cached_plan(cache_by_id(cache_id), n, h, segment_lengths, dilation_rates, mode):
+    for item in plan:
         views = zip(*(segment_views(t, item) for t in (dout, q, k, v, out, lse, *grads)))
         for dov, qv, kv, vv, ov, lv, dqv, dkv, dvv in views:
             gq, gk, gv = impl.backward(dov, qv, kv, vv, ov, lv, scale, is_causal)
@@ -156,7 +162,7 @@ def dilated_attention(
     segment_lengths, dilation_rates: one ``(w, r)`` per branch.
     mode: ``"paper"`` (Eq. 10: every head in every branch, merged through softmax
     denominators) or ``"head_groups"`` (heads split into one group per branch, output / m).
-    backend: ``None`` picks the fastest; ``"sdpa"`` or ``"math"`` forces one.
+    backend: ``None`` picks the fastest; ``"triton"``, ``"sdpa"`` or ``"math"`` forces one.
     pattern_cache: where the schedule's plan is kept (default: the process-wide cache).
     Returns (batch, seq, heads, head_dim) in q's dtype.
     """
