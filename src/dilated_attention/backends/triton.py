@@ -53,7 +53,7 @@ if triton is not None:
         if seg_len > SEG:
             seg_len = SEG
         count = (seg_len - o + RATE - 1) // RATE  # 0 when o >= seg_len, since o < RATE
-        return seg_start + o, count
+        return (seg_start + o).to(tl.int64), count
 
     @triton.jit
     def _fwd(Q, K, V, O, L, sb, sn, sh, ob, on, oh, lb, ln, lh,
@@ -63,7 +63,7 @@ if triton is not None:
         pid_m = tl.program_id(0)
         seg_id = tl.program_id(1)
         bh = tl.program_id(2)
-        b = bh // NHEADS
+        b = (bh // NHEADS).to(tl.int64)
         head = HEAD_START + bh % NHEADS
         first, count = _rows(seg_id, head, N, SEG, RATE, OFFSET)
         if pid_m * BLOCK_M >= count:
@@ -122,7 +122,7 @@ if triton is not None:
         pid_n = tl.program_id(0)
         seg_id = tl.program_id(1)
         bh = tl.program_id(2)
-        b = bh // NHEADS
+        b = (bh // NHEADS).to(tl.int64)
         head = HEAD_START + bh % NHEADS
         first, count = _rows(seg_id, head, N, SEG, RATE, OFFSET)
         if pid_n * BLOCK_N >= count:
@@ -167,7 +167,7 @@ if triton is not None:
         pid_m = tl.program_id(0)
         seg_id = tl.program_id(1)
         bh = tl.program_id(2)
-        b = bh // NHEADS
+        b = (bh // NHEADS).to(tl.int64)
         head = HEAD_START + bh % NHEADS
         first, count = _rows(seg_id, head, N, SEG, RATE, OFFSET)
         if pid_m * BLOCK_M >= count:
@@ -223,10 +223,15 @@ def launches(plan) -> list[tuple[int, int, int, int, int]]:
 
 
 def _config(d: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward; backward uses 64 x 64."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel."""
     if d <= 64:
         return 128, 64, 4, 3
     return 128, 64, 8, 2
+
+
+def _bwd_config(d: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of both backward kernels."""
+    return 64, 64, (4 if d <= 64 else 8), 2
 
 
 def _grid(n, seg, rate, b, nheads, block):
@@ -261,15 +266,13 @@ def backward_all(dout, q, k, v, out, lse, plan, scale: float, causal: bool):
     lse = lse.contiguous()
     grads = [torch.zeros((b, n, h, d), dtype=torch.float32, device=q.device) for _ in range(3)]
     dq, dk, dv = grads
-    block = 64
-    warps = 4 if d <= 64 else 8
+    bm, bn, warps, stages = _bwd_config(d)
     for seg, rate, offset, head_start, nheads in launches(plan):
         common = (q.stride(0), q.stride(1), q.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
                   dq.stride(0), dq.stride(1), dq.stride(2), n, seg, rate, offset, head_start, nheads,
                   scale * LOG2E, scale)
-        meta = dict(IS_CAUSAL=causal, BLOCK_M=block, BLOCK_N=block, HEAD_DIM=d, num_warps=warps, num_stages=2)
-        grid = _grid(n, seg, rate, b, nheads, block)
-        _bwd_dkdv[grid](q, k, v, dout, lse, delta, dk, dv, *common, **meta)
-        _bwd_dq[grid](q, k, v, dout, lse, delta, dq, *common, **meta)
+        meta = dict(IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d, num_warps=warps, num_stages=stages)
+        _bwd_dkdv[_grid(n, seg, rate, b, nheads, bn)](q, k, v, dout, lse, delta, dk, dv, *common, **meta)
+        _bwd_dq[_grid(n, seg, rate, b, nheads, bm)](q, k, v, dout, lse, delta, dq, *common, **meta)
     return tuple(g.to(q.dtype) for g in grads)
 
