@@ -100,7 +100,7 @@ def _local_blocks(call: _RingCall, q, k, v):
 
 def ring_forward(call: _RingCall, q, k, v):
     """Local shards (b, m, h, d) -> local out (b, m, h, d) in q.dtype, lse (b, m, h) fp32/64."""
-    impl = backends.select(q)
+    impl = backends.select_block(q)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     b, m, h, d = q.shape
     out = torch.zeros((b, m, h, d), dtype=acc, device=q.device)
@@ -123,7 +123,7 @@ def ring_forward(call: _RingCall, q, k, v):
 
 def ring_backward(call: _RingCall, dout, q, k, v, out, lse):
     """Gradients of the local shards; dK/dV of sent rows come home from the ranks that used them."""
-    impl = backends.select(q)
+    impl = backends.select_block(q)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     b, m, h, d = q.shape
     dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v))

@@ -20,6 +20,11 @@ from . import math, sdpa, triton
 BACKENDS = {"math": math, "sdpa": sdpa, "triton": triton}
 
 
+def select_block(q: torch.Tensor) -> ModuleType:
+    """The fastest backend with per-block ``forward``/``backward`` (the ring attends to pieces)."""
+    return sdpa if sdpa.supports(q) else math
+
+
 def select(q: torch.Tensor, name: str | None = None) -> ModuleType:
     """The backend named, or (name None or "") the fastest that supports q's device, dtype, head_dim."""
     if name:
@@ -33,9 +38,7 @@ def select(q: torch.Tensor, name: str | None = None) -> ModuleType:
                 f"(or TRITON_INTERPRET=1 for CPU tensors); got {q.device.type} {q.dtype} head_dim={q.shape[-1]}"
             )
         return BACKENDS[name]
-    if triton.supports(q):
-        return triton
-    return sdpa if sdpa.supports(q) else math
+    return triton if triton.supports(q) else select_block(q)
 
 
 def _interpreted(q: torch.Tensor) -> bool:
