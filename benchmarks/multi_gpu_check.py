@@ -62,7 +62,7 @@ def worker(rank, world, port, n):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--world", type=int, default=torch.cuda.device_count())
-    p.add_argument("--seq-len", type=int, default=131072)
+    p.add_argument("--seq-len", type=int, default=32768)  # segments of 32K span the ranks: NCCL traffic
     args = p.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
