@@ -83,8 +83,18 @@ def test_dense_ring_attention_matches_sdpa_and_sends_only_shards(world):
 
 
 def _sparse_traffic_worker(rank, world):
+    from dilated_attention import clear_global_pattern_cache, get_global_pattern_cache
+
     n, b, h, d = 64 * world, 1, 4, 8
     x = torch.randn(b, n // world, h, d, dtype=torch.float64)
+    clear_global_pattern_cache()
+    RingDilatedAttention([n], [2])(x, x, x)
+    builds = get_global_pattern_cache().stats()["builds"]  # the plan and the ring schedule
+    RingDilatedAttention([n], [2])(x, x, x)  # a second instance builds nothing
+    own = RingDilatedAttention([n], [2], use_pattern_cache=False)
+    own(x, x, x)
+    assert builds == 2 and get_global_pattern_cache().stats()["builds"] == builds
+    assert own.pattern_cache.stats()["builds"] == 2
     local = RingDilatedAttention([32], [2])  # every segment inside a shard
     local(x, x, x)
     assert local.comm_bytes["forward"] == 0

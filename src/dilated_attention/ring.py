@@ -86,7 +86,7 @@ def _received_kv(call: _RingCall, exchange: Exchange, src: int, b: int, d: int) 
     return {key: (parts[2 * j], parts[2 * j + 1]) for j, key in enumerate(keys)}
 
 
-def _local_blocks(call: _RingCall, q, k, v):
+def _local_blocks(call: _RingCall):
     """Yield (item, view function over q-side, view function over k-side, causal) for local work."""
     for i, fs in call.schedule.full[call.rank]:
         item = call.plan[i]
@@ -107,7 +107,7 @@ def ring_forward(call: _RingCall, q, k, v):
     lse = torch.full((b, m, h), float("-inf"), dtype=acc, device=q.device)
     world = call.schedule.world
     pending = _post_kv(call, k, v, 1, "forward") if world > 1 else None
-    for item, qview, kview, causal in _local_blocks(call, q, k, v):
+    for item, qview, kview, causal in _local_blocks(call):
         merge_(qview(out), qview(lse), *impl.forward(qview(q), kview(k), kview(v), call.scale, causal))
     for distance in range(1, world):
         src = (call.rank - distance) % world
@@ -130,7 +130,7 @@ def ring_backward(call: _RingCall, dout, q, k, v, out, lse):
     dout = dout.to(q.dtype)
     world, rank = call.schedule.world, call.rank
     pending = _post_kv(call, k, v, 1, "backward") if world > 1 else None
-    for item, qview, kview, causal in _local_blocks(call, q, k, v):
+    for item, qview, kview, causal in _local_blocks(call):
         gq, gk, gv = impl.backward(qview(dout), qview(q), kview(k), kview(v), qview(out), qview(lse), call.scale, causal)
         qview(dq).add_(gq)
         kview(dk).add_(gk)
