@@ -87,14 +87,14 @@ def _received_kv(call: _RingCall, exchange: Exchange, src: int, b: int, d: int) 
 
 
 def _local_blocks(call: _RingCall):
-    """Yield (item, view function over q-side, view function over k-side, causal) for local work."""
+    """Yield (view function over the query side, over the key side, causal) for local work."""
     for i, fs in call.schedule.full[call.rank]:
         item = call.plan[i]
         view = lambda t, item=item, fs=fs: _full_view(t, item, fs)  # noqa: E731
-        yield item, view, view, call.causal
+        yield view, view, call.causal
     for pair in call.schedule.pairs[call.rank][call.rank]:
         item = call.plan[pair.item]
-        yield (item, lambda t, item=item, p=pair.q: _piece_view(t, item, p),
+        yield (lambda t, item=item, p=pair.q: _piece_view(t, item, p),
                lambda t, item=item, p=pair.k: _piece_view(t, item, p), pair.causal_diagonal)
 
 
@@ -107,7 +107,7 @@ def ring_forward(call: _RingCall, q, k, v):
     lse = torch.full((b, m, h), float("-inf"), dtype=acc, device=q.device)
     world = call.schedule.world
     pending = _post_kv(call, k, v, 1, "forward") if world > 1 else None
-    for item, qview, kview, causal in _local_blocks(call):
+    for qview, kview, causal in _local_blocks(call):
         merge_(qview(out), qview(lse), *impl.forward(qview(q), kview(k), kview(v), call.scale, causal))
     for distance in range(1, world):
         src = (call.rank - distance) % world
@@ -130,12 +130,12 @@ def ring_backward(call: _RingCall, dout, q, k, v, out, lse):
     dout = dout.to(q.dtype)
     world, rank = call.schedule.world, call.rank
     pending = _post_kv(call, k, v, 1, "backward") if world > 1 else None
-    for item, qview, kview, causal in _local_blocks(call):
+    for qview, kview, causal in _local_blocks(call):
         gq, gk, gv = impl.backward(qview(dout), qview(q), kview(k), kview(v), qview(out), qview(lse), call.scale, causal)
         qview(dq).add_(gq)
         kview(dk).add_(gk)
         kview(dv).add_(gv)
-    returns = []
+    returning = None  # at most one dK/dV return in flight: memory stays O(n/P)
     for distance in range(1, world):
         src, dst = (rank - distance) % world, (rank + distance) % world
         received = _received_kv(call, pending, src, b, d)
@@ -155,18 +155,27 @@ def ring_backward(call: _RingCall, dout, q, k, v, out, lse):
         shapes = _recv_shapes(call, mine, b, d)
         back = torch.empty(2 * sum(torch.Size(s).numel() for s in shapes), dtype=acc, device=q.device)
         send = pack([g for key in grads for g in grads[key]], acc, q.device)
-        returns.append((dst, mine, shapes, Exchange(
-            call.group, {src: send} if grads else {}, {dst: back} if mine else {}, call.stats, "backward")))
-    for dst, mine, shapes, exchange in returns:
-        buffers = exchange.wait()
-        if not mine:
-            continue
-        parts = unpack(buffers[dst], [s for s in shapes for _ in range(2)])
-        for j, (i, piece) in enumerate(mine):
-            item = call.plan[i]
-            _piece_view(dk, item, piece).add_(parts[2 * j])
-            _piece_view(dv, item, piece).add_(parts[2 * j + 1])
+        posted = (dst, mine, shapes, Exchange(
+            call.group, {src: send} if grads else {}, {dst: back} if mine else {}, call.stats, "backward"))
+        if returning is not None:
+            _add_returned(call, returning, dk, dv)
+        returning = posted
+    if returning is not None:
+        _add_returned(call, returning, dk, dv)
     return tuple(g.to(q.dtype) for g in (dq, dk, dv))
+
+
+def _add_returned(call: _RingCall, returning, dk, dv) -> None:
+    """Wait for one dK/dV return round and add what came home into this rank's dk, dv."""
+    dst, mine, shapes, exchange = returning
+    buffers = exchange.wait()
+    if not mine:
+        return
+    parts = unpack(buffers[dst], [s for s in shapes for _ in range(2)])
+    for j, (i, piece) in enumerate(mine):
+        item = call.plan[i]
+        _piece_view(dk, item, piece).add_(parts[2 * j])
+        _piece_view(dv, item, piece).add_(parts[2 * j + 1])
 
 
 class _RingFunction(torch.autograd.Function):
