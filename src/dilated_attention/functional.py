@@ -17,13 +17,9 @@ from typing import Sequence
 import torch
 
 from . import backends
-from .merge import merge_
+from .merge import acc_dtype, merge_
 from .pattern_cache import PatternCache, cache_by_id, get_global_pattern_cache
 from .plan import cached_plan, check_heads, check_schedule, segment_views
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("dilated_attention::forward", mutates_args=())
@@ -45,7 +41,7 @@ def _forward_op(
     plan = cached_plan(cache_by_id(cache_id), n, h, segment_lengths, dilation_rates, mode)
     if hasattr(impl, "forward_all"):
         return impl.forward_all(q, k, v, plan, scale, is_causal)
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     out = torch.zeros((b, n, h, v.shape[-1]), dtype=acc, device=q.device)
     lse = torch.full((b, n, h), float("-inf"), dtype=acc, device=q.device)
     for item in plan:
@@ -57,7 +53,7 @@ def _forward_op(
 
 @_forward_op.register_fake
 def _(q, k, v, segment_lengths, dilation_rates, is_causal, scale, mode, backend, cache_id):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=acc_dtype(q.dtype))
 
 
 @torch.library.custom_op("dilated_attention::backward", mutates_args=())
@@ -82,7 +78,7 @@ def _backward_op(
     plan = cached_plan(cache_by_id(cache_id), n, h, segment_lengths, dilation_rates, mode)
     if hasattr(impl, "backward_all"):
         return impl.backward_all(dout, q, k, v, out, lse, plan, scale, is_causal)
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     grads = [torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v)]
     dout = dout.to(q.dtype)
     for item in plan:

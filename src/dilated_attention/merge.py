@@ -16,6 +16,11 @@ from __future__ import annotations
 import torch
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype: float64 stays float64, everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def merge_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
     """Merge ``(out_b, lse_b)`` into the accumulators ``(out, lse)`` in place.
 

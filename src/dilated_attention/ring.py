@@ -20,7 +20,7 @@ from torch import nn
 
 from . import backends
 from .functional import check_qkv, dilated_attention, resolve_scale
-from .merge import merge_
+from .merge import acc_dtype, merge_
 from .modules import MultiheadDilatedAttention, UsesPatternCache, check_dropout, refuse_dropout
 from .plan import WorkItem, cached_plan, check_schedule
 from .ring_comm import Exchange, check_agreement, fingerprint, pack, unpack
@@ -101,7 +101,7 @@ def _local_blocks(call: _RingCall):
 def ring_forward(call: _RingCall, q, k, v):
     """Local shards (b, m, h, d) -> local out (b, m, h, d) in q.dtype, lse (b, m, h) fp32/64."""
     impl = backends.select_block(q)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q.dtype)
     b, m, h, d = q.shape
     out = torch.zeros((b, m, h, d), dtype=acc, device=q.device)
     lse = torch.full((b, m, h), float("-inf"), dtype=acc, device=q.device)
@@ -124,7 +124,7 @@ def ring_forward(call: _RingCall, q, k, v):
 def ring_backward(call: _RingCall, dout, q, k, v, out, lse):
     """Gradients of the local shards; dK/dV of sent rows come home from the ranks that used them."""
     impl = backends.select_block(q)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q.dtype)
     b, m, h, d = q.shape
     dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
     dout = dout.to(q.dtype)

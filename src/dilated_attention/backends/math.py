@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from ..merge import acc_dtype
+
 SCORE_BUDGET = 1 << 22  # score elements per chunk (16 MiB in float32)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _chunks(b: int, segments: int, rows: int, keys: int, heads: int):
@@ -43,7 +41,7 @@ def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, q0: in
 
 def forward(q, k, v, scale: float, causal: bool):
     """q: (b, S, c, h, d); k, v: (b, S, ck, h, d) -> out (b, S, c, h, d) in the accumulation dtype, lse (b, S, c, h)."""
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     b, segments, rows, heads, d = q.shape
     out = torch.empty((b, segments, rows, heads, v.shape[-1]), dtype=acc, device=q.device)
     lse = torch.empty((b, segments, rows, heads), dtype=acc, device=q.device)
@@ -63,7 +61,7 @@ def backward(dout, q, k, v, out, lse, scale: float, causal: bool):
     dout, q, out: (b, S, c, h, d); k, v: (b, S, ck, h, d); lse: (b, S, c, h).
     Returns dq (b, S, c, h, d), dk, dv (b, S, ck, h, d) in the accumulation dtype.
     """
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     b, segments, rows, heads, d = q.shape
     dq = torch.empty(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
