@@ -264,8 +264,8 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
     def shard(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a full (b, n, ...) tensor, in this module's layout."""
         group, rank, world = self._group()
-        rows = shard_rows(x.shape[1], world, rank, self.layout)
-        return torch.cat([x[:, a:b] for a, b in rows], dim=1)
+        parts = [x[:, a:b] for a, b in shard_rows(x.shape[1], world, rank, self.layout)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # a view when contiguous
 
     def unshard(self, x_local: torch.Tensor) -> torch.Tensor:
         """All-gather the ranks' shards (b, n/P, ...) back into the full (b, n, ...) in global order."""
