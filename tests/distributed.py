@@ -1,7 +1,10 @@
 """Run a function on several CPU processes joined by a gloo process group."""
 
 import datetime
+import faulthandler
+import os
 import socket
+import sys
 import traceback
 
 import torch
@@ -10,6 +13,7 @@ import torch.multiprocessing as mp
 
 
 def _entry(rank, world, port, timeout_s, fn, args):
+    faulthandler.enable()  # a native abort prints the Python stack it happened under
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
@@ -21,6 +25,11 @@ def _entry(rank, world, port, timeout_s, fn, args):
     if not getattr(fn, "leaves_early", False):
         dist.barrier()  # no rank tears its gloo context down while a peer still talks to it
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The rank's work is done and checked: leave without interpreter teardown, where gloo's
+    # IO threads have been seen to abort ("terminate called without an active exception").
+    os._exit(0)
 
 
 def run_world(world, fn, *args, timeout_s=60):
