@@ -56,7 +56,7 @@ def main():
             continue
         results["bwd"].append({"d": d, "config": cfg, "ms": ms, "tflops": flops / ms / 1e9})
         print(f"bwd d={d} {cfg}: {ms:.2f} ms {flops / ms / 1e9:.1f} TFLOP/s", flush=True)
-    del q, k, v, do, o
+    q = k = v = do = o = None  # free before the size probes
     for backward, sizes in ((False, [4 << 20, 6 << 20, 8 << 20]), (True, [2 << 20, 3 << 20, 4 << 20])):
         for n in sizes:
             torch.cuda.empty_cache()

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from . import backends
-from .merge import acc_dtype, merge_
+from .merge import acc_dtype, empty_partial, merge_
 from .pattern_cache import PatternCache, cache_by_id, get_global_pattern_cache
 from .plan import cached_plan, check_heads, check_schedule, segment_views
 
@@ -41,9 +41,7 @@ def _forward_op(
     plan = cached_plan(cache_by_id(cache_id), n, h, segment_lengths, dilation_rates, mode)
     if hasattr(impl, "forward_all"):
         return impl.forward_all(q, k, v, plan, scale, is_causal)
-    acc = acc_dtype(q.dtype)
-    out = torch.zeros((b, n, h, v.shape[-1]), dtype=acc, device=q.device)
-    lse = torch.full((b, n, h), float("-inf"), dtype=acc, device=q.device)
+    out, lse = empty_partial(b, n, h, v.shape[-1], q.dtype, q.device)
     for item in plan:
         views = zip(*(segment_views(t, item) for t in (q, k, v, out, lse)))
         for qv, kv, vv, ov, lv in views:

@@ -21,6 +21,13 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def empty_partial(b: int, n: int, h: int, d: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merge's identity: out (b, n, h, d) zeros and lse (b, n, h) -inf, in acc_dtype(dtype)."""
+    acc = acc_dtype(dtype)
+    out = torch.zeros((b, n, h, d), dtype=acc, device=device)
+    return out, torch.full((b, n, h), float("-inf"), dtype=acc, device=device)
+
+
 def merge_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
     """Merge ``(out_b, lse_b)`` into the accumulators ``(out, lse)`` in place.
 

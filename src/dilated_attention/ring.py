@@ -20,7 +20,7 @@ from torch import nn
 
 from . import backends
 from .functional import check_qkv, dilated_attention, resolve_scale
-from .merge import acc_dtype, merge_
+from .merge import acc_dtype, empty_partial, merge_
 from .modules import MultiheadDilatedAttention, UsesPatternCache, check_dropout, refuse_dropout
 from .plan import WorkItem, cached_plan, check_schedule
 from .ring_comm import Exchange, check_agreement, fingerprint, pack, unpack
@@ -101,10 +101,8 @@ def _local_blocks(call: _RingCall):
 def ring_forward(call: _RingCall, q, k, v):
     """Local shards (b, m, h, d) -> local out (b, m, h, d) in q.dtype, lse (b, m, h) fp32/64."""
     impl = backends.select_block(q)
-    acc = acc_dtype(q.dtype)
     b, m, h, d = q.shape
-    out = torch.zeros((b, m, h, d), dtype=acc, device=q.device)
-    lse = torch.full((b, m, h), float("-inf"), dtype=acc, device=q.device)
+    out, lse = empty_partial(b, m, h, d, q.dtype, q.device)
     world = call.schedule.world
     pending = _post_kv(call, k, v, 1, "forward") if world > 1 else None
     for qview, kview, causal in _local_blocks(call):
