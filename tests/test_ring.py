@@ -77,6 +77,26 @@ def _dense_worker(rank, world):
         assert ring.comm_bytes["backward"] == (sends + uses) * kv_bytes
 
 
+def _triton_worker(rank, world):
+    from dilated_attention import backends
+
+    n = 12 * 2 * world
+    for layout, (segs, rates) in (("contiguous", ([5, 10, 30], [1, 2, 3])), ("zigzag", ([8, 20, 2 * n], [1, 3, 4]))):
+        for mode in ("paper", "head_groups"):
+            for causal in (False, True):
+                ring = RingDilatedAttention(segs, rates, mode=mode, layout=layout, backend="triton")
+                _compare(rank, world, ring, torch.float32, segs, rates, mode, causal, n, h=5, d=16, seed=2)
+    assert backends.select(torch.ones(1, 1, 1, 16), "triton") is backends.triton
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_on_triton_kernels_under_interpreter(world, monkeypatch):
+    """Every ring step through the Triton kernels (TRITON_INTERPRET=1 runs them on CPU)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the spawned ranks compile the kernels for the interpreter
+    run_world(world, _triton_worker, timeout_s=300)
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_dense_ring_attention_matches_sdpa_and_sends_only_shards(world):
     run_world(world, _dense_worker)

@@ -6,7 +6,8 @@
 Prints a table and writes JSON. Useful TFLOP/s count only linked query-key pairs
 (4 * pairs * d per head; dense: 4 n^2 d h, halved when causal); forward+backward counts
 3.5x the forward. Peak memory is the extra over the inputs: device allocator peak on CUDA,
-process peak RSS of a fresh child process on CPU.
+process peak RSS of a fresh child process on CPU; peak/io divides inputs + extra by the
+bytes of q, k, v, out (and dout, dq, dk, dv when timing backward).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from .functional import dilated_attention
 from .plan import useful_flops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Other implementations to time beside ours: name -> (mode whose FLOPs they do, fn(q, k, v, cfg) -> out)
+EXTERNAL: dict = {}
 
 
 def _sync(device: str) -> None:
@@ -58,6 +61,9 @@ def make_call(method: str, cfg: dict, n: int):
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=cfg["causal"]
             )
             return o.transpose(1, 2)
+    elif method in EXTERNAL:
+        def attend():
+            return EXTERNAL[method][1](q, k, v, cfg)
     else:
         mode, _, backend = method.partition(":")
 
@@ -77,6 +83,14 @@ def make_call(method: str, cfg: dict, n: int):
 
 
 def measure(method: str, cfg: dict, n: int) -> dict:
+    """Time and peak memory of one method at one n; a CUDA out-of-memory gives a row saying so."""
+    try:
+        return _measure(method, cfg, n)
+    except torch.cuda.OutOfMemoryError:
+        return {"method": method, "n": n, "oom": True}
+
+
+def _measure(method: str, cfg: dict, n: int) -> dict:
     device = cfg["device"]
     call = make_call(method, cfg, n)
     if device.startswith("cuda"):
@@ -95,12 +109,16 @@ def measure(method: str, cfg: dict, n: int) -> dict:
     if method == "dense":
         flops = 4 * n * n * d * h // (2 if cfg["causal"] else 1)
     else:
-        flops = useful_flops(n, h, d, cfg["segment_lengths"], cfg["dilation_rates"], method.partition(":")[0])
+        mode = EXTERNAL[method][0] if method in EXTERNAL else method.partition(":")[0]
+        flops = useful_flops(n, h, d, cfg["segment_lengths"], cfg["dilation_rates"], mode)
         if cfg["causal"]:
             flops //= 2
     flops = flops * 7 // 2 if cfg["backward"] else flops
+    # q, k, v, out (and dout, dq, dk, dv): the least any implementation must hold
+    io_bytes = (8 if cfg["backward"] else 4) * n * h * d * DTYPES[cfg["dtype"]].itemsize
+    inputs = (4 if cfg["backward"] else 3) * n * h * d * DTYPES[cfg["dtype"]].itemsize
     return {"method": method, "n": n, "ms": seconds * 1e3, "tflops": flops / seconds / 1e12,
-            "tokens_per_s": n / seconds, "extra_peak_gib": extra / 2**30}
+            "tokens_per_s": n / seconds, "extra_peak_gib": extra / 2**30, "peak_over_io": (inputs + extra) / io_bytes}
 
 
 def _measure_in_child(args):
@@ -112,23 +130,24 @@ def run(cfg: dict) -> list[dict]:
     results = []
     jobs = [(m, cfg, n) for n in cfg["seq_lens"] for m in cfg["modes"] + ["dense"]
             if m != "dense" or n <= cfg["dense_max_n"]]
-    if cfg["device"] == "cpu":  # a fresh process per job, so peak RSS belongs to that job alone
-        ctx = mp.get_context("spawn")
-        for job in jobs:
-            with ctx.Pool(1) as pool:
+    for job in jobs:
+        if cfg["device"] == "cpu" and job[0] not in EXTERNAL:  # a fresh process: peak RSS is this job's alone
+            with mp.get_context("spawn").Pool(1) as pool:
                 results.append(pool.apply(_measure_in_child, (job,)))
-            print_row(results[-1])
-    else:
-        for job in jobs:
+        else:
             results.append(measure(*job))
-            print_row(results[-1])
-            torch.cuda.empty_cache()
+            if cfg["device"].startswith("cuda"):
+                torch.cuda.empty_cache()
+        print_row(results[-1])
     return results
 
 
 def print_row(r: dict) -> None:
+    if r.get("oom"):
+        print(f"{r['method']:>18} {r['n']:>9} {'out of memory':>11}", flush=True)
+        return
     print(f"{r['method']:>18} {r['n']:>9} {r['ms']:>11.2f} {r['tflops']:>9.2f} {r['tokens_per_s']:>13,.0f} "
-          f"{r['extra_peak_gib']:>10.3f}", flush=True)
+          f"{r['extra_peak_gib']:>10.3f} {r['peak_over_io']:>8.2f}", flush=True)
 
 
 def main(argv=None) -> None:
@@ -165,7 +184,7 @@ def main(argv=None) -> None:
     print(f"device: {name}; torch {torch.__version__}; b=1 h={cfg['heads']} d={cfg['head_dim']} {cfg['dtype']} "
           f"causal={cfg['causal']} {'fwd+bwd' if cfg['backward'] else 'fwd'}")
     print(f"schedule w={cfg['segment_lengths']} r={cfg['dilation_rates']}")
-    print(f"{'method':>18} {'n':>9} {'ms':>11} {'TFLOP/s':>9} {'tokens/s':>13} {'extra GiB':>10}")
+    print(f"{'method':>18} {'n':>9} {'ms':>11} {'TFLOP/s':>9} {'tokens/s':>13} {'extra GiB':>10} {'peak/io':>8}")
     results = run(cfg)
     path = args.json or os.path.join("bench-results", f"bench-{args.device.split(':')[0]}.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from . import backends
-from .merge import acc_dtype, empty_partial, merge_
+from .merge import acc_dtype, empty_partial
 from .pattern_cache import PatternCache, cache_by_id, get_global_pattern_cache
 from .plan import cached_plan, check_heads, check_schedule, segment_views
 
@@ -43,9 +43,8 @@ def _forward_op(
         return impl.forward_all(q, k, v, plan, scale, is_causal)
     out, lse = empty_partial(b, n, h, v.shape[-1], q.dtype, q.device)
     for item in plan:
-        views = zip(*(segment_views(t, item) for t in (q, k, v, out, lse)))
-        for qv, kv, vv, ov, lv in views:
-            merge_(ov, lv, *impl.forward(qv, kv, vv, scale, is_causal))
+        for qv, kv, vv, ov, lv in zip(*(segment_views(t, item) for t in (q, k, v, out, lse))):
+            backends.attend_(impl, ov, lv, qv, kv, vv, scale, is_causal)
     return out.to(q.dtype), lse
 
 
@@ -82,10 +81,7 @@ def _backward_op(
     for item in plan:
         views = zip(*(segment_views(t, item) for t in (dout, q, k, v, out, lse, *grads)))
         for dov, qv, kv, vv, ov, lv, dqv, dkv, dvv in views:
-            gq, gk, gv = impl.backward(dov, qv, kv, vv, ov, lv, scale, is_causal)
-            dqv += gq
-            dkv += gk
-            dvv += gv
+            backends.attend_backward_(impl, dqv, dkv, dvv, dov, qv, kv, vv, ov, lv, scale, is_causal)
     return tuple(g.to(q.dtype) for g in grads)
 
 

@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from . import backends
 from .functional import dilated_attention
 from .pattern_cache import PatternCache, get_global_pattern_cache
 from .plan import check_schedule
@@ -43,6 +44,7 @@ class DilatedAttention(UsesPatternCache, nn.Module):
     """Dilated attention over (batch, seq, heads, head_dim) inputs; no parameters.
 
     ``forward(q, k, v, is_causal=False)`` returns (batch, seq, heads, head_dim).
+    ``backend``: as in ``dilated_attention`` (None picks the fastest).
     """
 
     def __init__(
@@ -54,13 +56,16 @@ class DilatedAttention(UsesPatternCache, nn.Module):
         scale: float | None = None,
         dropout: float = 0.0,
         use_pattern_cache: bool = True,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         check_schedule(segment_lengths, dilation_rates, mode)
+        backends.check_name(backend)
         self.segment_lengths = tuple(segment_lengths)
         self.dilation_rates = tuple(dilation_rates)
         self.mode = mode
         self.scale = scale
+        self.backend = backend
         self.dropout = check_dropout(dropout)
         self._init_pattern_cache(use_pattern_cache)
 
@@ -68,7 +73,7 @@ class DilatedAttention(UsesPatternCache, nn.Module):
         refuse_dropout(self)
         return dilated_attention(
             q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal, scale=self.scale, mode=self.mode,
-            pattern_cache=self.pattern_cache,
+            backend=self.backend, pattern_cache=self.pattern_cache,
         )
 
     def extra_repr(self) -> str:

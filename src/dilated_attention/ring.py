@@ -20,7 +20,7 @@ from torch import nn
 
 from . import backends
 from .functional import check_qkv, dilated_attention, resolve_scale
-from .merge import acc_dtype, empty_partial, merge_
+from .merge import acc_dtype, empty_partial
 from .modules import MultiheadDilatedAttention, UsesPatternCache, check_dropout, refuse_dropout
 from .plan import WorkItem, cached_plan, check_schedule
 from .ring_comm import Exchange, check_agreement, fingerprint, pack, unpack
@@ -36,6 +36,7 @@ class _RingCall:
     scale: float
     causal: bool
     stats: dict
+    backend: str
 
 
 def _full_view(t: torch.Tensor, item: WorkItem, fs: FullSegments) -> torch.Tensor:
@@ -100,13 +101,13 @@ def _local_blocks(call: _RingCall):
 
 def ring_forward(call: _RingCall, q, k, v):
     """Local shards (b, m, h, d) -> local out (b, m, h, d) in q.dtype, lse (b, m, h) fp32/64."""
-    impl = backends.select_block(q)
+    impl = backends.select(q, call.backend)
     b, m, h, d = q.shape
     out, lse = empty_partial(b, m, h, d, q.dtype, q.device)
     world = call.schedule.world
     pending = _post_kv(call, k, v, 1, "forward") if world > 1 else None
     for qview, kview, causal in _local_blocks(call):
-        merge_(qview(out), qview(lse), *impl.forward(qview(q), kview(k), kview(v), call.scale, causal))
+        backends.attend_(impl, qview(out), qview(lse), qview(q), kview(k), kview(v), call.scale, causal)
     for distance in range(1, world):
         src = (call.rank - distance) % world
         received = _received_kv(call, pending, src, b, d)
@@ -115,24 +116,22 @@ def ring_forward(call: _RingCall, q, k, v):
             item = call.plan[pair.item]
             kb, vb = received[(pair.item, pair.k)]
             qv = lambda t: _piece_view(t, item, pair.q)  # noqa: E731
-            merge_(qv(out), qv(lse), *impl.forward(qv(q), kb, vb, call.scale, False))
+            backends.attend_(impl, qv(out), qv(lse), qv(q), kb, vb, call.scale, False)
     return out.to(q.dtype), lse
 
 
 def ring_backward(call: _RingCall, dout, q, k, v, out, lse):
     """Gradients of the local shards; dK/dV of sent rows come home from the ranks that used them."""
-    impl = backends.select_block(q)
+    impl = backends.select(q, call.backend)
     acc = acc_dtype(q.dtype)
     b, m, h, d = q.shape
     dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
-    dout = dout.to(q.dtype)
+    dout = dout.to(q.dtype).contiguous()
     world, rank = call.schedule.world, call.rank
     pending = _post_kv(call, k, v, 1, "backward") if world > 1 else None
     for qview, kview, causal in _local_blocks(call):
-        gq, gk, gv = impl.backward(qview(dout), qview(q), kview(k), kview(v), qview(out), qview(lse), call.scale, causal)
-        qview(dq).add_(gq)
-        kview(dk).add_(gk)
-        kview(dv).add_(gv)
+        backends.attend_backward_(impl, qview(dq), kview(dk), kview(dv), qview(dout), qview(q), kview(k), kview(v),
+                                  qview(out), qview(lse), call.scale, causal)
     returning = None  # at most one dK/dV return in flight: memory stays O(n/P)
     for distance in range(1, world):
         src, dst = (rank - distance) % world, (rank + distance) % world
@@ -144,10 +143,8 @@ def ring_backward(call: _RingCall, dout, q, k, v, out, lse):
             item = call.plan[pair.item]
             kb, vb = received[(pair.item, pair.k)]
             qv = lambda t: _piece_view(t, item, pair.q)  # noqa: E731
-            gq, gk, gv = impl.backward(qv(dout), qv(q), kb, vb, qv(out), qv(lse), call.scale, False)
-            qv(dq).add_(gq)
-            grads[(pair.item, pair.k)][0].add_(gk)
-            grads[(pair.item, pair.k)][1].add_(gv)
+            gk, gv = grads[(pair.item, pair.k)]
+            backends.attend_backward_(impl, qv(dq), gk, gv, qv(dout), qv(q), kb, vb, qv(out), qv(lse), call.scale, False)
         # send dK/dV home to src; receive those of my rows from dst
         mine = _unique_keys(call.schedule.pairs[rank][dst])
         shapes = _recv_shapes(call, mine, b, d)
@@ -197,7 +194,8 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
     (b, n/P, h, d) and returns its shard of the output. ``layout="contiguous"`` (default)
     means rank p holds rows ``[p n/P, (p+1) n/P)``; ``"zigzag"`` holds chunks p and 2P-1-p of
     2P (use ``shard``/``unshard``). ``comm_bytes`` holds the bytes this rank sent in the
-    last forward and backward.
+    last forward and backward. ``backend``: as in ``dilated_attention``; each ring step runs
+    on it (the Triton kernels on CUDA fp16/bf16).
     """
 
     def __init__(
@@ -211,15 +209,17 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
         dropout: float = 0.0,
         use_pattern_cache: bool = True,
         layout: str = "contiguous",
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         check_schedule(segment_lengths, dilation_rates, mode)
+        backends.check_name(backend)
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.segment_lengths = tuple(segment_lengths)
         self.dilation_rates = tuple(dilation_rates)
         self.process_group = process_group
-        self.mode, self.scale, self.layout = mode, scale, layout
+        self.mode, self.scale, self.layout, self.backend = mode, scale, layout, backend
         self.dropout = check_dropout(dropout)
         self._init_pattern_cache(use_pattern_cache)
         self.comm_bytes: dict[str, int] = {}
@@ -239,7 +239,8 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
         self.comm_bytes = {"forward": 0, "backward": 0}
         if world == 1:
             return dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal,
-                                     scale=self.scale, mode=self.mode, pattern_cache=self.pattern_cache)
+                                     scale=self.scale, mode=self.mode, backend=self.backend,
+                                     pattern_cache=self.pattern_cache)
         b, m, h, d = q.shape
         n = m * world
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
@@ -253,8 +254,10 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
             ("ring_schedule", n, world, self.layout, plan, is_causal),
             lambda: build_ring_schedule(n, world, self.layout, plan, is_causal),
         )
-        call = _RingCall(plan, schedule, group, rank, resolve_scale(self.scale, d), is_causal, self.comm_bytes)
-        out = _RingFunction.apply(q, k, v, call)
+        backends.select(q, self.backend)  # refuses a named backend that cannot take q, before any exchange
+        call = _RingCall(plan, schedule, group, rank, resolve_scale(self.scale, d), is_causal, self.comm_bytes,
+                         self.backend or "")
+        out = _RingFunction.apply(*(t.contiguous() for t in (q, k, v)), call)
         if self.mode == "head_groups":
             out = out / len(self.segment_lengths)
         return out

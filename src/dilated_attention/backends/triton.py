@@ -1,16 +1,23 @@
-"""Fused Triton backend: one launch per branch, reading q, k, v through the dilated strides.
+"""Fused Triton backend: flash-attention kernels that read q, k, v through the dilated strides.
 
-A launch covers every segment (the ragged last one too), every head and every head
-offset of one branch ``(w', r)``: program (m, s, b*h) takes query rows ``m*BLOCK_M...`` of
-the residue class ``o`` of segment ``s`` (global rows ``s*w' + o + r*i``), runs
-flash-attention over the same class's keys, and merges its (out, lse) in place into the
-fp32 accumulators through the log-sum-exp. No gather, no scatter, no per-branch output
-buffer. Backward runs per branch against the merged (out, lse): one launch for dK/dV
-(program per key block), one for dQ (program per query block), each adding into fp32
-accumulators that no other program of the launch touches, so it is deterministic.
+One kernel family serves every caller. A launch is a set of segments, each holding one
+residue class of rows per head: program (m, s, b*h) takes query rows ``m*BLOCK_M...`` of
+segment ``s``'s class, runs flash-attention over the same class's keys, and merges its
+(out, lse) in place into the accumulators through the log-sum-exp (no per-branch output
+buffer). Backward runs against the merged (out, lse): one launch for dK/dV (program per
+key block), one for dQ (program per query block), each adding into gradients that no
+other program of the launch touches, so it is deterministic.
 
-``forward_all``/``backward_all`` take the whole plan; see ``launches`` for how work items
-become launches. Shapes: q, k, v, out (b, n, h, d) with d in {16, 32, 64, 128}.
+- ``forward_all`` / ``backward_all``: a whole plan on (b, n, h, d) tensors, one launch per
+  branch covering every segment (the ragged last one too), every head and head offset;
+  accumulators in the inputs' dtype (merged in fp32 registers), so the extra memory is
+  the fp32 lse alone.
+- ``attend_`` / ``attend_backward_``: one block of (b, S, c, h, d) views, as the ring
+  attends its pieces (queries of one rank against a visiting K/V block).
+
+Addressing: row ``i`` of the class of offset ``o`` in segment ``s`` of head ``j`` sits at
+``b*sb + s*ss + j*sh + (o + i*RATE)*su`` (``su``: one row). Plans use RATE = r with
+``o = j % r`` (paper) or a fixed o; views use RATE = 1, o = 0 and their own strides.
 """
 
 from __future__ import annotations
@@ -43,56 +50,70 @@ def supports(q: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _rows(seg_id, head, N, SEG, RATE, OFFSET):
-        """First global row, and row count, of this head's residue class in segment seg_id."""
+    def _class(seg, head, N, SEG, RATE, OFFSET):
+        """In-segment offset o and row count of this head's residue class in segment seg."""
         o = head % RATE
         if OFFSET >= 0:
             o = OFFSET
-        seg_start = seg_id * SEG
-        seg_len = N - seg_start
+        seg_len = N - seg * SEG
         if seg_len > SEG:
             seg_len = SEG
-        count = (seg_len - o + RATE - 1) // RATE  # 0 when o >= seg_len, since o < RATE
-        return (seg_start + o).to(tl.int64), count
+        return o, (seg_len - o + RATE - 1) // RATE  # 0 when o >= seg_len, since o < RATE
 
     @triton.jit
-    def _fwd(Q, K, V, O, L, sb, sn, sh, ob, on, oh, lb, ln, lh,
-             N, SEG, RATE, OFFSET, HEAD_START, NHEADS, qk_scale,
+    def _tile(ptr, base, idx, ok, RATE, su, dims):
+        """Rows idx of a class starting at ptr + base: (len(idx), HEAD_DIM)."""
+        offs = base + (idx * RATE).to(tl.int64)[:, None] * su + dims[None, :]
+        return tl.load(ptr + offs, mask=ok[:, None], other=0.0)
+
+    @triton.jit
+    def _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, qk_scale, IS_CAUSAL: tl.constexpr):
+        """P against the merged lse (log2 units) and dS of one (query block, key block) tile."""
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        keep = row_ok[:, None] & col_ok[None, :]
+        if IS_CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None])
+        p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        return p, p * (dp - delta[:, None])
+
+    @triton.jit
+    def _fwd(Q, K, V, O, L, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu,
+             NQ, SEGQ, NK, SEGK, RATE, OFFSET, NHEADS, qk_scale,
              IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_m = tl.program_id(0)
-        seg_id = tl.program_id(1)
+        seg = tl.program_id(1).to(tl.int64)
         bh = tl.program_id(2)
         b = (bh // NHEADS).to(tl.int64)
-        head = HEAD_START + bh % NHEADS
-        first, count = _rows(seg_id, head, N, SEG, RATE, OFFSET)
-        if pid_m * BLOCK_M >= count:
+        head = bh % NHEADS
+        o, q_count = _class(seg, head, NQ, SEGQ, RATE, OFFSET)
+        _, k_count = _class(seg, head, NK, SEGK, RATE, OFFSET)
+        if pid_m * BLOCK_M >= q_count:
             return
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, HEAD_DIM)
-        row_ok = rows < count
-        pos_q = first + rows * RATE
-        base = b * sb + head * sh
-        q = tl.load(Q + base + pos_q[:, None] * sn + dims[None, :], mask=row_ok[:, None], other=0.0)
+        row_ok = rows < q_count
+        q_base = b * qb + seg * qs + head * qh + o * qu
+        k_base = b * kb + seg * ks + head * kh + o * ku
+        q = _tile(Q, q_base, rows, row_ok, RATE, qu, dims)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        hi = count
+        hi = k_count
         if IS_CAUSAL:
-            if hi > (pid_m + 1) * BLOCK_M:
-                hi = (pid_m + 1) * BLOCK_M
+            hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M)
         for start in range(0, hi, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            col_ok = cols < count
-            pos_k = first + cols * RATE
-            k = tl.load(K + base + pos_k[:, None] * sn + dims[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(V + base + pos_k[:, None] * sn + dims[None, :], mask=col_ok[:, None], other=0.0)
+            col_ok = cols < k_count
+            k = _tile(K, k_base, cols, col_ok, RATE, ku, dims)
+            v = _tile(V, k_base, cols, col_ok, RATE, ku, dims)
             s = tl.dot(q, tl.trans(k)) * qk_scale
             keep = col_ok[None, :]
             if IS_CAUSAL:
                 keep = keep & (cols[None, :] <= rows[:, None])
             s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block starts with a kept key
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
@@ -101,107 +122,97 @@ if triton is not None:
         l_safe = tl.where(row_ok, l_i, 1.0)
         out_b = acc / l_safe[:, None]
         lse_b = (m_i + tl.log2(l_safe)) / 1.4426950408889634  # natural log
-        o_ptr = O + b * ob + head * oh + pos_q[:, None] * on + dims[None, :]
-        l_ptr = L + b * lb + head * lh + pos_q * ln
+        q_offs = q_base + (rows * RATE).to(tl.int64)[:, None] * qu + dims[None, :]
+        l_ptr = L + b * lb + seg * ls + head * lh + (o + rows * RATE).to(tl.int64) * lu
         if FIRST:
-            tl.store(o_ptr, out_b, mask=row_ok[:, None])
+            tl.store(O + q_offs, out_b, mask=row_ok[:, None])
             tl.store(l_ptr, lse_b, mask=row_ok)
         else:
             lse_old = tl.load(l_ptr, mask=row_ok, other=float("-inf"))
-            out_old = tl.load(o_ptr, mask=row_ok[:, None], other=0.0)
-            new = tl.maximum(lse_old, lse_b) + tl.log(1.0 + tl.exp(-tl.abs(lse_old - lse_b)))
+            out_old = tl.load(O + q_offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            new = tl.maximum(lse_old, lse_b) + tl.log(1.0 + tl.exp(-tl.abs(lse_old - lse_b)))  # lse_b is finite
             w_old = tl.exp(lse_old - new)
             w_b = tl.exp(lse_b - new)
-            tl.store(o_ptr, out_old * w_old[:, None] + out_b * w_b[:, None], mask=row_ok[:, None])
+            tl.store(O + q_offs, out_old * w_old[:, None] + out_b * w_b[:, None], mask=row_ok[:, None])
             tl.store(l_ptr, new, mask=row_ok)
 
     @triton.jit
-    def _bwd_dkdv(Q, K, V, DO, L, D, DK, DV, sb, sn, sh, lb, ln, lh, gb, gn, gh,
-                  N, SEG, RATE, OFFSET, HEAD_START, NHEADS, qk_scale, scale,
+    def _bwd_dkdv(Q, K, V, DO, L, D, DK, DV, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu,
+                  NQ, SEGQ, NK, SEGK, RATE, OFFSET, NHEADS, qk_scale, scale,
                   IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_n = tl.program_id(0)
-        seg_id = tl.program_id(1)
+        seg = tl.program_id(1).to(tl.int64)
         bh = tl.program_id(2)
         b = (bh // NHEADS).to(tl.int64)
-        head = HEAD_START + bh % NHEADS
-        first, count = _rows(seg_id, head, N, SEG, RATE, OFFSET)
-        if pid_n * BLOCK_N >= count:
+        head = bh % NHEADS
+        o, q_count = _class(seg, head, NQ, SEGQ, RATE, OFFSET)
+        _, k_count = _class(seg, head, NK, SEGK, RATE, OFFSET)
+        if pid_n * BLOCK_N >= k_count:
             return
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, HEAD_DIM)
-        col_ok = cols < count
-        pos_k = first + cols * RATE
-        base = b * sb + head * sh
-        k = tl.load(K + base + pos_k[:, None] * sn + dims[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + base + pos_k[:, None] * sn + dims[None, :], mask=col_ok[:, None], other=0.0)
+        col_ok = cols < k_count
+        q_base = b * qb + seg * qs + head * qh + o * qu
+        k_base = b * kb + seg * ks + head * kh + o * ku
+        l_base = b * lb + seg * ls + head * lh + o * lu
+        k = _tile(K, k_base, cols, col_ok, RATE, ku, dims)
+        v = _tile(V, k_base, cols, col_ok, RATE, ku, dims)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         lo = 0
         if IS_CAUSAL:
             lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
-        for start in range(lo, count, BLOCK_M):
+        for start in range(lo, q_count, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
-            row_ok = rows < count
-            pos_q = first + rows * RATE
-            q = tl.load(Q + base + pos_q[:, None] * sn + dims[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(DO + base + pos_q[:, None] * sn + dims[None, :], mask=row_ok[:, None], other=0.0)
-            lse = tl.load(L + b * lb + head * lh + pos_q * ln, mask=row_ok, other=0.0) * 1.4426950408889634
-            delta = tl.load(D + b * lb + head * lh + pos_q * ln, mask=row_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            keep = row_ok[:, None] & col_ok[None, :]
-            if IS_CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None])
-            p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+            row_ok = rows < q_count
+            q = _tile(Q, q_base, rows, row_ok, RATE, qu, dims)
+            do = _tile(DO, q_base, rows, row_ok, RATE, qu, dims)
+            l_offs = l_base + (rows * RATE).to(tl.int64) * lu
+            lse = tl.load(L + l_offs, mask=row_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(D + l_offs, mask=row_ok, other=0.0)
+            p, ds = _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, qk_scale, IS_CAUSAL)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-        gbase = b * gb + head * gh + pos_k[:, None] * gn + dims[None, :]
-        tl.store(DK + gbase, tl.load(DK + gbase, mask=col_ok[:, None]) + dk * scale, mask=col_ok[:, None])
-        tl.store(DV + gbase, tl.load(DV + gbase, mask=col_ok[:, None]) + dv, mask=col_ok[:, None])
+        offs = k_base + (cols * RATE).to(tl.int64)[:, None] * ku + dims[None, :]
+        tl.store(DK + offs, tl.load(DK + offs, mask=col_ok[:, None]) + dk * scale, mask=col_ok[:, None])
+        tl.store(DV + offs, tl.load(DV + offs, mask=col_ok[:, None]) + dv, mask=col_ok[:, None])
 
     @triton.jit
-    def _bwd_dq(Q, K, V, DO, L, D, DQ, sb, sn, sh, lb, ln, lh, gb, gn, gh,
-                N, SEG, RATE, OFFSET, HEAD_START, NHEADS, qk_scale, scale,
+    def _bwd_dq(Q, K, V, DO, L, D, DQ, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu,
+                NQ, SEGQ, NK, SEGK, RATE, OFFSET, NHEADS, qk_scale, scale,
                 IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_m = tl.program_id(0)
-        seg_id = tl.program_id(1)
+        seg = tl.program_id(1).to(tl.int64)
         bh = tl.program_id(2)
         b = (bh // NHEADS).to(tl.int64)
-        head = HEAD_START + bh % NHEADS
-        first, count = _rows(seg_id, head, N, SEG, RATE, OFFSET)
-        if pid_m * BLOCK_M >= count:
+        head = bh % NHEADS
+        o, q_count = _class(seg, head, NQ, SEGQ, RATE, OFFSET)
+        _, k_count = _class(seg, head, NK, SEGK, RATE, OFFSET)
+        if pid_m * BLOCK_M >= q_count:
             return
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, HEAD_DIM)
-        row_ok = rows < count
-        pos_q = first + rows * RATE
-        base = b * sb + head * sh
-        q = tl.load(Q + base + pos_q[:, None] * sn + dims[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + base + pos_q[:, None] * sn + dims[None, :], mask=row_ok[:, None], other=0.0)
-        lse = tl.load(L + b * lb + head * lh + pos_q * ln, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(D + b * lb + head * lh + pos_q * ln, mask=row_ok, other=0.0)
+        row_ok = rows < q_count
+        q_base = b * qb + seg * qs + head * qh + o * qu
+        k_base = b * kb + seg * ks + head * kh + o * ku
+        q = _tile(Q, q_base, rows, row_ok, RATE, qu, dims)
+        do = _tile(DO, q_base, rows, row_ok, RATE, qu, dims)
+        l_offs = b * lb + seg * ls + head * lh + (o + rows * RATE).to(tl.int64) * lu
+        lse = tl.load(L + l_offs, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(D + l_offs, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        hi = count
+        hi = k_count
         if IS_CAUSAL:
-            if hi > (pid_m + 1) * BLOCK_M:
-                hi = (pid_m + 1) * BLOCK_M
+            hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M)
         for start in range(0, hi, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            col_ok = cols < count
-            pos_k = first + cols * RATE
-            k = tl.load(K + base + pos_k[:, None] * sn + dims[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(V + base + pos_k[:, None] * sn + dims[None, :], mask=col_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            keep = row_ok[:, None] & col_ok[None, :]
-            if IS_CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None])
-            p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
+            col_ok = cols < k_count
+            k = _tile(K, k_base, cols, col_ok, RATE, ku, dims)
+            v = _tile(V, k_base, cols, col_ok, RATE, ku, dims)
+            p, ds = _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, qk_scale, IS_CAUSAL)
             dq += tl.dot(ds.to(k.dtype), k)
-        gptr = DQ + b * gb + head * gh + pos_q[:, None] * gn + dims[None, :]
-        tl.store(gptr, tl.load(gptr, mask=row_ok[:, None]) + dq * scale, mask=row_ok[:, None])
+        offs = q_base + (rows * RATE).to(tl.int64)[:, None] * qu + dims[None, :]
+        tl.store(DQ + offs, tl.load(DQ + offs, mask=row_ok[:, None]) + dq * scale, mask=row_ok[:, None])
 
 
 def launches(plan) -> list[tuple[int, int, int, int, int]]:
@@ -234,45 +245,106 @@ def _bwd_config(d: int):
     return 64, 64, (4 if d <= 64 else 8), 3
 
 
-def _grid(n, seg, rate, b, nheads, block):
-    rows = -(-seg // rate)
-    return (triton.cdiv(rows, block), -(-n // seg), b * nheads)
+class _Launch:
+    """Geometry of one launch: strides (batch, segment, head, row) of the query side
+    (q, out, dout, dq), the key side (k, v, dk, dv) and the row-statistics side (lse,
+    delta); class lengths; grid."""
+
+    def __init__(self, q_strides, k_strides, l_strides, nq, segq, nk, segk, rate, offset, batch, nheads):
+        self.strides = (*q_strides, *k_strides, *l_strides)
+        self.sizes = (nq, segq, nk, segk, rate, offset, nheads)
+        self.batch, self.nheads = batch, nheads
+        self.rows = max(-(-segq // rate), -(-segk // rate))
+        self.segments = -(-nq // segq)
+
+    def grid(self, block: int):
+        return (triton.cdiv(self.rows, block), self.segments, self.batch * self.nheads)
+
+
+def _plan_launch(q, lse, seg, rate, offset, nheads) -> _Launch:
+    """A branch over (b, n, h, d) tensors cut into segments of ``seg`` rows."""
+    b, n = q.shape[:2]
+    flat = lambda t: (t.stride(0), seg * t.stride(1), t.stride(2), t.stride(1))  # noqa: E731
+    return _Launch(flat(q), flat(q), flat(lse), n, seg, n, seg, rate, offset, b, nheads)
+
+
+def _view_launch(q, k, lse) -> _Launch:
+    """One block of (b, S, c, h, d) views: every row of every segment (RATE 1, offset 0)."""
+    b, segments, cq, heads = q.shape[:4]
+    ck = k.shape[2]
+    side = lambda t: (t.stride(0), t.stride(1), t.stride(3), t.stride(2))  # noqa: E731
+    return _Launch(side(q), side(k), side(lse), segments * cq, cq, segments * ck, ck, 1, 0, b, heads)
+
+
+def _run_forward(q, k, v, out, lse, launch: _Launch, scale: float, causal: bool, first: bool) -> None:
+    bm, bn, warps, stages = _config(q.shape[-1])
+    _fwd[launch.grid(bm)](
+        q, k, v, out, lse, *launch.strides, *launch.sizes, scale * LOG2E,
+        IS_CAUSAL=causal, FIRST=first, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=q.shape[-1],
+        num_warps=warps, num_stages=stages,
+    )
+
+
+def _run_backward(dout, q, k, v, lse, delta, dq, dk, dv, launch: _Launch, scale: float, causal: bool) -> None:
+    bm, bn, warps, stages = _bwd_config(q.shape[-1])
+    args = (*launch.strides, *launch.sizes, scale * LOG2E, scale)
+    meta = dict(IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=q.shape[-1], num_warps=warps, num_stages=stages)
+    _bwd_dkdv[launch.grid(bn)](q, k, v, dout, lse, delta, dk, dv, *args, **meta)
+    _bwd_dq[launch.grid(bm)](q, k, v, dout, lse, delta, dq, *args, **meta)
+
+
+def _same_strides(names: str, *tensors) -> None:
+    if any(t.stride() != tensors[0].stride() for t in tensors) or tensors[0].stride(-1) != 1:
+        raise ValueError(f"triton backend: {names} must share strides with unit stride in head_dim")
 
 
 def forward_all(q, k, v, plan, scale: float, causal: bool):
-    """q, k, v: (b, n, h, d) -> out (b, n, h, d) in q.dtype, lse (b, n, h) float32."""
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if not (q.stride() == k.stride() == v.stride()):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    """q, k, v: (b, n, h, d) -> out (b, n, h, d) in q.dtype, lse (b, n, h) float32.
+
+    The launches merge into ``out`` itself (fp32 in registers, one rounding to q.dtype per
+    branch), so the only extra memory is the lse.
+    """
+    q, k, v = (t.contiguous() for t in (q, k, v))
     b, n, h, d = q.shape
-    out = torch.zeros((b, n, h, d), dtype=torch.float32, device=q.device)
+    out = torch.zeros_like(q)
     lse = torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
-    bm, bn, warps, stages = _config(d)
-    for i, (seg, rate, offset, head_start, nheads) in enumerate(launches(plan)):
-        _fwd[_grid(n, seg, rate, b, nheads, bm)](
-            q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0), lse.stride(1), lse.stride(2), n, seg, rate, offset, head_start, nheads, scale * LOG2E,
-            IS_CAUSAL=causal, FIRST=i == 0,  # the first launch finds the initial 0 / -inf: nothing to read
-            BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d, num_warps=warps, num_stages=stages,
-        )
-    return out.to(q.dtype), lse
+    written = set()  # heads some launch has written: a launch over fresh heads only reads nothing
+    for seg, rate, offset, head_start, nheads in launches(plan):
+        heads = range(head_start, head_start + nheads)
+        first = written.isdisjoint(heads)
+        written.update(heads)
+        views = (t[:, :, head_start : head_start + nheads] for t in (q, k, v, out, lse))
+        _run_forward(*views, _plan_launch(q, lse, seg, rate, offset, nheads), scale, causal, first)
+    return out, lse
 
 
 def backward_all(dout, q, k, v, out, lse, plan, scale: float, causal: bool):
-    """Gradients against the merged (out, lse): dq, dk, dv (b, n, h, d) in q.dtype."""
+    """Gradients against the merged (out, lse): dq, dk, dv (b, n, h, d) in q.dtype, summed in place."""
     q, k, v, dout = (t.contiguous() for t in (q, k, v, dout.to(q.dtype)))
-    b, n, h, d = q.shape
     delta = (dout.float() * out.float()).sum(-1)  # (b, n, h), like lse
     lse = lse.contiguous()
-    grads = [torch.zeros((b, n, h, d), dtype=torch.float32, device=q.device) for _ in range(3)]
-    dq, dk, dv = grads
-    bm, bn, warps, stages = _bwd_config(d)
+    dq, dk, dv = (torch.zeros_like(q) for _ in range(3))
     for seg, rate, offset, head_start, nheads in launches(plan):
-        common = (q.stride(0), q.stride(1), q.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-                  dq.stride(0), dq.stride(1), dq.stride(2), n, seg, rate, offset, head_start, nheads,
-                  scale * LOG2E, scale)
-        meta = dict(IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d, num_warps=warps, num_stages=stages)
-        _bwd_dkdv[_grid(n, seg, rate, b, nheads, bn)](q, k, v, dout, lse, delta, dk, dv, *common, **meta)
-        _bwd_dq[_grid(n, seg, rate, b, nheads, bm)](q, k, v, dout, lse, delta, dq, *common, **meta)
-    return tuple(g.to(q.dtype) for g in grads)
+        views = (t[:, :, head_start : head_start + nheads] for t in (dout, q, k, v, lse, delta, dq, dk, dv))
+        _run_backward(*views, _plan_launch(q, lse, seg, rate, offset, nheads), scale, causal)
+    return dq, dk, dv
 
+
+def attend_(out, lse, q, k, v, scale: float, causal: bool) -> None:
+    """Merge attention of q over (k, v) into (out, lse) in place.
+
+    q, out: (b, S, c, h, d) views with one set of strides; k, v: (b, S, c_k, h, d) likewise;
+    lse: (b, S, c, h). ``out`` may be any float dtype (the ring keeps fp32).
+    """
+    _same_strides("q and out", q, out)
+    _same_strides("k and v", k, v)
+    _run_forward(q, k, v, out, lse, _view_launch(q, k, lse), scale, causal, first=False)
+
+
+def attend_backward_(dq, dk, dv, dout, q, k, v, out, lse, scale: float, causal: bool) -> None:
+    """Add this block's gradients against the merged (out, lse) into dq, dk, dv (views as in ``attend_``)."""
+    _same_strides("q, dout and dq", q, dout, dq)
+    _same_strides("k, v, dk and dv", k, v, dk, dv)
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse).copy_((dout.float() * out.float()).sum(-1))  # lse's strides
+    _run_backward(dout, q, k, v, lse, delta, dq, dk, dv, _view_launch(q, k, lse), scale, causal)
