@@ -1,9 +1,9 @@
 """The functional core: ``dilated_attention`` and its exact autograd.
 
 Forward runs every work item of the schedule (see ``plan``) as dense attention over
-strided views and merges the items through their log-sum-exp into one float32 (float64
-for float64 inputs) accumulator: out(i) is one softmax over the multiset of linked keys
-(Eq. 10). Backward runs each item's attention backward against the merged (out, lse)
+strided views and merges the items through their log-sum-exp into one accumulator
+(float32, float64 for float64 inputs; the Triton kernels merge in float32 registers into
+the output itself): out(i) is one softmax over the multiset of linked keys (Eq. 10). Backward runs each item's attention backward against the merged (out, lse)
 and sums the contributions: the exact gradient, with no detached merge weights.
 
 Both passes are ``torch.library.custom_op`` s with fake implementations, so
@@ -35,17 +35,26 @@ def _forward_op(
     backend: str,
     cache_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k, v: (b, n, h, d) -> merged out (b, n, h, d) in q.dtype, lse (b, n, h) float32/64."""
+    """q, k, v: (b, n, h, d) -> output (b, n, h, d) in q.dtype, merged lse (b, n, h) float32/64.
+
+    The output is the merged attention, divided by the number of branches in head_groups mode.
+    """
     b, n, h, d = q.shape
     impl = backends.select(q, backend)
     plan = cached_plan(cache_by_id(cache_id), n, h, segment_lengths, dilation_rates, mode)
+    out_scale = _out_scale(mode, segment_lengths)
     if hasattr(impl, "forward_all"):
-        return impl.forward_all(q, k, v, plan, scale, is_causal)
+        return impl.forward_all(q, k, v, plan, scale, is_causal, out_scale)
     out, lse = empty_partial(b, n, h, v.shape[-1], q.dtype, q.device)
     for item in plan:
         for qv, kv, vv, ov, lv in zip(*(segment_views(t, item) for t in (q, k, v, out, lse))):
             backends.attend_(impl, ov, lv, qv, kv, vv, scale, is_causal)
-    return out.to(q.dtype), lse
+    return out.mul_(out_scale).to(q.dtype), lse
+
+
+def _out_scale(mode: str, segment_lengths: Sequence[int]) -> float:
+    """The output's factor: 1/m in head_groups mode (the mean over m groups), else 1."""
+    return 1.0 / len(segment_lengths) if mode == "head_groups" else 1.0
 
 
 @_forward_op.register_fake
@@ -69,15 +78,22 @@ def _backward_op(
     backend: str,
     cache_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dout, q, k, v, out: (b, n, h, d); lse: (b, n, h) -> dq, dk, dv (b, n, h, d) in q.dtype."""
+    """dout, q, k, v, out: (b, n, h, d); lse: (b, n, h) -> dq, dk, dv (b, n, h, d) in q.dtype.
+
+    out: the forward's output; with its factor s (head_groups), each block sees dO = s dout
+    and the merged attention out / s.
+    """
     b, n, h, d = q.shape
     impl = backends.select(q, backend)
     plan = cached_plan(cache_by_id(cache_id), n, h, segment_lengths, dilation_rates, mode)
+    out_scale = _out_scale(mode, segment_lengths)
     if hasattr(impl, "backward_all"):
-        return impl.backward_all(dout, q, k, v, out, lse, plan, scale, is_causal)
+        return impl.backward_all(dout, q, k, v, out, lse, plan, scale, is_causal, out_scale)
     acc = acc_dtype(q.dtype)
     grads = [torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v)]
     dout = dout.to(q.dtype)
+    if out_scale != 1.0:
+        dout, out = dout * out_scale, out / out_scale
     for item in plan:
         views = zip(*(segment_views(t, item) for t in (dout, q, k, v, out, lse, *grads)))
         for dov, qv, kv, vv, ov, lv, dqv, dkv, dvv in views:
@@ -167,6 +183,4 @@ def dilated_attention(
         q, k, v, list(segment_lengths), list(dilation_rates), is_causal,
         resolve_scale(scale, q.shape[-1]), mode, backend or "", cache.cache_id,
     )
-    if mode == "head_groups":
-        out = out / len(segment_lengths)
     return out

@@ -55,9 +55,7 @@ if triton is not None:
         o = head % RATE
         if OFFSET >= 0:
             o = OFFSET
-        seg_len = N - seg * SEG
-        if seg_len > SEG:
-            seg_len = SEG
+        seg_len = tl.minimum(N - seg * SEG, SEG).to(tl.int32)
         return o, (seg_len - o + RATE - 1) // RATE  # 0 when o >= seg_len, since o < RATE
 
     @triton.jit
@@ -67,19 +65,21 @@ if triton is not None:
         return tl.load(ptr + offs, mask=ok[:, None], other=0.0)
 
     @triton.jit
-    def _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, qk_scale, IS_CAUSAL: tl.constexpr):
-        """P against the merged lse (log2 units) and dS of one (query block, key block) tile."""
+    def _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, qk_scale, do_scale, IS_CAUSAL: tl.constexpr):
+        """P against the merged lse (log2 units) and dS of one (query block, key block) tile.
+
+        do_scale: the output's factor (1/m in head_groups mode), which scales dO."""
         s = tl.dot(q, tl.trans(k)) * qk_scale
         keep = row_ok[:, None] & col_ok[None, :]
         if IS_CAUSAL:
             keep = keep & (cols[None, :] <= rows[:, None])
         p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v)) * do_scale
         return p, p * (dp - delta[:, None])
 
     @triton.jit
     def _fwd(Q, K, V, O, L, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu,
-             NQ, SEGQ, NK, SEGK, RATE, OFFSET, NHEADS, qk_scale,
+             NQ, SEGQ, NK, SEGK, RATE, OFFSET, NHEADS, qk_scale, out_scale,
              IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_m = tl.program_id(0)
@@ -124,8 +124,8 @@ if triton is not None:
         lse_b = (m_i + tl.log2(l_safe)) / 1.4426950408889634  # natural log
         q_offs = q_base + (rows * RATE).to(tl.int64)[:, None] * qu + dims[None, :]
         l_ptr = L + b * lb + seg * ls + head * lh + (o + rows * RATE).to(tl.int64) * lu
-        if FIRST:
-            tl.store(O + q_offs, out_b, mask=row_ok[:, None])
+        if FIRST:  # out_scale != 1 only where every launch is first (forward_all checks)
+            tl.store(O + q_offs, out_b * out_scale, mask=row_ok[:, None])
             tl.store(l_ptr, lse_b, mask=row_ok)
         else:
             lse_old = tl.load(l_ptr, mask=row_ok, other=float("-inf"))
@@ -138,7 +138,7 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dkdv(Q, K, V, DO, L, D, DK, DV, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu,
-                  NQ, SEGQ, NK, SEGK, RATE, OFFSET, NHEADS, qk_scale, scale,
+                  NQ, SEGQ, NK, SEGK, RATE, OFFSET, NHEADS, qk_scale, scale, do_scale,
                   IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_n = tl.program_id(0)
         seg = tl.program_id(1).to(tl.int64)
@@ -170,16 +170,16 @@ if triton is not None:
             l_offs = l_base + (rows * RATE).to(tl.int64) * lu
             lse = tl.load(L + l_offs, mask=row_ok, other=0.0) * 1.4426950408889634
             delta = tl.load(D + l_offs, mask=row_ok, other=0.0)
-            p, ds = _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, qk_scale, IS_CAUSAL)
+            p, ds = _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, qk_scale, do_scale, IS_CAUSAL)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
         offs = k_base + (cols * RATE).to(tl.int64)[:, None] * ku + dims[None, :]
         tl.store(DK + offs, tl.load(DK + offs, mask=col_ok[:, None]) + dk * scale, mask=col_ok[:, None])
-        tl.store(DV + offs, tl.load(DV + offs, mask=col_ok[:, None]) + dv, mask=col_ok[:, None])
+        tl.store(DV + offs, tl.load(DV + offs, mask=col_ok[:, None]) + dv * do_scale, mask=col_ok[:, None])
 
     @triton.jit
     def _bwd_dq(Q, K, V, DO, L, D, DQ, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu,
-                NQ, SEGQ, NK, SEGK, RATE, OFFSET, NHEADS, qk_scale, scale,
+                NQ, SEGQ, NK, SEGK, RATE, OFFSET, NHEADS, qk_scale, scale, do_scale,
                 IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_m = tl.program_id(0)
         seg = tl.program_id(1).to(tl.int64)
@@ -209,7 +209,7 @@ if triton is not None:
             col_ok = cols < k_count
             k = _tile(K, k_base, cols, col_ok, RATE, ku, dims)
             v = _tile(V, k_base, cols, col_ok, RATE, ku, dims)
-            p, ds = _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, qk_scale, IS_CAUSAL)
+            p, ds = _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, qk_scale, do_scale, IS_CAUSAL)
             dq += tl.dot(ds.to(k.dtype), k)
         offs = q_base + (rows * RATE).to(tl.int64)[:, None] * qu + dims[None, :]
         tl.store(DQ + offs, tl.load(DQ + offs, mask=row_ok[:, None]) + dq * scale, mask=row_ok[:, None])
@@ -276,18 +276,20 @@ def _view_launch(q, k, lse) -> _Launch:
     return _Launch(side(q), side(k), side(lse), segments * cq, cq, segments * ck, ck, 1, 0, b, heads)
 
 
-def _run_forward(q, k, v, out, lse, launch: _Launch, scale: float, causal: bool, first: bool) -> None:
+def _run_forward(q, k, v, out, lse, launch: _Launch, scale: float, causal: bool, first: bool,
+                 out_scale: float = 1.0) -> None:
     bm, bn, warps, stages = _config(q.shape[-1])
     _fwd[launch.grid(bm)](
-        q, k, v, out, lse, *launch.strides, *launch.sizes, scale * LOG2E,
+        q, k, v, out, lse, *launch.strides, *launch.sizes, scale * LOG2E, out_scale,
         IS_CAUSAL=causal, FIRST=first, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=q.shape[-1],
         num_warps=warps, num_stages=stages,
     )
 
 
-def _run_backward(dout, q, k, v, lse, delta, dq, dk, dv, launch: _Launch, scale: float, causal: bool) -> None:
+def _run_backward(dout, q, k, v, lse, delta, dq, dk, dv, launch: _Launch, scale: float, causal: bool,
+                  do_scale: float = 1.0) -> None:
     bm, bn, warps, stages = _bwd_config(q.shape[-1])
-    args = (*launch.strides, *launch.sizes, scale * LOG2E, scale)
+    args = (*launch.strides, *launch.sizes, scale * LOG2E, scale, do_scale)
     meta = dict(IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=q.shape[-1], num_warps=warps, num_stages=stages)
     _bwd_dkdv[launch.grid(bn)](q, k, v, dout, lse, delta, dk, dv, *args, **meta)
     _bwd_dq[launch.grid(bm)](q, k, v, dout, lse, delta, dq, *args, **meta)
@@ -298,11 +300,12 @@ def _same_strides(names: str, *tensors) -> None:
         raise ValueError(f"triton backend: {names} must share strides with unit stride in head_dim")
 
 
-def forward_all(q, k, v, plan, scale: float, causal: bool):
-    """q, k, v: (b, n, h, d) -> out (b, n, h, d) in q.dtype, lse (b, n, h) float32.
+def forward_all(q, k, v, plan, scale: float, causal: bool, out_scale: float = 1.0):
+    """q, k, v: (b, n, h, d) -> out_scale * out (b, n, h, d) in q.dtype, lse (b, n, h) float32.
 
     The launches merge into ``out`` itself (fp32 in registers, one rounding to q.dtype per
-    branch), so the only extra memory is the lse.
+    branch), so the only extra memory is the lse. ``out_scale`` (1/m in head_groups mode)
+    is applied as each launch stores, which needs launches over disjoint heads.
     """
     q, k, v = (t.contiguous() for t in (q, k, v))
     b, n, h, d = q.shape
@@ -313,20 +316,25 @@ def forward_all(q, k, v, plan, scale: float, causal: bool):
         heads = range(head_start, head_start + nheads)
         first = written.isdisjoint(heads)
         written.update(heads)
+        if out_scale != 1.0 and not first:
+            raise ValueError("triton backend: out_scale needs launches over disjoint heads (head_groups)")
         views = (t[:, :, head_start : head_start + nheads] for t in (q, k, v, out, lse))
-        _run_forward(*views, _plan_launch(q, lse, seg, rate, offset, nheads), scale, causal, first)
+        _run_forward(*views, _plan_launch(q, lse, seg, rate, offset, nheads), scale, causal, first, out_scale)
     return out, lse
 
 
-def backward_all(dout, q, k, v, out, lse, plan, scale: float, causal: bool):
-    """Gradients against the merged (out, lse): dq, dk, dv (b, n, h, d) in q.dtype, summed in place."""
+def backward_all(dout, q, k, v, out, lse, plan, scale: float, causal: bool, out_scale: float = 1.0):
+    """Gradients against the merged (out, lse): dq, dk, dv (b, n, h, d) in q.dtype, summed in place.
+
+    out: what ``forward_all`` returned (scaled); the kernels scale dO by ``out_scale``.
+    """
     q, k, v, dout = (t.contiguous() for t in (q, k, v, dout.to(q.dtype)))
-    delta = (dout.float() * out.float()).sum(-1)  # (b, n, h), like lse
+    delta = (dout.float() * out.float()).sum(-1)  # (b, n, h), like lse: rowsum(dO' O) for dO' = s dout, O = out / s
     lse = lse.contiguous()
     dq, dk, dv = (torch.zeros_like(q) for _ in range(3))
     for seg, rate, offset, head_start, nheads in launches(plan):
         views = (t[:, :, head_start : head_start + nheads] for t in (dout, q, k, v, lse, delta, dq, dk, dv))
-        _run_backward(*views, _plan_launch(q, lse, seg, rate, offset, nheads), scale, causal)
+        _run_backward(*views, _plan_launch(q, lse, seg, rate, offset, nheads), scale, causal, out_scale)
     return dq, dk, dv
 
 
