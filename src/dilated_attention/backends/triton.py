@@ -296,8 +296,15 @@ def _run_backward(dout, q, k, v, lse, delta, dq, dk, dv, launch: _Launch, scale:
 
 
 def _same_strides(names: str, *tensors) -> None:
-    if any(t.stride() != tensors[0].stride() for t in tensors) or tensors[0].stride(-1) != 1:
-        raise ValueError(f"triton backend: {names} must share strides with unit stride in head_dim")
+    """The kernels address these with one set of strides (a dim of size 1 has no stride that matters)."""
+    first = tensors[0]
+    for t in tensors[1:]:
+        if t.shape[:-1] != first.shape[:-1] or any(
+            a != b for a, b, size in zip(t.stride(), first.stride(), first.shape) if size > 1
+        ):
+            raise ValueError(f"triton backend: {names} must share shape and strides")
+    if first.shape[-1] > 1 and first.stride(-1) != 1:
+        raise ValueError(f"triton backend: {names} need unit stride in head_dim")
 
 
 def forward_all(q, k, v, plan, scale: float, causal: bool, out_scale: float = 1.0):
