@@ -37,7 +37,13 @@ def _sync(device: str) -> None:
 
 
 def time_call(fn, device: str, min_reps: int = 3, budget_s: float = 2.0) -> float:
-    """Median seconds of ``fn()`` after one warm-up; at least ``min_reps`` runs, more while under budget."""
+    """Median seconds of ``fn()``. CUDA: ``triton.testing.do_bench`` (CUDA events, back-to-back calls,
+    L2 flushed), as ANCHORS.md measured. CPU: after one warm-up, at least ``min_reps`` runs, more
+    while under budget."""
+    if device.startswith("cuda"):
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=100, rep=int(budget_s * 1000), return_mode="median") / 1e3
     fn()
     _sync(device)
     times: list[float] = []
