@@ -307,6 +307,19 @@ def _same_strides(names: str, *tensors) -> None:
         raise ValueError(f"triton backend: {names} need unit stride in head_dim")
 
 
+def _row_dot(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor, budget: int = 1 << 26) -> torch.Tensor:
+    """rowsum(a * b) over the last dim in float32, shaped and strided like ``like`` (the lse).
+
+    a, b: (b, n, ..., d). Done in slices of n so the float32 temporaries stay within ``budget``
+    elements instead of three full-size float32 copies.
+    """
+    out = torch.empty_like(like)
+    step = max(1, budget // max(1, a[:, :1].numel()))
+    for i in range(0, a.shape[1], step):
+        out[:, i : i + step] = (a[:, i : i + step].float() * b[:, i : i + step].float()).sum(-1)
+    return out
+
+
 def forward_all(q, k, v, plan, scale: float, causal: bool, out_scale: float = 1.0):
     """q, k, v: (b, n, h, d) -> out_scale * out (b, n, h, d) in q.dtype, lse (b, n, h) float32.
 
@@ -336,7 +349,7 @@ def backward_all(dout, q, k, v, out, lse, plan, scale: float, causal: bool, out_
     out: what ``forward_all`` returned (scaled); the kernels scale dO by ``out_scale``.
     """
     q, k, v, dout = (t.contiguous() for t in (q, k, v, dout.to(q.dtype)))
-    delta = (dout.float() * out.float()).sum(-1)  # (b, n, h), like lse: rowsum(dO' O) for dO' = s dout, O = out / s
+    delta = _row_dot(dout, out, lse)  # rowsum(dO' O) for dO' = s dout, O = out / s
     lse = lse.contiguous()
     dq, dk, dv = (torch.zeros_like(q) for _ in range(3))
     for seg, rate, offset, head_start, nheads in launches(plan):
@@ -361,5 +374,5 @@ def attend_backward_(dq, dk, dv, dout, q, k, v, out, lse, scale: float, causal: 
     _same_strides("q, dout and dq", q, dout, dq)
     _same_strides("k, v, dk and dv", k, v, dk, dv)
     lse = lse.contiguous()
-    delta = torch.empty_like(lse).copy_((dout.float() * out.float()).sum(-1))  # lse's strides
+    delta = _row_dot(dout, out, lse)
     _run_backward(dout, q, k, v, lse, delta, dq, dk, dv, _view_launch(q, k, lse), scale, causal)
