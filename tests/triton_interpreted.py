@@ -6,7 +6,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from reference import reference  # noqa: E402
+from reference import reference, torch_low_precision  # noqa: E402
 
 from dilated_attention import dilated_attention  # noqa: E402
 
@@ -16,6 +16,35 @@ CASES = [  # (b, n, h, d, segment_lengths, dilation_rates)
     (2, 50, 3, 32, [7, 20], [2, 5]),  # no r = 1: rows no branch links
     (1, 29, 4, 16, [6, 12, 24], [6, 12, 5]),  # r > h, r >= w
 ]
+
+
+def _rel(a, r):
+    return ((a.double() - r).norm() / r.norm()).item()
+
+
+def _half_precision_failures():
+    """fp16 (the interpreter has no bf16): the output merged in fp16 errs at most 2x torch's fp16 math."""
+    failures = []
+    b, n, h, d, segs, rates = 2, 77, 6, 32, [16, 32, 64], [1, 3, 4]
+    for mode in ("paper", "head_groups"):
+        for causal in (False, True):
+            q, k, v, do = (torch.randn(b, n, h, d, dtype=torch.float64) for _ in range(4))
+            ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+            ref = reference(*ref_in, segs, rates, causal, None, mode)
+            ref_grads = torch.autograd.grad(ref, ref_in, do)
+            errors = []
+            for run in ("ours", "torch"):
+                ins = [t.half().requires_grad_() for t in (q, k, v)]
+                if run == "ours":
+                    out = dilated_attention(*ins, segs, rates, is_causal=causal, mode=mode, backend="triton")
+                else:
+                    out = torch_low_precision(*ins, segs, rates, causal, None, mode)
+                grads = torch.autograd.grad(out, ins, do.half())
+                errors.append([_rel(a, r) for a, r in zip((out, *grads), (ref, *ref_grads))])
+            for name, ours, theirs in zip(["out", "dq", "dk", "dv"], *errors):
+                if not ours <= 2 * theirs + 2e-5:
+                    failures.append(f"fp16 {name} {mode} causal={causal}: {ours:.2e} vs torch {theirs:.2e}")
+    return failures
 
 
 def main():
@@ -37,6 +66,7 @@ def main():
                     err = ((a.double() - r).norm() / r.norm()).item()
                     if not err < 2e-6:
                         failures.append(f"{name} n={n} w={segs} r={rates} {mode} causal={causal}: {err:.2e}")
+    failures += _half_precision_failures()
     if failures:
         raise SystemExit("\n".join(failures))
     print("triton kernels under the interpreter: all cases match")

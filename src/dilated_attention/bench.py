@@ -3,7 +3,8 @@
     python -m dilated_attention.bench                                   # CPU, small sizes
     python -m dilated_attention.bench --device cuda --seq-lens 32768 131072 524288 1048576
 
-Prints a table and writes JSON. Useful TFLOP/s count only linked query-key pairs
+Prints a table and writes JSON. Times are medians: ``triton.testing.do_bench`` on CUDA,
+wall-clock repetitions on CPU. Useful TFLOP/s count only linked query-key pairs
 (4 * pairs * d per head; dense: 4 n^2 d h, halved when causal); forward+backward counts
 3.5x the forward. Peak memory is the extra over the inputs: device allocator peak on CUDA,
 process peak RSS of a fresh child process on CPU; peak/io divides inputs + extra by the
