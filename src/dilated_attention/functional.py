@@ -39,10 +39,8 @@ def _forward_op(
 
     The output is the merged attention, divided by the number of branches in head_groups mode.
     """
+    impl, plan, out_scale = _resolve(q, segment_lengths, dilation_rates, mode, backend, cache_id)
     b, n, h, d = q.shape
-    impl = backends.select(q, backend)
-    plan = cached_plan(cache_by_id(cache_id), n, h, segment_lengths, dilation_rates, mode)
-    out_scale = _out_scale(mode, segment_lengths)
     if hasattr(impl, "forward_all"):
         return impl.forward_all(q, k, v, plan, scale, is_causal, out_scale)
     out, lse = empty_partial(b, n, h, v.shape[-1], q.dtype, q.device)
@@ -52,9 +50,11 @@ def _forward_op(
     return out.mul_(out_scale).to(q.dtype), lse
 
 
-def _out_scale(mode: str, segment_lengths: Sequence[int]) -> float:
-    """The output's factor: 1/m in head_groups mode (the mean over m groups), else 1."""
-    return 1.0 / len(segment_lengths) if mode == "head_groups" else 1.0
+def _resolve(q, segment_lengths, dilation_rates, mode, backend, cache_id):
+    """The backend, the cached plan, and the output's factor (1/m in head_groups mode, the
+    mean over m groups; else 1) of one call."""
+    plan = cached_plan(cache_by_id(cache_id), q.shape[1], q.shape[2], segment_lengths, dilation_rates, mode)
+    return backends.select(q, backend), plan, 1.0 / len(segment_lengths) if mode == "head_groups" else 1.0
 
 
 @_forward_op.register_fake
@@ -83,10 +83,7 @@ def _backward_op(
     out: the forward's output; with its factor s (head_groups), each block sees dO = s dout
     and the merged attention out / s.
     """
-    b, n, h, d = q.shape
-    impl = backends.select(q, backend)
-    plan = cached_plan(cache_by_id(cache_id), n, h, segment_lengths, dilation_rates, mode)
-    out_scale = _out_scale(mode, segment_lengths)
+    impl, plan, out_scale = _resolve(q, segment_lengths, dilation_rates, mode, backend, cache_id)
     if hasattr(impl, "backward_all"):
         return impl.backward_all(dout, q, k, v, out, lse, plan, scale, is_causal, out_scale)
     acc = acc_dtype(q.dtype)

@@ -59,6 +59,32 @@ if triton is not None:
         return o, (seg_len - o + RATE - 1) // RATE  # 0 when o >= seg_len, since o < RATE
 
     @triton.jit
+    def _program(pid_seg, pid_bh, NHEADS, NQ, SEGQ, NK, SEGK, RATE, OFFSET,
+                 qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu):
+        """This program's residue class: query and key row counts, offsets of row 0 in q, k, lse."""
+        seg = pid_seg.to(tl.int64)
+        b = (pid_bh // NHEADS).to(tl.int64)
+        head = pid_bh % NHEADS
+        o, q_count = _class(seg, head, NQ, SEGQ, RATE, OFFSET)
+        _, k_count = _class(seg, head, NK, SEGK, RATE, OFFSET)
+        q_base = b * qb + seg * qs + head * qh + o * qu
+        k_base = b * kb + seg * ks + head * kh + o * ku
+        l_base = b * lb + seg * ls + head * lh + o * lu
+        return q_count, k_count, q_base, k_base, l_base
+
+    @triton.jit
+    def _row_stats(L, D, l_base, rows, row_ok, RATE, lu):
+        """lse (log2 units) and delta of these query rows."""
+        offs = l_base + (rows * RATE).to(tl.int64) * lu
+        return tl.load(L + offs, mask=row_ok, other=0.0) * 1.4426950408889634, tl.load(D + offs, mask=row_ok, other=0.0)
+
+    @triton.jit
+    def _add_tile(ptr, base, idx, ok, RATE, su, dims, value):
+        """Rows idx at ptr + base += value (gradients no other program of the launch touches)."""
+        offs = base + (idx * RATE).to(tl.int64)[:, None] * su + dims[None, :]
+        tl.store(ptr + offs, tl.load(ptr + offs, mask=ok[:, None]) + value, mask=ok[:, None])
+
+    @triton.jit
     def _tile(ptr, base, idx, ok, RATE, su, dims):
         """Rows idx of a class starting at ptr + base: (len(idx), HEAD_DIM)."""
         offs = base + (idx * RATE).to(tl.int64)[:, None] * su + dims[None, :]
@@ -83,19 +109,14 @@ if triton is not None:
              IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_m = tl.program_id(0)
-        seg = tl.program_id(1).to(tl.int64)
-        bh = tl.program_id(2)
-        b = (bh // NHEADS).to(tl.int64)
-        head = bh % NHEADS
-        o, q_count = _class(seg, head, NQ, SEGQ, RATE, OFFSET)
-        _, k_count = _class(seg, head, NK, SEGK, RATE, OFFSET)
+        q_count, k_count, q_base, k_base, l_base = _program(
+            tl.program_id(1), tl.program_id(2), NHEADS, NQ, SEGQ, NK, SEGK, RATE, OFFSET,
+            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
         if pid_m * BLOCK_M >= q_count:
             return
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, HEAD_DIM)
         row_ok = rows < q_count
-        q_base = b * qb + seg * qs + head * qh + o * qu
-        k_base = b * kb + seg * ks + head * kh + o * ku
         q = _tile(Q, q_base, rows, row_ok, RATE, qu, dims)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -123,7 +144,7 @@ if triton is not None:
         out_b = acc / l_safe[:, None]
         lse_b = (m_i + tl.log2(l_safe)) / 1.4426950408889634  # natural log
         q_offs = q_base + (rows * RATE).to(tl.int64)[:, None] * qu + dims[None, :]
-        l_ptr = L + b * lb + seg * ls + head * lh + (o + rows * RATE).to(tl.int64) * lu
+        l_ptr = L + l_base + (rows * RATE).to(tl.int64) * lu
         if FIRST:  # out_scale != 1 only where every launch is first (forward_all checks)
             tl.store(O + q_offs, out_b * out_scale, mask=row_ok[:, None])
             tl.store(l_ptr, lse_b, mask=row_ok)
@@ -141,20 +162,14 @@ if triton is not None:
                   NQ, SEGQ, NK, SEGK, RATE, OFFSET, NHEADS, qk_scale, scale, do_scale,
                   IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_n = tl.program_id(0)
-        seg = tl.program_id(1).to(tl.int64)
-        bh = tl.program_id(2)
-        b = (bh // NHEADS).to(tl.int64)
-        head = bh % NHEADS
-        o, q_count = _class(seg, head, NQ, SEGQ, RATE, OFFSET)
-        _, k_count = _class(seg, head, NK, SEGK, RATE, OFFSET)
+        q_count, k_count, q_base, k_base, l_base = _program(
+            tl.program_id(1), tl.program_id(2), NHEADS, NQ, SEGQ, NK, SEGK, RATE, OFFSET,
+            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
         if pid_n * BLOCK_N >= k_count:
             return
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, HEAD_DIM)
         col_ok = cols < k_count
-        q_base = b * qb + seg * qs + head * qh + o * qu
-        k_base = b * kb + seg * ks + head * kh + o * ku
-        l_base = b * lb + seg * ls + head * lh + o * lu
         k = _tile(K, k_base, cols, col_ok, RATE, ku, dims)
         v = _tile(V, k_base, cols, col_ok, RATE, ku, dims)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -167,39 +182,29 @@ if triton is not None:
             row_ok = rows < q_count
             q = _tile(Q, q_base, rows, row_ok, RATE, qu, dims)
             do = _tile(DO, q_base, rows, row_ok, RATE, qu, dims)
-            l_offs = l_base + (rows * RATE).to(tl.int64) * lu
-            lse = tl.load(L + l_offs, mask=row_ok, other=0.0) * 1.4426950408889634
-            delta = tl.load(D + l_offs, mask=row_ok, other=0.0)
+            lse, delta = _row_stats(L, D, l_base, rows, row_ok, RATE, lu)
             p, ds = _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, qk_scale, do_scale, IS_CAUSAL)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-        offs = k_base + (cols * RATE).to(tl.int64)[:, None] * ku + dims[None, :]
-        tl.store(DK + offs, tl.load(DK + offs, mask=col_ok[:, None]) + dk * scale, mask=col_ok[:, None])
-        tl.store(DV + offs, tl.load(DV + offs, mask=col_ok[:, None]) + dv * do_scale, mask=col_ok[:, None])
+        _add_tile(DK, k_base, cols, col_ok, RATE, ku, dims, dk * scale)
+        _add_tile(DV, k_base, cols, col_ok, RATE, ku, dims, dv * do_scale)
 
     @triton.jit
     def _bwd_dq(Q, K, V, DO, L, D, DQ, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu,
                 NQ, SEGQ, NK, SEGK, RATE, OFFSET, NHEADS, qk_scale, scale, do_scale,
                 IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_m = tl.program_id(0)
-        seg = tl.program_id(1).to(tl.int64)
-        bh = tl.program_id(2)
-        b = (bh // NHEADS).to(tl.int64)
-        head = bh % NHEADS
-        o, q_count = _class(seg, head, NQ, SEGQ, RATE, OFFSET)
-        _, k_count = _class(seg, head, NK, SEGK, RATE, OFFSET)
+        q_count, k_count, q_base, k_base, l_base = _program(
+            tl.program_id(1), tl.program_id(2), NHEADS, NQ, SEGQ, NK, SEGK, RATE, OFFSET,
+            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
         if pid_m * BLOCK_M >= q_count:
             return
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, HEAD_DIM)
         row_ok = rows < q_count
-        q_base = b * qb + seg * qs + head * qh + o * qu
-        k_base = b * kb + seg * ks + head * kh + o * ku
         q = _tile(Q, q_base, rows, row_ok, RATE, qu, dims)
         do = _tile(DO, q_base, rows, row_ok, RATE, qu, dims)
-        l_offs = b * lb + seg * ls + head * lh + (o + rows * RATE).to(tl.int64) * lu
-        lse = tl.load(L + l_offs, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(D + l_offs, mask=row_ok, other=0.0)
+        lse, delta = _row_stats(L, D, l_base, rows, row_ok, RATE, lu)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         hi = k_count
         if IS_CAUSAL:
@@ -211,8 +216,7 @@ if triton is not None:
             v = _tile(V, k_base, cols, col_ok, RATE, ku, dims)
             p, ds = _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, qk_scale, do_scale, IS_CAUSAL)
             dq += tl.dot(ds.to(k.dtype), k)
-        offs = q_base + (rows * RATE).to(tl.int64)[:, None] * qu + dims[None, :]
-        tl.store(DQ + offs, tl.load(DQ + offs, mask=row_ok[:, None]) + dq * scale, mask=row_ok[:, None])
+        _add_tile(DQ, q_base, rows, row_ok, RATE, qu, dims, dq * scale)
 
 
 def launches(plan) -> list[tuple[int, int, int, int, int]]:
