@@ -70,3 +70,17 @@ def test_dropout_is_refused_in_training_not_ignored():
         attn(X, X, X)
     attn.eval()
     torch.testing.assert_close(attn(X, X, X), dilated_attention(X, X, X, [8], [1]))
+
+
+def test_module_backend_is_checked_and_used(monkeypatch):
+    from dilated_attention import RingDilatedAttention
+
+    for cls in (DilatedAttention, RingDilatedAttention):
+        with pytest.raises(ValueError, match="backend must be one of"):
+            cls([8], [1], backend="fastest")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for module in (DilatedAttention([8], [1], backend="triton"), RingDilatedAttention([8], [1], backend="triton")):
+        with pytest.raises(ValueError, match="backend 'triton' needs"):  # passed through, not ignored
+            module(X, X, X)
+    torch.testing.assert_close(DilatedAttention([8], [1], backend="math")(X, X, X),
+                               dilated_attention(X, X, X, [8], [1], backend="math"), rtol=0, atol=0)
