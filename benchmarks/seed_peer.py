@@ -3,7 +3,12 @@
     python benchmarks/seed_peer.py --seed-path DIR [dilated_attention.bench options]
 
 DIR holds the seed project's ``dilated_attention_pytorch`` package (DarcStar-Solutions-Tech/
-dilated-attention-pytorch, its public source; never part of this repository). Its package
+dilated-attention-pytorch, its public source; never part of this repository), e.g.
+
+    git clone https://github.com/DarcStar-Solutions-Tech/dilated-attention-pytorch /tmp/seed
+    mkdir -p .peers && cp -r /tmp/seed/dilated_attention_pytorch .peers/   # .peers/ is git-ignored
+
+ Its package
 ``__init__`` imports optional extras, so only ``dilated_attention_pytorch.dilated_attention``
 is loaded. Before timing, its output is compared with ours in head_groups mode (the
 semantics it computes) on a small input; then ``--modes ... seed`` times it as method
