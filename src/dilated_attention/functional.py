@@ -50,11 +50,20 @@ def _forward_op(
     return out.mul_(out_scale).to(q.dtype), lse
 
 
+def output_factor(mode: str, segment_lengths: Sequence[int]) -> float:
+    """The output's factor: 1/m in head_groups mode (the mean over the m groups), else 1."""
+    return 1.0 / len(segment_lengths) if mode == "head_groups" else 1.0
+
+
+def block_grad_inputs(dout: torch.Tensor, out: torch.Tensor, factor: float):
+    """(dO, O) each block's backward sees when the output is ``factor * O``: (factor dout, out / factor)."""
+    return (dout, out) if factor == 1.0 else (dout * factor, out / factor)
+
+
 def _resolve(q, segment_lengths, dilation_rates, mode, backend, cache_id):
-    """The backend, the cached plan, and the output's factor (1/m in head_groups mode, the
-    mean over m groups; else 1) of one call."""
+    """The backend, the cached plan, and the output's factor of one call."""
     plan = cached_plan(cache_by_id(cache_id), q.shape[1], q.shape[2], segment_lengths, dilation_rates, mode)
-    return backends.select(q, backend), plan, 1.0 / len(segment_lengths) if mode == "head_groups" else 1.0
+    return backends.select(q, backend), plan, output_factor(mode, segment_lengths)
 
 
 @_forward_op.register_fake
@@ -88,9 +97,7 @@ def _backward_op(
         return impl.backward_all(dout, q, k, v, out, lse, plan, scale, is_causal, out_scale)
     acc = acc_dtype(q.dtype)
     grads = [torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v)]
-    dout = dout.to(q.dtype)
-    if out_scale != 1.0:
-        dout, out = dout * out_scale, out / out_scale
+    dout, out = block_grad_inputs(dout.to(q.dtype), out, out_scale)
     for item in plan:
         views = zip(*(segment_views(t, item) for t in (dout, q, k, v, out, lse, *grads)))
         for dov, qv, kv, vv, ov, lv, dqv, dkv, dvv in views:

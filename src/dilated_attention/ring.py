@@ -12,6 +12,7 @@ fp32 through their log-sum-exp, so forward and gradients are exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Sequence
 
 import torch
@@ -19,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import backends
-from .functional import check_qkv, dilated_attention, resolve_scale
+from .functional import block_grad_inputs, check_qkv, dilated_attention, output_factor, resolve_scale
 from .merge import acc_dtype, empty_partial
 from .modules import MultiheadDilatedAttention, UsesPatternCache, check_dropout, refuse_dropout
 from .plan import WorkItem, cached_plan, check_schedule
@@ -36,7 +37,8 @@ class _RingCall:
     scale: float
     causal: bool
     stats: dict
-    backend: str
+    impl: ModuleType  # the backend every block runs on
+    out_scale: float  # the output's factor (head_groups: 1/m)
 
 
 def _full_view(t: torch.Tensor, item: WorkItem, fs: FullSegments) -> torch.Tensor:
@@ -100,8 +102,8 @@ def _local_blocks(call: _RingCall):
 
 
 def ring_forward(call: _RingCall, q, k, v):
-    """Local shards (b, m, h, d) -> local out (b, m, h, d) in q.dtype, lse (b, m, h) fp32/64."""
-    impl = backends.select(q, call.backend)
+    """Local shards (b, m, h, d) -> local output (b, m, h, d) in q.dtype, lse (b, m, h) fp32/64."""
+    impl = call.impl
     b, m, h, d = q.shape
     out, lse = empty_partial(b, m, h, d, q.dtype, q.device)
     world = call.schedule.world
@@ -117,16 +119,17 @@ def ring_forward(call: _RingCall, q, k, v):
             kb, vb = received[(pair.item, pair.k)]
             qv = lambda t: _piece_view(t, item, pair.q)  # noqa: E731
             backends.attend_(impl, qv(out), qv(lse), qv(q), kb, vb, call.scale, False)
-    return out.to(q.dtype), lse
+    return out.mul_(call.out_scale).to(q.dtype), lse
 
 
 def ring_backward(call: _RingCall, dout, q, k, v, out, lse):
     """Gradients of the local shards; dK/dV of sent rows come home from the ranks that used them."""
-    impl = backends.select(q, call.backend)
+    impl = call.impl
     acc = acc_dtype(q.dtype)
     b, m, h, d = q.shape
     dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
-    dout = dout.to(q.dtype).contiguous()
+    dout, out = block_grad_inputs(dout.to(q.dtype), out, call.out_scale)
+    dout = dout.contiguous()
     world, rank = call.schedule.world, call.rank
     pending = _post_kv(call, k, v, 1, "backward") if world > 1 else None
     for qview, kview, causal in _local_blocks(call):
@@ -254,13 +257,10 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
             ("ring_schedule", n, world, self.layout, plan, is_causal),
             lambda: build_ring_schedule(n, world, self.layout, plan, is_causal),
         )
-        backends.select(q, self.backend)  # refuses a named backend that cannot take q, before any exchange
+        impl = backends.select(q, self.backend)  # refuses a named backend that cannot take q, before any exchange
         call = _RingCall(plan, schedule, group, rank, resolve_scale(self.scale, d), is_causal, self.comm_bytes,
-                         self.backend or "")
-        out = _RingFunction.apply(*(t.contiguous() for t in (q, k, v)), call)
-        if self.mode == "head_groups":
-            out = out / len(self.segment_lengths)
-        return out
+                         impl, output_factor(self.mode, self.segment_lengths))
+        return _RingFunction.apply(*(t.contiguous() for t in (q, k, v)), call)
 
     def shard(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a full (b, n, ...) tensor, in this module's layout."""

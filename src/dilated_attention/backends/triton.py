@@ -73,21 +73,26 @@ if triton is not None:
         return q_count, k_count, q_base, k_base, l_base
 
     @triton.jit
+    def _row_offs(base, idx, RATE, su):
+        """Offsets of rows idx of a class whose row 0 is at base (su: one row of the tensor)."""
+        return base + (idx * RATE).to(tl.int64) * su
+
+    @triton.jit
     def _row_stats(L, D, l_base, rows, row_ok, RATE, lu):
         """lse (log2 units) and delta of these query rows."""
-        offs = l_base + (rows * RATE).to(tl.int64) * lu
+        offs = _row_offs(l_base, rows, RATE, lu)
         return tl.load(L + offs, mask=row_ok, other=0.0) * 1.4426950408889634, tl.load(D + offs, mask=row_ok, other=0.0)
 
     @triton.jit
     def _add_tile(ptr, base, idx, ok, RATE, su, dims, value):
         """Rows idx at ptr + base += value (gradients no other program of the launch touches)."""
-        offs = base + (idx * RATE).to(tl.int64)[:, None] * su + dims[None, :]
+        offs = _row_offs(base, idx, RATE, su)[:, None] + dims[None, :]
         tl.store(ptr + offs, tl.load(ptr + offs, mask=ok[:, None]) + value, mask=ok[:, None])
 
     @triton.jit
     def _tile(ptr, base, idx, ok, RATE, su, dims):
         """Rows idx of a class starting at ptr + base: (len(idx), HEAD_DIM)."""
-        offs = base + (idx * RATE).to(tl.int64)[:, None] * su + dims[None, :]
+        offs = _row_offs(base, idx, RATE, su)[:, None] + dims[None, :]
         return tl.load(ptr + offs, mask=ok[:, None], other=0.0)
 
     @triton.jit
@@ -143,8 +148,8 @@ if triton is not None:
         l_safe = tl.where(row_ok, l_i, 1.0)
         out_b = acc / l_safe[:, None]
         lse_b = (m_i + tl.log2(l_safe)) / 1.4426950408889634  # natural log
-        q_offs = q_base + (rows * RATE).to(tl.int64)[:, None] * qu + dims[None, :]
-        l_ptr = L + l_base + (rows * RATE).to(tl.int64) * lu
+        q_offs = _row_offs(q_base, rows, RATE, qu)[:, None] + dims[None, :]
+        l_ptr = L + _row_offs(l_base, rows, RATE, lu)
         if FIRST:  # out_scale != 1 only where every launch is first (forward_all checks)
             tl.store(O + q_offs, out_b * out_scale, mask=row_ok[:, None])
             tl.store(l_ptr, lse_b, mask=row_ok)
@@ -352,9 +357,8 @@ def backward_all(dout, q, k, v, out, lse, plan, scale: float, causal: bool, out_
 
     out: what ``forward_all`` returned (scaled); the kernels scale dO by ``out_scale``.
     """
-    q, k, v, dout = (t.contiguous() for t in (q, k, v, dout.to(q.dtype)))
+    q, k, v, dout, lse = (t.contiguous() for t in (q, k, v, dout.to(q.dtype), lse))
     delta = _row_dot(dout, out, lse)  # rowsum(dO' O) for dO' = s dout, O = out / s
-    lse = lse.contiguous()
     dq, dk, dv = (torch.zeros_like(q) for _ in range(3))
     for seg, rate, offset, head_start, nheads in launches(plan):
         views = (t[:, :, head_start : head_start + nheads] for t in (dout, q, k, v, lse, delta, dq, dk, dv))
