@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from distributed import run_world
+from reference import reference
 
 from dilated_attention import dilated_attention
 from dilated_attention.ring import RingDilatedAttention
@@ -17,12 +18,19 @@ SCHEDULES = [
 ]
 
 
-def _compare(rank, world, ring, dtype, segs, rates, mode, causal, n, b=2, h=5, d=8, seed=0):
+def _compare(rank, world, ring, dtype, segs, rates, mode, causal, n, b=2, h=5, d=8, seed=0, against_reference=False):
+    """Each rank's shard against the single-process result, or (against_reference) the float64 Eq. 10 reference."""
     g = torch.Generator().manual_seed(seed)
     q, k, v, dout = (torch.randn(b, n, h, d, generator=g, dtype=torch.float64).to(dtype) for _ in range(4))
-    full = [t.clone().requires_grad_() for t in (q, k, v)]
-    expected = dilated_attention(*full, segs, rates, is_causal=causal, mode=mode)
-    expected_grads = torch.autograd.grad(expected, full, dout)
+    if against_reference:
+        full = [t.double().requires_grad_() for t in (q, k, v)]
+        expected = reference(*full, segs, rates, causal, None, mode)
+        expected_grads = [e.to(dtype) for e in torch.autograd.grad(expected, full, dout.double())]
+        expected = expected.to(dtype)
+    else:
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        expected = dilated_attention(*full, segs, rates, is_causal=causal, mode=mode)
+        expected_grads = torch.autograd.grad(expected, full, dout)
     local = [ring.shard(t).requires_grad_() for t in (q, k, v)]
     out = ring(*local, is_causal=causal)
     grads = torch.autograd.grad(out, local, ring.shard(dout))
@@ -86,7 +94,8 @@ def _triton_worker(rank, world):
             for causal in (False, True):
                 ring = RingDilatedAttention(segs, rates, mode=mode, layout=layout, backend="triton")
                 # b = 1: shards are views whose batch stride is the full tensor's (any stride fits a size-1 dim)
-                _compare(rank, world, ring, torch.float32, segs, rates, mode, causal, n, b=1, h=5, d=16, seed=2)
+                _compare(rank, world, ring, torch.float32, segs, rates, mode, causal, n, b=1, h=5, d=16, seed=2,
+                         against_reference=True)
     assert backends.select(torch.ones(1, 1, 1, 16), "triton") is backends.triton
 
 
