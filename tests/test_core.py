@@ -16,6 +16,8 @@ CASES = [
     pytest.param(3, 50, 3, 8, [7, 20], [2, 5], id="no-r1-unlinked-rows"),
     pytest.param(1, 1, 2, 8, [4], [2], id="n=1"),
     pytest.param(2, 29, 4, 8, [6, 12, 24], [6, 12, 5], id="r>h-r>=w"),
+    pytest.param(2, 37, 4, 8, [8, 40, 80], [1, 2, 2], id="repeated-rate-two-w>=n"),
+    pytest.param(1, 40, 3, 8, [64, 128, 16, 16], [1, 1, 2, 2], id="duplicated-branches"),
 ]
 MODES = ["paper", "head_groups"]
 BACKENDS = ["math", "sdpa"]
@@ -59,8 +61,8 @@ def test_scale_is_honoured(mode, backend):
     torch.testing.assert_close(grads[0], ref_grads[0], rtol=1e-9, atol=1e-9)
 
 
-def _low_precision_errors(dtype, device, backend, causal, mode):
-    b, n, h, d, segs, rates = 2, 77, 6, 32, [16, 32, 64], [1, 3, 4]
+def _low_precision_errors(dtype, device, backend, causal, mode, case=(2, 77, 6, 32, [16, 32, 64], [1, 3, 4])):
+    b, n, h, d, segs, rates = case
     inputs, out, grads = _run(b, n, h, d, segs, rates, causal, mode, backend, dtype, device)
     ref_out, ref_grads = _reference(inputs, segs, rates, causal, mode)
     q, k, v, dout = (t.detach().requires_grad_() for t in inputs)
@@ -83,6 +85,32 @@ def test_low_precision_within_twice_torch_math(dtype, backend, mode, causal, dev
     floor = {torch.float32: 3.6e-7, torch.bfloat16: 2e-4, torch.float16: 2e-5}[dtype]
     for name, a, t in zip(["out", "dq", "dk", "dv"], ours, theirs):
         assert a <= 2 * t + floor, f"{name}: error {a:.3g} vs torch math {t:.3g} in {dtype}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not triton.available(), reason="the Triton kernels on CUDA")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("segs,rates", [([8, 40, 80], [1, 2, 2]), ([2048, 4096], [1, 1]), ([16, 16, 64], [2, 2, 1])])
+def test_triton_counts_every_branch_on_gpu(segs, rates, causal, mode):
+    """Repeated rates, duplicated branches, several w >= n (the plan must not fold equal branches)."""
+    ours, theirs = _low_precision_errors(torch.bfloat16, "cuda", "triton", causal, mode, (2, 37, 6, 32, segs, rates))
+    for name, a, t in zip(["out", "dq", "dk", "dv"], ours, theirs):
+        assert a <= 2 * t + 2e-4, f"{name}: error {a:.3g} vs torch math {t:.3g}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not triton.available(), reason="the Triton kernels on CUDA")
+def test_triton_runs_more_segments_than_a_grid_axis_holds():
+    """n / w' = 70,000 segments: beyond the 65,535 programs of a CUDA grid's second axis."""
+    n = 2 * 70_000
+    q, k, v = (rand((1, n, 2, 16), torch.bfloat16, "cuda") for _ in range(3))
+    out = dilated_attention(q, k, v, [2, 4], [1, 2], backend="triton")
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
+    ref = dilated_attention(q2, k2, v2, [2, 4], [1, 2], backend="sdpa")
+    ref_grads = torch.autograd.grad(ref, (q2, k2, v2), torch.ones_like(ref))
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    for g, r in zip((dq, dk, dv), ref_grads):
+        torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2)
 
 
 def test_output_dtype_and_device_follow_q(device):
@@ -135,3 +163,89 @@ def test_torch_compile_smoke():
     (dq,) = torch.autograd.grad(out.sum(), (q,))
     (dq_eager,) = torch.autograd.grad(f(q, k, v).sum(), (q,))
     torch.testing.assert_close(dq, dq_eager)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1e4, 1e7])
+def test_merge_weights_sum_to_one_at_large_lse(scale, backend, device):
+    """A duplicated branch is the same softmax as the branch alone, however large the log-sum-exps."""
+    q, k, v = (rand((2, 40, 4, 8), torch.float32, device, grad=False) for _ in range(3))
+    once = dilated_attention(q, k, v, [16], [2], scale=scale, backend=backend)
+    twice = dilated_attention(q, k, v, [16, 16], [2, 2], scale=scale, backend=backend)
+    torch.testing.assert_close(twice, once, rtol=1e-5, atol=1e-5)
+
+
+def _nan_cases():
+    import random
+
+    rng = random.Random(7)
+    cases = [(1, 12, 1, 16, [21, 1, 132], [7, 1, 8]), (1, 17, 5, 4, [87], [8]), (2, 64, 3, 16, [16, 32], [1, 2])]
+    for _ in range(6):
+        n, m = rng.randint(1, 80), rng.randint(1, 3)
+        segs = [rng.randint(1, 90) for _ in range(m)]
+        cases.append((rng.randint(1, 2), n, rng.randint(1, 4), rng.choice([4, 8, 16]), segs,
+                      [rng.randint(1, min(8, w)) for w in segs]))
+    return cases
+
+
+def _check_nan_rows(backend, dtype, device, head_dim=None):
+    """NaN in q row i: out row i is NaN (if linked at all); NaN in key t (k, or v without causal masking):
+    the rows linked to t. (Causal: a NaN in v also reaches rows of the same tile that mask it, as 0 * NaN.)"""
+    from reference import link_counts
+
+    for case_id, (b, n, h, d, segs, rates) in enumerate(_nan_cases()):
+        d = head_dim or d
+        for causal in (False, True):
+            for name in "qkv" if not causal else "qk":
+                g = torch.Generator().manual_seed(case_id)
+                q, k, v = (torch.randn(b, n, h, d, generator=g).to(device, dtype) for _ in range(3))
+                pos, head = case_id * 7 % n, case_id % h
+                {"q": q, "k": k, "v": v}[name][0, pos, head, d // 2] = float("nan")
+                out = dilated_attention(q, k, v, segs, rates, is_causal=causal, backend=backend)
+                expected = torch.zeros(b, n, h, dtype=torch.bool)
+                links = link_counts(n, h, segs, rates, causal, "paper")[head] > 0  # (query, key)
+                if name == "q":
+                    expected[0, pos, head] = links[pos].any()  # a row linked to no key stays 0
+                else:
+                    expected[0, :, head] = links[:, pos]
+                assert torch.equal(out.isnan().any(-1).cpu(), expected), (name, causal, b, n, h, d, segs, rates)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_nan_reaches_exactly_the_rows_that_see_it(dtype, backend):
+    _check_nan_rows(backend, dtype, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend,dtype", [("triton", torch.bfloat16), ("sdpa", torch.bfloat16),
+                                           ("sdpa", torch.float32), ("math", torch.float32)], ids=str)
+def test_nan_reaches_exactly_the_rows_that_see_it_on_gpu(backend, dtype):
+    if backend == "triton" and not triton.available():
+        pytest.skip("needs Triton")
+    _check_nan_rows(backend, dtype, "cuda", head_dim=16)
+
+
+@pytest.mark.parametrize("how", ["function", "temporary-module", "own-cache-module"])
+def test_backward_outlives_the_pattern_cache(how):
+    """Autograd keeps the plan itself: backward works after the cache the forward used is gone."""
+    import gc
+
+    from dilated_attention import DilatedAttention, PatternCache
+
+    segs, rates = [8, 16], [1, 2]
+    q, k, v = (rand((1, 30, 4, 8)) for _ in range(3))
+    if how == "function":
+        out = dilated_attention(q, k, v, segs, rates, pattern_cache=PatternCache())
+    elif how == "temporary-module":
+        out = DilatedAttention(segs, rates, use_pattern_cache=False)(q, k, v)
+    else:
+        module = DilatedAttention(segs, rates, use_pattern_cache=False)
+        out = module(q, k, v)
+        del module
+    gc.collect()
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_out, ref_grads = _reference((q, k, v, dout), segs, rates, False, "paper")
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)

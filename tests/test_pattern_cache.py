@@ -11,12 +11,14 @@ from conftest import rand
 
 from dilated_attention import (
     DilatedAttention,
+    dilated_attention,
     MultiheadDilatedAttention,
     PatternCache,
     clear_global_pattern_cache,
     get_global_pattern_cache,
 )
-from dilated_attention.plan import build_plan, segment_views
+from dilated_attention.pattern_cache import _object_bytes
+from dilated_attention.plan import build_plan, plan_items, segment_views
 
 SEGS, RATES = [8, 16], [1, 2]
 
@@ -57,7 +59,7 @@ def test_disabled_cache_never_touches_global_and_gives_identical_output():
 def test_views_select_exactly_the_linked_positions():
     n, h = 37, 5
     pos = torch.arange(n).view(1, n, 1).expand(1, n, h).contiguous()
-    for item in build_plan(n, h, [8, 20], [3, 4], "paper"):
+    for item in plan_items(build_plan(n, h, [8, 20], [3, 4], "paper")):
         selected = torch.cat([v.reshape(-1) for v in segment_views(pos[..., None], item)])
         heads = range(item.head_start, item.head_stop, item.head_step)
         expected = [i for i in range(n) if (i % item.segment) % item.rate == item.offset for _ in heads]
@@ -78,13 +80,14 @@ def test_hits_misses_and_clear():
     cache.put(("k", 1), _pattern(1))
     assert torch.equal(cache.get(("k", 1)), _pattern(1))
     s = cache.stats()
-    assert (s["hits"], s["misses"], s["hit_rate"], s["host_bytes"]) == (1, 1, 0.5, 64)
+    assert (s["hits"], s["misses"], s["hit_rate"], s["host_bytes"]) == (1, 1, 0.5, 64 + _object_bytes(("k", 1)))
     cache.clear()
     assert len(cache) == 0 and cache.get(("k", 1)) is None and cache.stats()["host_bytes"] == 0
 
 
 def test_byte_bound_holds_under_churn_and_pinned_entries_survive():
-    cache = PatternCache(max_bytes=64 * 10)  # ten 64-byte patterns
+    entry = 64 + _object_bytes(("p", 0))  # a 64-byte pattern and its key
+    cache = PatternCache(max_bytes=entry * 10)  # ten entries
     cache.put(("pinned",), _pattern(-1))
     cache.pin_pattern(("pinned",), "cpu")
     for i in range(200):
@@ -113,7 +116,8 @@ def test_device_tier_copies_once_and_separates_devices_and_dtypes():
     assert cache.stats()["h2d_transfers"] == 1
     assert cache.get(("mask", torch.float64), "meta").dtype == torch.float64
     assert cache.get(("mask", torch.float32)).device.type == "cpu"
-    assert cache.stats()["device_bytes"] == 64 + 128
+    key_bytes = _object_bytes(("mask", torch.float32))
+    assert cache.stats()["device_bytes"] == 64 + 128 + 2 * key_bytes
 
 
 def test_get_batch_makes_one_copy_per_dtype():
@@ -136,7 +140,7 @@ def test_get_or_create_builds_once_and_python_patterns_stay_on_host():
 
 
 def test_many_threads_lose_and_corrupt_nothing():
-    cache = PatternCache(max_bytes=64 * 40)
+    cache = PatternCache(max_bytes=(64 + _object_bytes(("t", 10))) * 40)
     errors = []
 
     def worker(seed):
@@ -192,3 +196,49 @@ def test_gpu_hits_copy_nothing_and_prefetch_orders_readers():
     cache.max_bytes = 1
     cache.put(("evict-me",), torch.ones(8))
     assert cache.get(("small",), "cuda") is not None
+
+
+def test_pattern_larger_than_the_bound_is_returned_uncached():
+    cache = PatternCache(max_bytes=1024)
+    big = cache.get_or_create(("big",), lambda: torch.ones(1000))
+    assert torch.equal(big, torch.ones(1000)) and len(cache) == 0 and cache.stats()["builds"] == 1
+    plan = cache.get_or_create(("plan",), lambda: tuple(range(1000)))  # a Python pattern too
+    assert plan == tuple(range(1000)) and len(cache) == 0
+    x = rand((1, 40, 4, 8), grad=True)
+    out = dilated_attention(x, x, x, SEGS, RATES, pattern_cache=PatternCache(max_bytes=1))  # plan never fits
+    torch.testing.assert_close(out, dilated_attention(x, x, x, SEGS, RATES))
+    out.sum().backward()
+
+
+def test_bound_full_of_pinned_entries_still_serves_new_patterns():
+    cache = PatternCache(max_bytes=2048)
+    cache.put(("pinned",), torch.ones(400))
+    cache.pin_pattern(("pinned",), "cpu")
+    value = cache.get_or_create(("new",), lambda: torch.zeros(200))
+    assert torch.equal(value, torch.zeros(200)) and ("new",) not in cache and ("pinned",) in cache
+    x = rand((1, 20, 2, 8), grad=False)
+    dilated_attention(x, x, x, SEGS, RATES, pattern_cache=cache)  # the plan does not fit: used uncached
+    assert cache.stats()["host_bytes"] <= cache.max_bytes or cache.stats()["entries"] == 1
+
+
+def test_key_bytes_count_in_the_bound():
+    cache = PatternCache(max_bytes=64 << 10)
+    for i in range(2000):
+        cache.put(("key", i, "x" * 10_000), _pattern(i))  # 10 KB keys, 64 B values
+        s = cache.stats()
+        assert s["host_bytes"] <= cache.max_bytes
+    assert len(cache) <= 6
+
+
+def test_eviction_pops_the_least_recent_entries_and_skips_pinned_ones():
+    cache = PatternCache(max_bytes=10_000 * (64 + _object_bytes(("e", 10_000))))
+    for i in range(10_000):
+        cache.put(("e", i), _pattern(i))
+    before = cache.stats()["evictions"]
+    cache.put(("pinned",), _pattern(-1))
+    cache.pin_pattern(("pinned",), "cpu")
+    cache.get(("e", 2))  # recently used: survives
+    cache.put(("e", 10_000), _pattern(0))
+    assert cache.stats()["evictions"] - before == 2  # room for the pinned entry and the new one
+    assert cache.get(("e", 0)) is None and cache.get(("e", 1)) is None and cache.get(("e", 2)) is not None
+    assert cache.get(("e", 3)) is not None and ("pinned",) in cache

@@ -96,7 +96,7 @@ def _triton_worker(rank, world):
                 # b = 1: shards are views whose batch stride is the full tensor's (any stride fits a size-1 dim)
                 _compare(rank, world, ring, torch.float32, segs, rates, mode, causal, n, b=1, h=5, d=16, seed=2,
                          against_reference=True)
-    assert backends.select(torch.ones(1, 1, 1, 16), "triton") is backends.triton
+    assert backends.select(torch.ones(1, 1, 1, 16), "triton") is backends.BACKENDS["triton"]
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -183,21 +183,61 @@ def test_zigzag_needs_even_chunks_and_single_process_is_plain():
 
 
 def _multihead_worker(rank, world):
-    torch.manual_seed(0)  # same parameters on every rank
     from dilated_attention import MultiheadDilatedAttention, RingMultiheadDilatedAttention
 
     kw = dict(dtype=torch.float64)
-    single = MultiheadDilatedAttention(16, 4, [6, 20], [1, 2], **kw)
+    torch.manual_seed(0)
+    single = MultiheadDilatedAttention(16, 4, [6, 20], [1, 2], **kw)  # rank 0's parameters
+    torch.manual_seed(rank)  # every rank initialises differently: the first forward makes them rank 0's
     ring = RingMultiheadDilatedAttention(16, 4, [6, 20], [1, 2], layout="zigzag", **kw)
-    ring.load_state_dict(single.state_dict())
+    if rank == 0:
+        ring.load_state_dict(single.state_dict())
     x = torch.randn(2, 12 * world, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     expected, _ = single(x, is_causal=True)
     local = ring.attention.shard(x).requires_grad_()
     out, _ = ring(local, is_causal=True)
     torch.testing.assert_close(out, ring.attention.shard(expected))
+    for name, p in ring.state_dict().items():
+        torch.testing.assert_close(p, single.state_dict()[name], rtol=0, atol=0)
     out.sum().backward()  # parameter grads are per-rank partial sums, as in data parallel
     assert local.grad is not None and torch.isfinite(local.grad).all()
 
 
 def test_ring_multihead_matches_single_process():
     run_world(2, _multihead_worker)
+
+
+def _uneven_shard_worker(rank, world):
+    for layout in ("contiguous", "zigzag"):
+        ring = RingDilatedAttention([8], [2], layout=layout)
+        chunks = world * (2 if layout == "zigzag" else 1)
+        with pytest.raises(ValueError, match=f"must be divisible by {chunks}.*pad the sequence"):
+            ring.shard(torch.randn(1, 12 * world + 1, 2, 8))
+        x = torch.randn(1, 12 * world, 2, 8, generator=torch.Generator().manual_seed(0))  # the same on every rank
+        assert torch.equal(ring.unshard(ring.shard(x)), x)
+
+
+def test_shard_never_drops_rows():
+    run_world(2, _uneven_shard_worker)
+    with pytest.raises(ValueError, match="must be divisible by 2"):
+        RingDilatedAttention([8], [2], layout="zigzag").shard(torch.randn(1, 31, 2, 8))
+
+
+def _local_failure_worker(rank, world, what):
+    ring = RingDilatedAttention([8, 32], [1, 2], dropout=0.1 if what == "dropout" else 0.0)
+    ring.train(what == "dropout" and rank == 1)
+    x = torch.randn(1, 16, 2, 8)
+    k = x.double() if what == "dtype" and rank == 1 else x
+    if rank == 1:
+        error = NotImplementedError if what == "dropout" else TypeError
+        with pytest.raises(error, match="dropout" if what == "dropout" else "dtype of q"):
+            ring(x, k, x)
+    else:
+        with pytest.raises(ValueError, match=r"rank\(s\) \[1\] of the group failed their input checks"):
+            ring(x, k, x)
+
+
+@pytest.mark.parametrize("what", ["dtype", "dropout"])
+def test_a_rank_failing_its_checks_fails_every_rank_at_once(what):
+    """The other ranks raise within the test's 20 s group timeout, not after it."""
+    run_world(2, _local_failure_worker, what, timeout_s=20)

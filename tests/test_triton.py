@@ -18,14 +18,15 @@ def test_kernels_match_reference_under_interpreter():
     assert "all cases match" in result.stdout
 
 
-def test_launches_cover_the_plan():
-    from dilated_attention.backends.triton import launches
-    from dilated_attention.plan import build_plan
+def test_plan_keeps_every_branch():
+    """Repeated (w, r), and branches clipped to the same w' = n, are separate branches (Eq. 10 counts both)."""
+    from dilated_attention.plan import PER_HEAD, Branch, build_plan
 
-    paper = build_plan(100, 6, [10, 40], [1, 4], "paper")
-    assert launches(paper) == [(10, 1, -1, 0, 6), (40, 4, -1, 0, 6)]
-    groups = build_plan(100, 5, [10, 40], [1, 4], "head_groups")
-    assert launches(groups) == [(10, 1, -1, 0, 3), (40, 4, 1, 3, 2)]
+    assert build_plan(37, 4, [8, 40, 80], [1, 2, 2], "paper") == (
+        Branch(8, 1, PER_HEAD, 0, 4), Branch(37, 2, PER_HEAD, 0, 4), Branch(37, 2, PER_HEAD, 0, 4))
+    assert build_plan(1024, 2, [2048, 4096], [1, 1], "paper") == (
+        Branch(1024, 1, PER_HEAD, 0, 2), Branch(1024, 1, PER_HEAD, 0, 2))
+    assert build_plan(100, 5, [10, 40], [1, 4], "head_groups") == (Branch(10, 1, 0, 0, 3), Branch(40, 4, 1, 3, 5))
 
 
 def test_kernels_compile_for_hopper():
@@ -81,3 +82,14 @@ def test_row_dot_in_slices_matches_one_pass():
     expected = (a.float() * b.float()).sum(-1)
     for budget in (1, 100, 1 << 26):  # one row per slice, a few slices, one pass
         torch.testing.assert_close(_row_dot(a, b, like, budget), expected, rtol=0, atol=0)
+
+
+def test_grid_keeps_segments_on_the_large_axis():
+    """n / w' = 70,000 segments (w = 64 at n = 4.5M): CUDA caps grid axes 1 and 2 at 65,535 programs."""
+    from dilated_attention.backends.triton import _branch_launch
+    from dilated_attention.plan import PER_HEAD, Branch
+
+    q = torch.empty(2, 4_480_000, 12, 64, device="meta")
+    lse = torch.empty(2, 4_480_000, 12, device="meta")
+    grid = _branch_launch(q, lse, Branch(64, 1, PER_HEAD, 0, 12)).grid(128)
+    assert grid == (70_000, 12, 2)

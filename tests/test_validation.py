@@ -24,6 +24,11 @@ X = torch.randn(1, 16, 2, 8)
         (dict(segment_lengths=[8], dilation_rates=[1], scale="x"), TypeError, "scale"),
         (dict(segment_lengths=[8], dilation_rates=[1], is_causal=1), TypeError, "is_causal"),
         (dict(segment_lengths=[8], dilation_rates=[1], backend="triton9"), ValueError, "backend must be one of"),
+        (dict(segment_lengths=[8], dilation_rates=[1], scale=float("nan")), ValueError, "scale must be a finite"),
+        (dict(segment_lengths=[8], dilation_rates=[1], scale=float("inf")), ValueError, "scale must be a finite"),
+        # the seed's / fkodom's order (dilation_rates first) passed to ours
+        (dict(segment_lengths=[1, 2, 4], dilation_rates=[2048, 4096, 8192]), ValueError,
+         r"dilation_rates\[0\] = 2048 exceeds segment_lengths\[0\] = 1.*other order"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
@@ -80,7 +85,21 @@ def test_module_backend_is_checked_and_used(monkeypatch):
             cls([8], [1], backend="fastest")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     for module in (DilatedAttention([8], [1], backend="triton"), RingDilatedAttention([8], [1], backend="triton")):
-        with pytest.raises(ValueError, match="backend 'triton' needs"):  # passed through, not ignored
+        with pytest.raises(ValueError, match="backend 'triton' cannot take this input"):  # passed through, not ignored
             module(X, X, X)
     torch.testing.assert_close(DilatedAttention([8], [1], backend="math")(X, X, X),
                                dilated_attention(X, X, X, [8], [1], backend="math"), rtol=0, atol=0)
+
+
+def test_rate_above_a_clipped_segment_stays_legal():
+    """r <= w but r > min(w, n): the branch links few or no rows, which is the formula, not a mistake."""
+    q, k, v = (torch.randn(1, 5, 4, 8, dtype=torch.float64) for _ in range(3))
+    out = dilated_attention(q, k, v, [1, 16], [1, 8])
+    from reference import reference
+
+    torch.testing.assert_close(out, reference(q, k, v, [1, 16], [1, 8]))
+
+
+def test_backend_errors_give_every_reason():
+    with pytest.raises(ValueError, match=r"needs a CUDA tensor.*; takes torch.float16 or torch.bfloat16, got torch.float64"):
+        dilated_attention(X.double(), X.double(), X.double(), [8], [1], backend="triton")

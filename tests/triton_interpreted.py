@@ -15,6 +15,8 @@ CASES = [  # (b, n, h, d, segment_lengths, dilation_rates)
     (1, 64, 6, 16, [16, 32, 64], [1, 2, 4]),
     (2, 50, 3, 32, [7, 20], [2, 5]),  # no r = 1: rows no branch links
     (1, 29, 4, 16, [6, 12, 24], [6, 12, 5]),  # r > h, r >= w
+    (2, 37, 4, 16, [8, 40, 80], [1, 2, 2]),  # repeated rate, two branches clipped to w' = n
+    (1, 40, 3, 16, [64, 128, 16, 16], [1, 1, 2, 2]),  # duplicated branches
 ]
 
 
@@ -47,6 +49,19 @@ def _half_precision_failures():
     return failures
 
 
+def _large_lse_failures():
+    """A duplicated branch is the branch alone (the in-kernel merge's weights sum to 1 at any lse)."""
+    failures = []
+    q, k, v = (torch.randn(2, 40, 4, 16) for _ in range(3))
+    for scale in (1e4, 1e7):
+        once = dilated_attention(q, k, v, [16], [2], scale=scale, backend="triton")
+        twice = dilated_attention(q, k, v, [16, 16], [2, 2], scale=scale, backend="triton")
+        err = (twice - once).abs().max().item()
+        if not err < 1e-5:
+            failures.append(f"duplicated branch at scale={scale}: max error {err:.2e}")
+    return failures
+
+
 def main():
     assert os.environ.get("TRITON_INTERPRET") == "1"
     failures = []
@@ -67,6 +82,7 @@ def main():
                     if not err < 2e-6:
                         failures.append(f"{name} n={n} w={segs} r={rates} {mode} causal={causal}: {err:.2e}")
     failures += _half_precision_failures()
+    failures += _large_lse_failures()
     if failures:
         raise SystemExit("\n".join(failures))
     print("triton kernels under the interpreter: all cases match")

@@ -8,7 +8,7 @@ over the multiset union of the branches' keys. Partial results ``(out_a, lse_a)`
     out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse)
 
 which is how branches, and ring steps, are merged. A row with no key has lse = -inf and
-output 0; the guard below keeps such rows at 0 instead of NaN.
+output 0; the guards below keep such rows at 0 instead of NaN.
 """
 
 from __future__ import annotations
@@ -33,10 +33,15 @@ def merge_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: tor
 
     out: (..., d) float32/64 accumulator (any strided view); lse: (...) same dtype.
     out_b: (..., d) any float dtype; lse_b: (...) float.
+    The weights are taken relative to the larger lse, so they sum to 1 to rounding however
+    large the lse (``logaddexp`` rounded to the lse's ulp would not); NaN propagates.
     """
     lse_b = lse_b.to(lse.dtype)
-    new = torch.logaddexp(lse, lse_b)
-    finite = torch.where(torch.isneginf(new), torch.zeros_like(new), new)
-    out.mul_(torch.exp(lse - finite).unsqueeze(-1))
-    out.add_(out_b.to(out.dtype) * torch.exp(lse_b - finite).unsqueeze(-1))
-    lse.copy_(new)
+    top = torch.maximum(lse, lse_b)
+    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)  # rows with no key yet: weights 0
+    w_a, w_b = torch.exp(lse - top), torch.exp(lse_b - top)
+    total = w_a + w_b
+    inv = 1.0 / torch.where(total == 0, torch.ones_like(total), total)
+    out.mul_((w_a * inv).unsqueeze(-1))
+    out.add_(out_b.to(out.dtype) * (w_b * inv).unsqueeze(-1))
+    lse.copy_(top + torch.log(total))

@@ -8,15 +8,10 @@ import torch
 from torch import nn
 
 from . import backends
+from .checks import check_dropout, refuse_dropout
 from .functional import dilated_attention
 from .pattern_cache import PatternCache, get_global_pattern_cache
 from .plan import check_schedule
-
-
-def check_dropout(dropout: float) -> float:
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    return float(dropout)
 
 
 class UsesPatternCache:
@@ -29,15 +24,6 @@ class UsesPatternCache:
     @property
     def pattern_cache(self) -> PatternCache:
         return get_global_pattern_cache() if self._own_cache is None else self._own_cache
-
-
-def refuse_dropout(module: nn.Module) -> None:
-    """Attention dropout is not implemented: refuse it in training rather than ignore it."""
-    if module.training and module.dropout > 0.0:
-        raise NotImplementedError(
-            f"{type(module).__name__}: attention dropout (dropout={module.dropout}) is not implemented; "
-            "construct it with dropout=0.0, or call .eval()"
-        )
 
 
 class DilatedAttention(UsesPatternCache, nn.Module):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterable
@@ -28,8 +27,6 @@ from typing import Any, Callable, Hashable, Iterable
 import torch
 
 _HOST = "host"
-_REGISTRY: "weakref.WeakValueDictionary[int, PatternCache]" = weakref.WeakValueDictionary()
-_NEXT_ID = [1]
 
 
 def _tensors(value) -> list[torch.Tensor]:
@@ -84,7 +81,12 @@ class _Stats:
 
 
 class PatternCache:
-    """Patterns by key, on the host and per device, within ``max_bytes`` in all."""
+    """Patterns by key, on the host and per device, within ``max_bytes`` in all (keys counted too).
+
+    A pattern that cannot fit (larger than the bound, or the bound full of pinned entries)
+    is returned to its caller uncached. Eviction pops the least recently used unpinned
+    entry: O(1) per entry evicted, whatever the number of entries.
+    """
 
     def __init__(self, max_bytes: int = 256 << 20, pin_memory: bool | None = None) -> None:
         if max_bytes <= 0:
@@ -92,14 +94,13 @@ class PatternCache:
         self.max_bytes = int(max_bytes)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._lock = threading.RLock()
-        self._entries: "OrderedDict[tuple[Hashable, Any], _Entry]" = OrderedDict()  # (key, tier) in LRU order
+        self._lru: "OrderedDict[tuple[Hashable, Any], _Entry]" = OrderedDict()  # unpinned (key, tier), LRU first
+        self._pinned: dict[tuple[Hashable, Any], _Entry] = {}
         self._bytes = {_HOST: 0}
+        self._total = 0
+        self._pinned_bytes = 0
         self._stats = _Stats()
         self._streams: dict = {}
-        with self._lock:
-            self.cache_id = _NEXT_ID[0]
-            _NEXT_ID[0] += 1
-        _REGISTRY[self.cache_id] = self
 
     # -- keys and tiers -------------------------------------------------------------
     @staticmethod
@@ -122,26 +123,42 @@ class PatternCache:
             device = torch.device("cuda", torch.cuda.current_device())
         return device
 
-    def _insert(self, key, tier, entry: _Entry) -> None:
-        old = self._entries.pop((key, tier), None)
-        if old is not None:
-            self._bytes[tier] -= old.nbytes
-            entry.pinned = entry.pinned or old.pinned
-        self._entries[(key, tier)] = entry
-        self._bytes[tier] = self._bytes.get(tier, 0) + entry.nbytes
+    def _lookup(self, slot) -> _Entry | None:
+        entry = self._lru.get(slot)
+        if entry is not None:
+            self._lru.move_to_end(slot)
+            return entry
+        return self._pinned.get(slot)
+
+    def _account(self, slot, entry: _Entry, sign: int) -> None:
+        self._bytes[slot[1]] = self._bytes.get(slot[1], 0) + sign * entry.nbytes
+        self._total += sign * entry.nbytes
+        if entry.pinned:
+            self._pinned_bytes += sign * entry.nbytes
+
+    def _remove(self, slot) -> _Entry | None:
+        entry = self._lru.pop(slot, None) or self._pinned.pop(slot, None)
+        if entry is not None:
+            self._account(slot, entry, -1)
+        return entry
+
+    def _insert(self, key, tier, entry: _Entry) -> bool:
+        """Store the entry (its key's bytes counted); False when it cannot fit and is not stored."""
+        slot = (key, tier)
+        entry.nbytes += _object_bytes(key)
+        old = self._remove(slot)
+        entry.pinned = entry.pinned or (old is not None and old.pinned)
+        if not entry.pinned and self._pinned_bytes + entry.nbytes > self.max_bytes:
+            return False
+        (self._pinned if entry.pinned else self._lru)[slot] = entry
+        self._account(slot, entry, +1)
         self._evict()
+        return True
 
     def _evict(self) -> None:
-        total = sum(self._bytes.values())
-        for slot in list(self._entries):
-            if total <= self.max_bytes:
-                break
-            entry = self._entries[slot]
-            if entry.pinned:
-                continue
-            del self._entries[slot]
-            self._bytes[slot[1]] -= entry.nbytes
-            total -= entry.nbytes
+        while self._total > self.max_bytes and self._lru:
+            slot, entry = self._lru.popitem(last=False)
+            self._account(slot, entry, -1)
             self._stats.evictions += 1
 
     def _to_host(self, value):
@@ -168,27 +185,24 @@ class PatternCache:
     def get(self, key: Hashable, target_device=None):
         """The pattern for ``key`` on ``target_device`` (None or CPU: host tier), or None on a miss."""
         tier = _HOST if target_device is None else self._tier(target_device)
-        slot = (key, tier)
         with self._lock:
             try:
-                entry = self._entries.get(slot)
+                entry = self._lookup((key, tier))
             except TypeError:
                 self._check_key(key)
                 raise
             if entry is not None:  # the steady-state path: no copy, no allocation
-                self._entries.move_to_end(slot)
                 self._stats.hits += 1
                 return entry.value if entry.ready is None else self._ready(entry, tier)
-            host = self._entries.get((key, _HOST))
+            host = self._lookup((key, _HOST))
             if host is None:
                 self._stats.misses += 1
                 return None
-            self._entries.move_to_end((key, _HOST))
             self._stats.hits += 1
             if not _tensors(host.value):
                 raise TypeError(f"pattern {key!r} is a Python object and lives on the host only; get it without a device")
             value = self._copy_to(host.value, tier)
-            self._insert(key, tier, _Entry(value, host.nbytes))
+            self._insert(key, tier, _Entry(value, _nbytes(value)))
             return value
 
     def put(self, key: Hashable, value, move_to_cpu: bool = True) -> None:
@@ -211,19 +225,22 @@ class PatternCache:
         return value if value is not None else self.create(key, builder, device)
 
     def create(self, key: Hashable, builder: Callable[[], Any], device=None):
-        """Build the pattern, store it (host tier, and ``device``'s for tensors), and return it."""
+        """Build the pattern, store it (host tier, and ``device``'s for tensors), and return it.
+
+        A pattern too large for the bound is returned uncached."""
         self._check_key(key)
         built = builder()
         with self._lock:
             self._stats.builds += 1
             tensors = _tensors(built)
             tier = self._tier(device)
-            self._insert(key, _HOST, _Entry(self._to_host(built), _nbytes(built)))
+            host = self._to_host(built)
+            self._insert(key, _HOST, _Entry(host, _nbytes(built)))
             if tensors and tier != _HOST:
                 on_device = built if tensors[0].device == tier else self._copy_to(built, tier)
                 self._insert(key, tier, _Entry(on_device, _nbytes(built)))
                 return on_device
-            return self._entries[(key, _HOST)].value
+            return host
 
     def get_batch(self, keys: Iterable[Hashable], target_device) -> list:
         """Patterns for many keys on one device; the ones missing there arrive in one copy per dtype."""
@@ -232,10 +249,11 @@ class PatternCache:
         with self._lock:
             if tier == _HOST:
                 return [self.get(k) for k in keys]
-            missing = [k for k in dict.fromkeys(keys) if (k, tier) not in self._entries and (k, _HOST) in self._entries]
+            hosts = {k: self._lookup((k, _HOST)) for k in dict.fromkeys(keys) if self._lookup((k, tier)) is None}
+            hosts = {k: e for k, e in hosts.items() if e is not None}
             by_dtype: dict[torch.dtype, list[tuple[Hashable, int, torch.Tensor]]] = {}
-            for k in missing:
-                for j, t in enumerate(_tensors(self._entries[(k, _HOST)].value)):
+            for k, host in hosts.items():
+                for j, t in enumerate(_tensors(host.value)):
                     by_dtype.setdefault(t.dtype, []).append((k, j, t))
             parts: dict[Hashable, dict[int, torch.Tensor]] = {}
             for dtype, items in by_dtype.items():
@@ -246,12 +264,13 @@ class PatternCache:
                 on_device = flat.to(tier, non_blocking=flat.is_pinned())
                 for (k, j, t), chunk in zip(items, on_device.split([t.numel() for _, _, t in items])):
                     parts.setdefault(k, {})[j] = chunk.view(t.shape)
-            for k in missing:
-                host = self._entries[(k, _HOST)]
+            copied = {}
+            for k, host in hosts.items():
                 tensors = [parts[k][j] for j in range(len(_tensors(host.value)))]
-                value = tensors[0] if isinstance(host.value, torch.Tensor) else tuple(tensors)
-                self._insert(k, tier, _Entry(value, host.nbytes))
-            return [self.get(k, tier) for k in keys]
+                copied[k] = tensors[0] if isinstance(host.value, torch.Tensor) else tuple(tensors)
+                self._insert(k, tier, _Entry(copied[k], _nbytes(copied[k])))
+                self._stats.hits += 1
+            return [copied.pop(k) if k in copied else self.get(k, tier) for k in keys]
 
     def prefetch(self, keys: Iterable[Hashable], device) -> None:
         """Start copying host patterns to ``device`` on a side stream; readers wait on its event."""
@@ -259,18 +278,18 @@ class PatternCache:
         if tier == _HOST or tier.type != "cuda":
             raise ValueError(f"prefetch needs a CUDA device, got {device}")
         with self._lock:
-            todo = [k for k in dict.fromkeys(keys) if (k, tier) not in self._entries and (k, _HOST) in self._entries]
+            todo = {k: self._lookup((k, _HOST)) for k in dict.fromkeys(keys) if self._lookup((k, tier)) is None}
+            todo = {k: host for k, host in todo.items() if host is not None and _tensors(host.value)}
             if not todo:
                 return
             stream = self._side_stream(tier)
             stream.wait_stream(torch.cuda.current_stream(tier))
             with torch.cuda.stream(stream):
-                for k in todo:
-                    host = self._entries[(k, _HOST)]
+                for k, host in todo.items():
                     value = self._copy_to(host.value, tier)
                     event = torch.cuda.Event()
                     event.record(stream)
-                    self._insert(k, tier, _Entry(value, host.nbytes, ready=event))
+                    self._insert(k, tier, _Entry(value, _nbytes(value), ready=event))
 
     def _side_stream(self, device):
         if device not in self._streams:
@@ -287,32 +306,43 @@ class PatternCache:
         """Keep ``key`` resident on ``device`` (copied there if needed) and never evict it."""
         tier = self._tier(device)
         with self._lock:
-            if self.get(key, tier) is None:
+            value = self.get(key, tier)
+            if value is None:
                 raise KeyError(f"no pattern for {key!r} to pin")
-            self._entries[(key, tier)].pinned = True
+            entry = self._remove((key, tier))
+            if entry is None:  # too large to be cached unpinned: pinning keeps it all the same
+                entry = _Entry(value, _nbytes(value))
+            else:
+                entry.nbytes -= _object_bytes(key)  # _insert counts the key again
+            entry.pinned = True
+            self._insert(key, tier, entry)
 
     def unpin_pattern(self, key: Hashable, device=None) -> None:
         """Let ``key`` be evicted again (on ``device``, or on every tier when None)."""
         with self._lock:
-            for (k, tier), entry in self._entries.items():
-                if k == key and (device is None or tier == self._tier(device)):
-                    entry.pinned = False
+            for slot in [s for s in self._pinned if s[0] == key and (device is None or s[1] == self._tier(device))]:
+                entry = self._remove(slot)
+                entry.pinned = False
+                self._lru[slot] = entry
+                self._account(slot, entry, +1)
             self._evict()
 
     def clear(self) -> None:
         """Drop every entry, pinned ones too; counters restart."""
         with self._lock:
-            self._entries.clear()
+            self._lru.clear()
+            self._pinned.clear()
             self._bytes = {_HOST: 0}
+            self._total = self._pinned_bytes = 0
             self._stats = _Stats()
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._entries)
+            return len(self._lru) + len(self._pinned)
 
     def __contains__(self, key) -> bool:
         with self._lock:
-            return any(k == key for k, _ in self._entries)
+            return any((key, tier) in self._lru or (key, tier) in self._pinned for tier in self._bytes)
 
     def stats(self) -> dict:
         with self._lock:
@@ -324,8 +354,8 @@ class PatternCache:
                 "evictions": s.evictions,
                 "hit_rate": s.hits / lookups if lookups else 0.0,
                 "builds": s.builds,
-                "entries": len(self._entries),
-                "pinned": sum(e.pinned for e in self._entries.values()),
+                "entries": len(self._lru) + len(self._pinned),
+                "pinned": len(self._pinned),
                 "host_bytes": self._bytes[_HOST],
                 "device_bytes": sum(b for t, b in self._bytes.items() if t != _HOST),
                 "h2d_transfers": s.h2d_transfers,
@@ -344,11 +374,3 @@ def get_global_pattern_cache() -> PatternCache:
 def clear_global_pattern_cache() -> None:
     """Empty the process-wide cache."""
     get_global_pattern_cache().clear()
-
-
-def cache_by_id(cache_id: int) -> PatternCache:
-    """The live cache with this id (ids travel through custom ops, which take no objects)."""
-    cache = _REGISTRY.get(cache_id)
-    if cache is None:
-        raise RuntimeError(f"pattern cache {cache_id} no longer exists")
-    return cache

@@ -1,22 +1,25 @@
-"""The dilation schedule as a list of work items, and the strided views they read.
+"""The dilation schedule as branches, the work items derived from them, and their strided views.
 
 A *branch* ``(w, r)`` with effective segment ``w' = min(w, n)`` links query ``i`` and key
-``t`` when they share a segment and both in-segment positions are ``== o (mod r)``.
-Heads that share an offset ``o`` see the same positions, so one work item covers one
-``(branch, offset)`` and a slice of heads. Every item is dense attention over the strided
-view ``x[:, :full].unflatten(1, (S, w'))[:, :, o::r, heads]`` plus, when ``n % w' != 0``,
-the ragged last segment ``x[:, full:][:, o::r, heads]``: no gather, no index list, no
-padding, for any ``w % r``.
+``t`` when they share a segment and both in-segment positions are ``== o (mod r)``. The
+plan keeps one ``Branch`` per entry of the schedule, never merged with another (a
+repeated ``(w, r)``, or two branches clipped to the same ``w' = n``, count twice, as Eq. 10
+says). Heads that share an offset ``o`` see the same positions, so each branch yields one
+``WorkItem`` per offset: dense attention over the strided view
+``x[:, :full].unflatten(1, (S, w'))[:, :, o::r, heads]`` plus, when ``n % w' != 0``, the
+ragged last segment ``x[:, full:][:, o::r, heads]``. No gather, no index list, no padding.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 MODES = ("paper", "head_groups")
+PER_HEAD = -1  # Branch.offset: head j uses offset j % r (paper mode)
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,35 @@ class WorkItem:
     @property
     def heads(self) -> slice:
         return slice(self.head_start, self.head_stop, self.head_step)
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One ``(w, r)`` of the schedule over the heads ``[head_start, head_stop)``.
+
+    ``offset``: ``PER_HEAD`` (head j uses j % r: paper mode) or one offset for every head
+    (head_groups mode: group g uses g % r).
+    """
+
+    segment: int  # effective segment length w' = min(w, n)
+    rate: int
+    offset: int
+    head_start: int
+    head_stop: int
+
+    def items(self) -> tuple[WorkItem, ...]:
+        """The branch's work items: one per offset that selects at least one row."""
+        if self.offset != PER_HEAD:
+            if self.offset >= self.segment:
+                return ()
+            return (WorkItem(self.segment, self.rate, self.offset, self.head_start, self.head_stop, 1),)
+        offsets = range(min(self.rate, self.segment, self.head_stop - self.head_start))
+        return tuple(
+            WorkItem(self.segment, self.rate, o, self.head_start + o, self.head_stop, self.rate) for o in offsets
+        )
+
+
+Plan = tuple  # tuple[Branch, ...]: one entry per (w, r) of the schedule, in order
 
 
 def check_schedule(segment_lengths: Sequence[int], dilation_rates: Sequence[int], mode: str) -> None:
@@ -52,6 +84,13 @@ def check_schedule(segment_lengths: Sequence[int], dilation_rates: Sequence[int]
             f"segment_lengths and dilation_rates must have the same length, got "
             f"{len(segment_lengths)} and {len(dilation_rates)}"
         )
+    for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
+        if r > w:
+            raise ValueError(
+                f"dilation_rates[{i}] = {r} exceeds segment_lengths[{i}] = {w}: a branch keeps every r-th row of "
+                f"segments of w rows, so r <= w. The arguments are (segment_lengths, dilation_rates); were they "
+                f"passed in the other order (dilation_rates first, as some other implementations take them)?"
+            )
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
@@ -80,23 +119,30 @@ def build_plan(
     segment_lengths: Sequence[int],
     dilation_rates: Sequence[int],
     mode: str,
-) -> tuple[WorkItem, ...]:
-    """Every ``(branch, offset, heads)`` item of the schedule at this ``(n, h)``; empty ones dropped."""
-    items = []
+) -> Plan:
+    """One ``Branch`` per ``(w, r)`` of the schedule at this ``(n, h)``, in order."""
+    schedule = list(zip(segment_lengths, dilation_rates))
     if mode == "paper":
-        for w, r in zip(segment_lengths, dilation_rates):
-            seg = min(w, seq_len)
-            for o in range(min(r, seg, num_heads)):
-                items.append(WorkItem(seg, r, o, o, num_heads, r))
-    else:
-        check_heads(num_heads, len(segment_lengths), mode)
-        for g, ((w, r), (start, stop)) in enumerate(
-            zip(zip(segment_lengths, dilation_rates), head_groups(num_heads, len(segment_lengths)))
-        ):
-            seg = min(w, seq_len)
-            if g % r < seg:
-                items.append(WorkItem(seg, r, g % r, start, stop, 1))
-    return tuple(items)
+        return tuple(Branch(min(w, seq_len), r, PER_HEAD, 0, num_heads) for w, r in schedule)
+    check_heads(num_heads, len(schedule), mode)
+    groups = head_groups(num_heads, len(schedule))
+    return tuple(Branch(min(w, seq_len), r, g % r, start, stop) for g, ((w, r), (start, stop)) in enumerate(zip(schedule, groups)))
+
+
+def plan_items(plan: Plan) -> tuple[WorkItem, ...]:
+    """Every ``(branch, offset, heads)`` work item of the plan, branch by branch."""
+    return tuple(item for branch in plan for item in branch.items())
+
+
+def encode_plan(plan: Plan) -> list[int]:
+    """The plan as a flat list of ints (what a custom op can take): 5 per branch."""
+    return [x for b in plan for x in (b.segment, b.rate, b.offset, b.head_start, b.head_stop)]
+
+
+@functools.lru_cache(maxsize=1024)
+def decode_plan(code: tuple[int, ...]) -> Plan:
+    """Inverse of ``encode_plan``."""
+    return tuple(Branch(*code[i : i + 5]) for i in range(0, len(code), 5))
 
 
 def segment_views(x: torch.Tensor, item: WorkItem) -> list[torch.Tensor]:
@@ -123,7 +169,7 @@ def useful_flops(
     """Forward FLOPs of the linked query-key pairs (4 per pair per head-dim element), causal not halved."""
     n = seq_len
     total = 0
-    for item in build_plan(n, num_heads, segment_lengths, dilation_rates, mode):
+    for item in plan_items(build_plan(n, num_heads, segment_lengths, dilation_rates, mode)):
         heads = len(range(item.head_start, item.head_stop, item.head_step))
         full = n // item.segment * item.segment
         rows_full = len(range(item.offset, item.segment, item.rate))
@@ -132,8 +178,12 @@ def useful_flops(
     return 4 * batch * head_dim * total
 
 
-def cached_plan(cache, seq_len, num_heads, segment_lengths, dilation_rates, mode) -> tuple[WorkItem, ...]:
-    """``build_plan`` through a ``PatternCache``: built once per configuration."""
+def cached_plan(cache, seq_len, num_heads, segment_lengths, dilation_rates, mode) -> Plan:
+    """``build_plan`` through a ``PatternCache``: built once per configuration.
+
+    Under ``torch.compile`` the plan is built while tracing and the graph keeps it."""
+    if torch.compiler.is_compiling():
+        return build_plan(seq_len, num_heads, segment_lengths, dilation_rates, mode)
     key = ("plan", seq_len, num_heads, tuple(segment_lengths), tuple(dilation_rates), mode)
     plan = cache.get(key)
     if plan is None:

@@ -12,7 +12,7 @@ fp32 through their log-sum-exp, so forward and gradients are exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
+from itertools import chain
 from typing import Sequence
 
 import torch
@@ -20,24 +20,26 @@ import torch.distributed as dist
 from torch import nn
 
 from . import backends
-from .functional import block_grad_inputs, check_qkv, dilated_attention, output_factor, resolve_scale
+from .backends import Backend, block_grad_inputs
+from .checks import check_dropout, check_qkv, output_factor, refuse_dropout, resolve_scale
+from .functional import dilated_attention
 from .merge import acc_dtype, empty_partial
-from .modules import MultiheadDilatedAttention, UsesPatternCache, check_dropout, refuse_dropout
-from .plan import WorkItem, cached_plan, check_schedule
+from .modules import MultiheadDilatedAttention, UsesPatternCache
+from .plan import WorkItem, cached_plan, check_schedule, plan_items
 from .ring_comm import Exchange, check_agreement, fingerprint, pack, unpack
 from .ring_plan import LAYOUTS, FullSegments, Pair, Piece, RingSchedule, build_ring_schedule, shard_rows
 
 
 @dataclass
 class _RingCall:
-    plan: tuple[WorkItem, ...]
+    plan: tuple[WorkItem, ...]  # the plan's work items, as the schedule indexes them
     schedule: RingSchedule
     group: object
     rank: int
     scale: float
     causal: bool
     stats: dict
-    impl: ModuleType  # the backend every block runs on
+    impl: Backend  # the backend every block runs on
     out_scale: float  # the output's factor (head_groups: 1/m)
 
 
@@ -109,7 +111,7 @@ def ring_forward(call: _RingCall, q, k, v):
     world = call.schedule.world
     pending = _post_kv(call, k, v, 1, "forward") if world > 1 else None
     for qview, kview, causal in _local_blocks(call):
-        backends.attend_(impl, qview(out), qview(lse), qview(q), kview(k), kview(v), call.scale, causal)
+        impl.attend_(qview(out), qview(lse), qview(q), kview(k), kview(v), call.scale, causal)
     for distance in range(1, world):
         src = (call.rank - distance) % world
         received = _received_kv(call, pending, src, b, d)
@@ -118,7 +120,7 @@ def ring_forward(call: _RingCall, q, k, v):
             item = call.plan[pair.item]
             kb, vb = received[(pair.item, pair.k)]
             qv = lambda t: _piece_view(t, item, pair.q)  # noqa: E731
-            backends.attend_(impl, qv(out), qv(lse), qv(q), kb, vb, call.scale, False)
+            impl.attend_(qv(out), qv(lse), qv(q), kb, vb, call.scale, False)
     return out.mul_(call.out_scale).to(q.dtype), lse
 
 
@@ -133,7 +135,7 @@ def ring_backward(call: _RingCall, dout, q, k, v, out, lse):
     world, rank = call.schedule.world, call.rank
     pending = _post_kv(call, k, v, 1, "backward") if world > 1 else None
     for qview, kview, causal in _local_blocks(call):
-        backends.attend_backward_(impl, qview(dq), kview(dk), kview(dv), qview(dout), qview(q), kview(k), kview(v),
+        impl.attend_backward_(qview(dq), kview(dk), kview(dv), qview(dout), qview(q), kview(k), kview(v),
                                   qview(out), qview(lse), call.scale, causal)
     returning = None  # at most one dK/dV return in flight: memory stays O(n/P)
     for distance in range(1, world):
@@ -147,7 +149,7 @@ def ring_backward(call: _RingCall, dout, q, k, v, out, lse):
             kb, vb = received[(pair.item, pair.k)]
             qv = lambda t: _piece_view(t, item, pair.q)  # noqa: E731
             gk, gv = grads[(pair.item, pair.k)]
-            backends.attend_backward_(impl, qv(dq), gk, gv, qv(dout), qv(q), kb, vb, qv(out), qv(lse), call.scale, False)
+            impl.attend_backward_(qv(dq), gk, gv, qv(dout), qv(q), kb, vb, qv(out), qv(lse), call.scale, False)
         # send dK/dV home to src; receive those of my rows from dst
         mine = _unique_keys(call.schedule.pairs[rank][dst])
         shapes = _recv_shapes(call, mine, b, d)
@@ -236,36 +238,45 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
         return group, dist.get_rank(group), dist.get_world_size(group)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
-        refuse_dropout(self)
-        check_qkv(q, k, v)
         group, rank, world = self._group()
         self.comm_bytes = {"forward": 0, "backward": 0}
         if world == 1:
+            refuse_dropout(self)
             return dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal,
                                      scale=self.scale, mode=self.mode, backend=self.backend,
                                      pattern_cache=self.pattern_cache)
-        b, m, h, d = q.shape
-        n = m * world
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        try:  # local checks first, but every rank learns of a failure in the agreement below
+            refuse_dropout(self)
+            check_qkv(q, k, v)
+            if not isinstance(is_causal, bool):
+                raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+            impl = backends.select(q, self.backend)  # refuses a named backend that cannot take q
+            scale = resolve_scale(self.scale, q.shape[-1])
+            error = None
+        except (TypeError, ValueError, NotImplementedError) as e:
+            error = e
+        b, m, h, d = q.shape if error is None else (0, 0, 0, 0)
+        grad = error is None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         check_agreement(group, {
             "batch": b, "local_seq_len": m, "heads": h, "head_dim": d,
-            "dtype": fingerprint(q.dtype), "is_causal": int(is_causal), "requires_grad": int(grad),
+            "dtype": fingerprint(q.dtype) if error is None else 0, "is_causal": int(bool(is_causal)),
+            "requires_grad": int(grad),
             "schedule": fingerprint((self.segment_lengths, self.dilation_rates, self.mode, self.layout, self.scale)),
-        })
-        plan = cached_plan(self.pattern_cache, n, h, self.segment_lengths, self.dilation_rates, self.mode)
+        }, error)
+        n = m * world
+        plan = plan_items(cached_plan(self.pattern_cache, n, h, self.segment_lengths, self.dilation_rates, self.mode))
         schedule = self.pattern_cache.get_or_create(
             ("ring_schedule", n, world, self.layout, plan, is_causal),
             lambda: build_ring_schedule(n, world, self.layout, plan, is_causal),
         )
-        impl = backends.select(q, self.backend)  # refuses a named backend that cannot take q, before any exchange
-        call = _RingCall(plan, schedule, group, rank, resolve_scale(self.scale, d), is_causal, self.comm_bytes,
-                         impl, output_factor(self.mode, self.segment_lengths))
+        call = _RingCall(plan, schedule, group, rank, scale, is_causal, self.comm_bytes, impl,
+                         output_factor(self.mode, self.segment_lengths))
         return _RingFunction.apply(*(t.contiguous() for t in (q, k, v)), call)
 
     def shard(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a full (b, n, ...) tensor, in this module's layout."""
         group, rank, world = self._group()
-        parts = [x[:, a:b] for a, b in shard_rows(x.shape[1], world, rank, self.layout)]
+        parts = [x[:, a:b] for a, b in shard_rows(x.shape[1], world, rank, self.layout)]  # checks divisibility
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # a view when contiguous
 
     def unshard(self, x_local: torch.Tensor) -> torch.Tensor:
@@ -290,14 +301,35 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
 
 
 class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
-    """``MultiheadDilatedAttention`` over this rank's shard (b, n/P, embed_dim) of the sequence."""
+    """``MultiheadDilatedAttention`` over this rank's shard (b, n/P, embed_dim) of the sequence.
+
+    The ranks of the ring must hold the same parameters: the first forward broadcasts them
+    (and the buffers) from the group's first rank, so ranks that initialised differently
+    start identical. Gradients of the parameters are each rank's partial sums: reduce them
+    over the group (DDP or FSDP over the ring's ranks does) to train.
+    """
 
     def __init__(self, embed_dim: int, num_heads: int, segment_lengths: Sequence[int],
                  dilation_rates: Sequence[int], *, process_group=None, layout: str = "contiguous", **kwargs) -> None:
         self._ring_options = dict(process_group=process_group, layout=layout)
         super().__init__(embed_dim, num_heads, segment_lengths, dilation_rates, **kwargs)
+        self._parameters_synced = False
 
     def _make_attention(self, segment_lengths, dilation_rates, mode, dropout, use_pattern_cache) -> nn.Module:
         return RingDilatedAttention(segment_lengths, dilation_rates, mode=mode, dropout=dropout,
                                     use_pattern_cache=use_pattern_cache, **self._ring_options)
 
+    def sync_parameters(self) -> None:
+        """Broadcast parameters and buffers from the group's first rank to the others."""
+        group, _, world = self.attention._group()
+        if world > 1:
+            src = dist.get_global_rank(group, 0)
+            with torch.no_grad():
+                for t in chain(self.parameters(), self.buffers()):
+                    dist.broadcast(t.data, src=src, group=group)
+        self._parameters_synced = True
+
+    def forward(self, query, key=None, value=None, **kwargs):
+        if not self._parameters_synced:
+            self.sync_parameters()
+        return super().forward(query, key, value, **kwargs)

@@ -23,17 +23,28 @@ def fingerprint(value) -> int:
     return zlib.crc32(repr(value).encode()) & 0x7FFFFFFF
 
 
-def check_agreement(group, fields: dict[str, int]) -> None:
-    """All-gather ``fields`` and raise the same ValueError on every rank if any rank differs."""
-    names = list(fields)
-    mine = torch.tensor([fields[k] for k in names], dtype=torch.int64, device=_device_for(group))
+def check_agreement(group, fields: dict[str, int], local_error: Exception | None = None) -> None:
+    """All-gather ``fields`` and whether this rank's local checks failed; raise on every rank at once.
+
+    A rank whose checks failed re-raises its own error; the others raise a ValueError naming
+    it. Otherwise, if any field differs, every rank raises the same ValueError.
+    """
+    names = ["local_error", *fields]
+    values = [int(local_error is not None), *fields.values()]
+    mine = torch.tensor(values, dtype=torch.int64, device=_device_for(group))
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     try:
         dist.all_gather(gathered, mine, group=group)
     except Exception as e:  # gloo/NCCL raise RuntimeError or DistBackendError on a dead peer or timeout
         raise RingCommError(f"ring dilated attention: the agreement all_gather failed (a rank died or timed out): {e}") from e
     rows = torch.stack(gathered).cpu()
-    bad = [names[j] for j in range(len(names)) if not bool((rows[:, j] == rows[0, j]).all())]
+    failed = [r for r in range(rows.shape[0]) if rows[r, 0]]
+    if local_error is not None:
+        raise local_error
+    if failed:
+        raise ValueError(f"ring dilated attention: rank(s) {failed} of the group failed their input checks "
+                         "(their own error says why); no rank attends")
+    bad = [names[j] for j in range(1, len(names)) if not bool((rows[:, j] == rows[0, j]).all())]
     if bad:
         detail = "; ".join(f"{name}: {rows[:, names.index(name)].tolist()}" for name in bad)
         raise ValueError(f"ring dilated attention: ranks disagree on {', '.join(bad)} (per rank: {detail})")

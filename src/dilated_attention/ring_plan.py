@@ -96,10 +96,7 @@ def _piece(item: WorkItem, seg_start: int, seg_stop: int, a: int, b: int, base: 
 
 def build_ring_schedule(n: int, world: int, layout: str, plan: tuple[WorkItem, ...], causal: bool) -> RingSchedule:
     chunks = rank_chunks(world, layout)
-    num_chunks = sum(len(c) for c in chunks)
-    if n % num_chunks:
-        raise ValueError(f"sequence length {n} must be divisible by {num_chunks} ({layout} layout over {world} ranks)")
-    length = n // num_chunks
+    length = chunk_length(n, world, layout)
 
     def segments_of(item, chunk):
         """(seg_start, seg_stop) of every segment overlapping the chunk that is not a full one inside it."""
@@ -147,8 +144,19 @@ def build_ring_schedule(n: int, world: int, layout: str, plan: tuple[WorkItem, .
     )
 
 
+def chunk_length(n: int, world: int, layout: str) -> int:
+    """Rows per chunk; n must split into the layout's chunks exactly (no row is ever dropped)."""
+    num_chunks = sum(len(c) for c in rank_chunks(world, layout))
+    if n % num_chunks:
+        raise ValueError(
+            f"sequence length {n} must be divisible by {num_chunks} ({layout} layout over {world} ranks): "
+            f"pad the sequence to a multiple of {num_chunks} (e.g. {-(-n // num_chunks) * num_chunks} rows)"
+        )
+    return n // num_chunks
+
+
 def shard_rows(n: int, world: int, rank: int, layout: str) -> list[tuple[int, int]]:
     """Global row intervals held by ``rank``, in local order."""
     chunks = rank_chunks(world, layout)
-    length = n // sum(len(c) for c in chunks)
+    length = chunk_length(n, world, layout)
     return [(c * length, (c + 1) * length) for c in chunks[rank]]

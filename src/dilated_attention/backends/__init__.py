@@ -1,24 +1,25 @@
-"""Backend dispatch: one module per backend.
+"""Backend dispatch: one module per backend, one interface (``base.Backend``) for all.
 
-``"triton"``: fused kernels, one launch per branch over the whole plan (``forward_all``,
-``backward_all``) and one per block for the ring; CUDA, fp16/bf16, head_dim in {16, 32, 64, 128}.
+``"triton"``: fused kernels, one launch per branch over the whole plan and one per block
+for the ring; CUDA, fp16/bf16, head_dim in {16, 32, 64, 128}.
 ``"sdpa"``: PyTorch's fused kernels with log-sum-exp, per (branch, offset) block (CPU
 flash; CUDA flash or memory-efficient). ``"math"``: portable matmul path, any device and
-dtype. Every backend attends (b, S, c, h, d) blocks (``attend_``, ``attend_backward_``).
+dtype. ``select`` takes the first backend (in that order) with no reason to decline the
+input; naming one that declines raises with its reasons.
 """
 
 from __future__ import annotations
 
-import os
-
-from types import ModuleType
-
 import torch
 
-from ..merge import merge_
-from . import math, sdpa, triton
+from .base import Backend, block_grad_inputs
+from .math import Math
+from .sdpa import Sdpa
+from .triton import Triton
 
-BACKENDS = {"math": math, "sdpa": sdpa, "triton": triton}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (Triton(), Sdpa(), Math())}  # in order of preference
+
+__all__ = ["BACKENDS", "Backend", "block_grad_inputs", "check_name", "select"]
 
 
 def check_name(name: str | None) -> None:
@@ -26,45 +27,12 @@ def check_name(name: str | None) -> None:
         raise ValueError(f"backend must be one of {sorted(BACKENDS)} or None, got {name!r}")
 
 
-def select(q: torch.Tensor, name: str | None = None) -> ModuleType:
-    """The backend named, or (name None or "") the fastest that supports q's device, dtype, head_dim."""
+def select(q: torch.Tensor, name: str | None = None) -> Backend:
+    """The backend named, or (name None or "") the first that takes q's device, dtype and head_dim."""
     check_name(name)
     if name:
-        if name == "sdpa" and not sdpa.supports(q):
-            raise ValueError(f"backend 'sdpa' does not support {q.device.type} {q.dtype} head_dim={q.shape[-1]}")
-        if name == "triton" and not (triton.supports(q) or _interpreted(q)):
-            raise ValueError(
-                f"backend 'triton' needs Triton and a CUDA fp16/bf16 input with head_dim in {triton.HEAD_DIMS} "
-                f"(or TRITON_INTERPRET=1 for CPU tensors); got {q.device.type} {q.dtype} head_dim={q.shape[-1]}"
-            )
+        reasons = BACKENDS[name].not_supported_reasons(q)
+        if reasons:
+            raise ValueError(f"backend {name!r} cannot take this input: {'; '.join(reasons)}")
         return BACKENDS[name]
-    if triton.supports(q):
-        return triton
-    return sdpa if sdpa.supports(q) else math
-
-
-def attend_(impl: ModuleType, out, lse, q, k, v, scale: float, causal: bool) -> None:
-    """Merge the attention of q over (k, v) into the accumulators (out, lse) in place.
-
-    q, out: (b, S, c, h, d); k, v: (b, S, c_k, h, d); lse: (b, S, c, h).
-    """
-    if impl is triton:
-        triton.attend_(out, lse, q, k, v, scale, causal)
-    else:
-        merge_(out, lse, *impl.forward(q, k, v, scale, causal))
-
-
-def attend_backward_(impl: ModuleType, dq, dk, dv, dout, q, k, v, out, lse, scale: float, causal: bool) -> None:
-    """Add one block's gradients against the merged (out, lse) into dq, dk, dv (views as in ``attend_``)."""
-    if impl is triton:
-        triton.attend_backward_(dq, dk, dv, dout, q, k, v, out, lse, scale, causal)
-        return
-    gq, gk, gv = impl.backward(dout, q, k, v, out, lse, scale, causal)
-    dq.add_(gq)
-    dk.add_(gk)
-    dv.add_(gv)
-
-
-def _interpreted(q: torch.Tensor) -> bool:
-    """Triton's interpreter runs the kernels on CPU tensors (tests of the kernels' logic)."""
-    return triton.available() and q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return next(b for b in BACKENDS.values() if not b.not_supported_reasons(q))  # math takes every input

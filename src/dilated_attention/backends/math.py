@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..merge import acc_dtype
+from .base import BlockBackend
 
 SCORE_BUDGET = 1 << 22  # score elements per chunk (16 MiB in float32)
 
@@ -76,3 +77,16 @@ def backward(dout, q, k, v, out, lse, scale: float, causal: bool):
         dq[:, ss, qs] = torch.einsum("bshqk,bskhd->bsqhd", ds, kc) * scale
         dk[:, ss] += torch.einsum("bshqk,bsqhd->bskhd", ds, qc) * scale
     return dq, dk, dv
+
+
+class Math(BlockBackend):
+    name = "math"
+
+    def not_supported_reasons(self, q: torch.Tensor) -> list[str]:
+        return []
+
+    def block_forward(self, q, k, v, scale: float, causal: bool):
+        return forward(q, k, v, scale, causal)
+
+    def block_backward(self, dout, q, k, v, out, lse, scale: float, causal: bool):
+        return backward(dout, q, k, v, out, lse, scale, causal)

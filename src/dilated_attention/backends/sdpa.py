@@ -5,26 +5,20 @@ CUDA: ``aten._scaled_dot_product_flash_attention`` (fp16/bf16, head_dim <= 256, 
 of 8) or ``aten._scaled_dot_product_efficient_attention`` (float32). Both backward kernels
 take the merged (out, lse), which makes each block's gradient exact for Eq. 10.
 
-Blocks are laid out (b, S, c, h, d) and handed to the kernels as (b*S, h, c, d).
+Blocks are laid out (b, S, c, h, d) and handed to the kernels as (b*S, h, c, d). The CPU
+kernel returns zeros instead of NaN for some blocks with a NaN input (single-row blocks), so
+CPU blocks holding a non-finite value are computed by the portable math backend instead.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import math
+from .base import BlockBackend
+
 aten = torch.ops.aten
-
-
-def supports(q: torch.Tensor) -> bool:
-    """Whether a fused kernel with log-sum-exp covers this device, dtype and head_dim."""
-    if q.device.type == "cpu":
-        return True
-    if q.device.type != "cuda":
-        return False
-    d = q.shape[-1]
-    if q.dtype in (torch.float16, torch.bfloat16):
-        return d % 8 == 0 and d <= 256
-    return q.dtype == torch.float32 and d % 4 == 0
+MAX_GRID_Y = 65_535  # the CUDA kernels put batch x segments on a grid axis of this many programs
 
 
 def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
@@ -84,3 +78,44 @@ def backward(dout, q, k, v, out, lse, scale: float, causal: bool):
             dok, qk, kk, vk, None, ok, lk, None, None, 0.0, [True, True, True, False], causal, scale=scale
         )[:3]
     return tuple(_block_layout(g, b) for g in grads)
+
+
+def _finite(*tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+class Sdpa(BlockBackend):
+    name = "sdpa"
+
+    def not_supported_reasons(self, q: torch.Tensor) -> list[str]:
+        if q.device.type == "cpu":
+            return []
+        if q.device.type != "cuda":
+            return [f"runs on CPU or CUDA, not {q.device.type}"]
+        d = q.shape[-1]
+        if q.dtype in (torch.float16, torch.bfloat16):
+            return [] if d % 8 == 0 and d <= 256 else [f"CUDA {q.dtype} needs head_dim <= 256 and a multiple of 8, got {d}"]
+        if q.dtype == torch.float32:
+            return [] if d % 4 == 0 else [f"CUDA float32 needs head_dim a multiple of 4, got {d}"]
+        return [f"CUDA takes float16, bfloat16 or float32, not {q.dtype}"]
+
+    def block_forward(self, q, k, v, scale: float, causal: bool):
+        if q.device.type == "cpu" and not _finite(q, k, v):
+            return math.forward(q, k, v, scale, causal)
+        parts = [forward(*t, scale, causal) for t in _segment_chunks(q, k, v)]
+        return tuple(torch.cat(p, dim=1) for p in zip(*parts)) if len(parts) > 1 else parts[0]
+
+    def block_backward(self, dout, q, k, v, out, lse, scale: float, causal: bool):
+        if q.device.type == "cpu" and not _finite(q, k, v, dout):
+            return math.backward(dout, q, k, v, out, lse, scale, causal)
+        parts = [backward(*t, scale, causal) for t in _segment_chunks(dout, q, k, v, out, lse)]
+        return tuple(torch.cat(p, dim=1) for p in zip(*parts)) if len(parts) > 1 else parts[0]
+
+
+def _segment_chunks(*blocks):
+    """The blocks (b, S, ...) in slices of S whose b * S fits the CUDA kernels' grid axis (65,535)."""
+    b, segments = blocks[0].shape[:2]
+    if blocks[0].device.type != "cuda" or b * segments <= MAX_GRID_Y:
+        return [blocks]
+    step = max(1, MAX_GRID_Y // b)
+    return [tuple(t[:, i : i + step] for t in blocks) for i in range(0, segments, step)]

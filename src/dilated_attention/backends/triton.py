@@ -1,17 +1,17 @@
 """Fused Triton backend: flash-attention kernels that read q, k, v through the dilated strides.
 
 One kernel family serves every caller. A launch is a set of segments, each holding one
-residue class of rows per head: program (m, s, b*h) takes query rows ``m*BLOCK_M...`` of
+residue class of rows per head: program (m and s, head, batch) takes query rows ``m*BLOCK_M...`` of
 segment ``s``'s class, runs flash-attention over the same class's keys, and merges its
 (out, lse) in place into the accumulators through the log-sum-exp (no per-branch output
 buffer). Backward runs against the merged (out, lse): one launch for dK/dV (program per
 key block), one for dQ (program per query block), each adding into gradients that no
 other program of the launch touches, so it is deterministic.
 
-- ``forward_all`` / ``backward_all``: a whole plan on (b, n, h, d) tensors, one launch per
-  branch covering every segment (the ragged last one too), every head and head offset;
-  accumulators in the inputs' dtype (merged in fp32 registers), so the extra memory is
-  the fp32 lse alone.
+- ``forward_plan`` / ``backward_plan``: a whole plan on (b, n, h, d) tensors, one launch
+  per branch covering every segment (the ragged last one too), every head and head
+  offset; accumulators in the inputs' dtype (merged in fp32 registers), so the extra
+  memory is the fp32 lse alone.
 - ``attend_`` / ``attend_backward_``: one block of (b, S, c, h, d) views, as the ring
   attends its pieces (queries of one rank against a visiting K/V block).
 
@@ -22,7 +22,12 @@ Addressing: row ``i`` of the class of offset ``o`` in segment ``s`` of head ``j`
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+from ..plan import Branch, Plan
+from .base import Backend
 
 try:
     import triton
@@ -38,15 +43,6 @@ def available() -> bool:
     return triton is not None
 
 
-def supports(q: torch.Tensor) -> bool:
-    return (
-        triton is not None
-        and q.device.type == "cuda"
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and q.shape[-1] in HEAD_DIMS
-    )
-
-
 if triton is not None:
 
     @triton.jit
@@ -59,18 +55,23 @@ if triton is not None:
         return o, (seg_len - o + RATE - 1) // RATE  # 0 when o >= seg_len, since o < RATE
 
     @triton.jit
-    def _program(pid_seg, pid_bh, NHEADS, NQ, SEGQ, NK, SEGK, RATE, OFFSET,
+    def _program(BLOCK: tl.constexpr, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET,
                  qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu):
-        """This program's residue class: query and key row counts, offsets of row 0 in q, k, lse."""
-        seg = pid_seg.to(tl.int64)
-        b = (pid_bh // NHEADS).to(tl.int64)
-        head = pid_bh % NHEADS
+        """This program's row block, query and key row counts, offsets of row 0 in q, k, lse.
+
+        Grid: (row blocks x segments, heads, batch); axis 0 has room for 2**31 programs."""
+        row_blocks = tl.cdiv(MAX_ROWS, BLOCK)
+        pid = tl.program_id(0)
+        block = pid % row_blocks
+        seg = (pid // row_blocks).to(tl.int64)
+        head = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
         o, q_count = _class(seg, head, NQ, SEGQ, RATE, OFFSET)
         _, k_count = _class(seg, head, NK, SEGK, RATE, OFFSET)
         q_base = b * qb + seg * qs + head * qh + o * qu
         k_base = b * kb + seg * ks + head * kh + o * ku
         l_base = b * lb + seg * ls + head * lh + o * lu
-        return q_count, k_count, q_base, k_base, l_base
+        return block, q_count, k_count, q_base, k_base, l_base
 
     @triton.jit
     def _row_offs(base, idx, RATE, su):
@@ -110,13 +111,11 @@ if triton is not None:
 
     @triton.jit
     def _fwd(Q, K, V, O, L, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu,
-             NQ, SEGQ, NK, SEGK, RATE, OFFSET, NHEADS, qk_scale, out_scale,
+             MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, qk_scale, out_scale,
              IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-        pid_m = tl.program_id(0)
-        q_count, k_count, q_base, k_base, l_base = _program(
-            tl.program_id(1), tl.program_id(2), NHEADS, NQ, SEGQ, NK, SEGK, RATE, OFFSET,
-            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
+        pid_m, q_count, k_count, q_base, k_base, l_base = _program(
+            BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
         if pid_m * BLOCK_M >= q_count:
             return
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -156,20 +155,20 @@ if triton is not None:
         else:
             lse_old = tl.load(l_ptr, mask=row_ok, other=float("-inf"))
             out_old = tl.load(O + q_offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            new = tl.maximum(lse_old, lse_b) + tl.log(1.0 + tl.exp(-tl.abs(lse_old - lse_b)))  # lse_b is finite
-            w_old = tl.exp(lse_old - new)
-            w_b = tl.exp(lse_b - new)
-            tl.store(O + q_offs, out_old * w_old[:, None] + out_b * w_b[:, None], mask=row_ok[:, None])
-            tl.store(l_ptr, new, mask=row_ok)
+            # weights relative to the larger lse sum to 1 to rounding at any magnitude (lse_b is finite)
+            top = tl.maximum(lse_old, lse_b)
+            w_old = tl.exp(lse_old - top)
+            w_b = tl.exp(lse_b - top)
+            total = w_old + w_b
+            tl.store(O + q_offs, (out_old * w_old[:, None] + out_b * w_b[:, None]) / total[:, None], mask=row_ok[:, None])
+            tl.store(l_ptr, top + tl.log(total), mask=row_ok)
 
     @triton.jit
     def _bwd_dkdv(Q, K, V, DO, L, D, DK, DV, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu,
-                  NQ, SEGQ, NK, SEGK, RATE, OFFSET, NHEADS, qk_scale, scale, do_scale,
+                  MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, qk_scale, scale, do_scale,
                   IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-        pid_n = tl.program_id(0)
-        q_count, k_count, q_base, k_base, l_base = _program(
-            tl.program_id(1), tl.program_id(2), NHEADS, NQ, SEGQ, NK, SEGK, RATE, OFFSET,
-            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
+        pid_n, q_count, k_count, q_base, k_base, l_base = _program(
+            BLOCK_N, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
         if pid_n * BLOCK_N >= k_count:
             return
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -196,12 +195,10 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dq(Q, K, V, DO, L, D, DQ, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu,
-                NQ, SEGQ, NK, SEGK, RATE, OFFSET, NHEADS, qk_scale, scale, do_scale,
+                MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, qk_scale, scale, do_scale,
                 IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-        pid_m = tl.program_id(0)
-        q_count, k_count, q_base, k_base, l_base = _program(
-            tl.program_id(1), tl.program_id(2), NHEADS, NQ, SEGQ, NK, SEGK, RATE, OFFSET,
-            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
+        pid_m, q_count, k_count, q_base, k_base, l_base = _program(
+            BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
         if pid_m * BLOCK_M >= q_count:
             return
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -224,24 +221,6 @@ if triton is not None:
         _add_tile(DQ, q_base, rows, row_ok, RATE, qu, dims, dq * scale)
 
 
-def launches(plan) -> list[tuple[int, int, int, int, int]]:
-    """(segment, rate, offset, head_start, num_heads) per launch; offset -1 means head % rate.
-
-    Paper-mode items of one branch (offsets o with heads o::r) become one launch over all
-    heads; head-group items (a contiguous head range, one offset) are one launch each.
-    """
-    out, seen = [], set()
-    for item in plan:
-        if item.head_step == item.rate and item.head_start == item.offset:  # paper: heads o::r
-            key = (item.segment, item.rate)
-            if key not in seen:
-                seen.add(key)
-                out.append((item.segment, item.rate, -1, 0, item.head_stop))
-        else:
-            out.append((item.segment, item.rate, item.offset, item.head_start, item.head_stop - item.head_start))
-    return out
-
-
 def _config(d: int):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel."""
     if d <= 64:
@@ -260,21 +239,23 @@ class _Launch:
     delta); class lengths; grid."""
 
     def __init__(self, q_strides, k_strides, l_strides, nq, segq, nk, segk, rate, offset, batch, nheads):
-        self.strides = (*q_strides, *k_strides, *l_strides)
-        self.sizes = (nq, segq, nk, segk, rate, offset, nheads)
-        self.batch, self.nheads = batch, nheads
         self.rows = max(-(-segq // rate), -(-segk // rate))
+        self.strides = (*q_strides, *k_strides, *l_strides)
+        self.sizes = (self.rows, nq, segq, nk, segk, rate, offset)
+        self.batch, self.nheads = batch, nheads
         self.segments = -(-nq // segq)
 
     def grid(self, block: int):
-        return (triton.cdiv(self.rows, block), self.segments, self.batch * self.nheads)
+        return (triton.cdiv(self.rows, block) * self.segments, self.nheads, self.batch)
 
 
-def _plan_launch(q, lse, seg, rate, offset, nheads) -> _Launch:
-    """A branch over (b, n, h, d) tensors cut into segments of ``seg`` rows."""
+def _branch_launch(q, lse, branch: Branch) -> _Launch:
+    """A branch over (b, n, h, d) tensors cut into segments of ``branch.segment`` rows."""
     b, n = q.shape[:2]
+    seg = branch.segment
     flat = lambda t: (t.stride(0), seg * t.stride(1), t.stride(2), t.stride(1))  # noqa: E731
-    return _Launch(flat(q), flat(q), flat(lse), n, seg, n, seg, rate, offset, b, nheads)
+    nheads = branch.head_stop - branch.head_start
+    return _Launch(flat(q), flat(q), flat(lse), n, seg, n, seg, branch.rate, branch.offset, b, nheads)
 
 
 def _view_launch(q, k, lse) -> _Launch:
@@ -329,58 +310,67 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor, budget: int =
     return out
 
 
-def forward_all(q, k, v, plan, scale: float, causal: bool, out_scale: float = 1.0):
-    """q, k, v: (b, n, h, d) -> out_scale * out (b, n, h, d) in q.dtype, lse (b, n, h) float32.
-
-    The launches merge into ``out`` itself (fp32 in registers, one rounding to q.dtype per
-    branch), so the only extra memory is the lse. ``out_scale`` (1/m in head_groups mode)
-    is applied as each launch stores, which needs launches over disjoint heads.
-    """
-    q, k, v = (t.contiguous() for t in (q, k, v))
-    b, n, h, d = q.shape
-    out = torch.zeros_like(q)
-    lse = torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
-    written = set()  # heads some launch has written: a launch over fresh heads only reads nothing
-    for seg, rate, offset, head_start, nheads in launches(plan):
-        heads = range(head_start, head_start + nheads)
-        first = written.isdisjoint(heads)
-        written.update(heads)
-        if out_scale != 1.0 and not first:
-            raise ValueError("triton backend: out_scale needs launches over disjoint heads (head_groups)")
-        views = (t[:, :, head_start : head_start + nheads] for t in (q, k, v, out, lse))
-        _run_forward(*views, _plan_launch(q, lse, seg, rate, offset, nheads), scale, causal, first, out_scale)
-    return out, lse
+def _interpreted(q: torch.Tensor) -> bool:
+    """Triton's interpreter runs the kernels on CPU tensors (tests of the kernels' logic)."""
+    return q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def backward_all(dout, q, k, v, out, lse, plan, scale: float, causal: bool, out_scale: float = 1.0):
-    """Gradients against the merged (out, lse): dq, dk, dv (b, n, h, d) in q.dtype, summed in place.
+class Triton(Backend):
+    name = "triton"
 
-    out: what ``forward_all`` returned (scaled); the kernels scale dO by ``out_scale``.
-    """
-    q, k, v, dout, lse = (t.contiguous() for t in (q, k, v, dout.to(q.dtype), lse))
-    delta = _row_dot(dout, out, lse)  # rowsum(dO' O) for dO' = s dout, O = out / s
-    dq, dk, dv = (torch.zeros_like(q) for _ in range(3))
-    for seg, rate, offset, head_start, nheads in launches(plan):
-        views = (t[:, :, head_start : head_start + nheads] for t in (dout, q, k, v, lse, delta, dq, dk, dv))
-        _run_backward(*views, _plan_launch(q, lse, seg, rate, offset, nheads), scale, causal, out_scale)
-    return dq, dk, dv
+    def not_supported_reasons(self, q: torch.Tensor) -> list[str]:
+        if triton is None:
+            return ["Triton is not installed"]
+        reasons = []
+        if q.device.type != "cuda" and not _interpreted(q):
+            reasons.append(f"needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got {q.device.type}")
+        dtypes = (torch.float16, torch.bfloat16) + ((torch.float32,) if _interpreted(q) else ())
+        if q.dtype not in dtypes:
+            reasons.append(f"takes {' or '.join(map(str, dtypes))}, got {q.dtype}")
+        if q.shape[-1] not in HEAD_DIMS:
+            reasons.append(f"takes head_dim in {HEAD_DIMS}, got {q.shape[-1]}")
+        return reasons
 
+    def forward_plan(self, q, k, v, plan: Plan, scale: float, causal: bool, out_scale: float):
+        """One launch per branch, merging into ``out`` itself (fp32 in registers, one rounding to
+        q.dtype per branch): the only extra memory is the fp32 lse. ``out_scale`` (1/m in
+        head_groups mode) is applied as each launch stores, which needs branches over disjoint heads.
+        """
+        q, k, v = (t.contiguous() for t in (q, k, v))
+        b, n, h, d = q.shape
+        out = torch.zeros_like(q)
+        lse = torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
+        written = set()  # heads a launch has written: a launch over fresh heads only reads nothing
+        for branch in plan:
+            heads = range(branch.head_start, branch.head_stop)
+            first = written.isdisjoint(heads)
+            written.update(heads)
+            if out_scale != 1.0 and not first:
+                raise ValueError("triton backend: out_scale needs branches over disjoint heads (head_groups)")
+            views = (t[:, :, branch.head_start : branch.head_stop] for t in (q, k, v, out, lse))
+            _run_forward(*views, _branch_launch(q, lse, branch), scale, causal, first, out_scale)
+        return out, lse
 
-def attend_(out, lse, q, k, v, scale: float, causal: bool) -> None:
-    """Merge attention of q over (k, v) into (out, lse) in place.
+    def backward_plan(self, dout, q, k, v, out, lse, plan: Plan, scale: float, causal: bool, out_scale: float):
+        """Gradients against the merged (out, lse), summed in place branch by branch; the kernels
+        scale dO by ``out_scale`` (``out`` is what ``forward_plan`` returned, scaled)."""
+        q, k, v, dout, lse = (t.contiguous() for t in (q, k, v, dout.to(q.dtype), lse))
+        delta = _row_dot(dout, out, lse)  # rowsum(dO' O) for dO' = s dout, O = out / s
+        dq, dk, dv = (torch.zeros_like(q) for _ in range(3))
+        for branch in plan:
+            views = (t[:, :, branch.head_start : branch.head_stop] for t in (dout, q, k, v, lse, delta, dq, dk, dv))
+            _run_backward(*views, _branch_launch(q, lse, branch), scale, causal, out_scale)
+        return dq, dk, dv
 
-    q, out: (b, S, c, h, d) views with one set of strides; k, v: (b, S, c_k, h, d) likewise;
-    lse: (b, S, c, h). ``out`` may be any float dtype (the ring keeps fp32).
-    """
-    _same_strides("q and out", q, out)
-    _same_strides("k and v", k, v)
-    _run_forward(q, k, v, out, lse, _view_launch(q, k, lse), scale, causal, first=False)
+    def attend_(self, out, lse, q, k, v, scale: float, causal: bool) -> None:
+        """``out`` may be any float dtype (the ring keeps fp32)."""
+        _same_strides("q and out", q, out)
+        _same_strides("k and v", k, v)
+        _run_forward(q, k, v, out, lse, _view_launch(q, k, lse), scale, causal, first=False)
 
-
-def attend_backward_(dq, dk, dv, dout, q, k, v, out, lse, scale: float, causal: bool) -> None:
-    """Add this block's gradients against the merged (out, lse) into dq, dk, dv (views as in ``attend_``)."""
-    _same_strides("q, dout and dq", q, dout, dq)
-    _same_strides("k, v, dk and dv", k, v, dk, dv)
-    lse = lse.contiguous()
-    delta = _row_dot(dout, out, lse)
-    _run_backward(dout, q, k, v, lse, delta, dq, dk, dv, _view_launch(q, k, lse), scale, causal)
+    def attend_backward_(self, dq, dk, dv, dout, q, k, v, out, lse, scale: float, causal: bool) -> None:
+        _same_strides("q, dout and dq", q, dout, dq)
+        _same_strides("k, v, dk and dv", k, v, dk, dv)
+        lse = lse.contiguous()
+        delta = _row_dot(dout, out, lse)
+        _run_backward(dout, q, k, v, lse, delta, dq, dk, dv, _view_launch(q, k, lse), scale, causal)

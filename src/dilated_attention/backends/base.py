@@ -1,0 +1,81 @@
+"""The one interface every backend implements.
+
+A backend says why it cannot take an input (``not_supported_reasons``), attends one block
+of (b, S, c, h, d) views into running accumulators (``attend_``) and adds that block's
+gradients (``attend_backward_``). ``forward_plan`` / ``backward_plan`` run a whole plan;
+the defaults here run one block per ``(branch, offset)`` work item over strided views, and
+a backend with fused whole-plan kernels overrides them. The ring calls ``attend_`` and
+``attend_backward_`` on its local and visiting blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..merge import acc_dtype, empty_partial, merge_
+from ..plan import Plan, plan_items, segment_views
+
+
+def block_grad_inputs(dout: torch.Tensor, out: torch.Tensor, out_scale: float):
+    """(dO, O) each block's backward sees when the output is ``out_scale * O``: (out_scale dout, out / out_scale)."""
+    return (dout, out) if out_scale == 1.0 else (dout * out_scale, out / out_scale)
+
+
+class Backend:
+    name = ""
+
+    def not_supported_reasons(self, q: torch.Tensor) -> list[str]:
+        """Why this backend cannot take inputs like q (device, dtype, head_dim); empty when it can."""
+        raise NotImplementedError
+
+    def attend_(self, out, lse, q, k, v, scale: float, causal: bool) -> None:
+        """Merge the attention of q over (k, v) into the accumulators (out, lse) in place.
+
+        q, out: (b, S, c, h, d); k, v: (b, S, c_k, h, d); lse: (b, S, c, h).
+        """
+        raise NotImplementedError
+
+    def attend_backward_(self, dq, dk, dv, dout, q, k, v, out, lse, scale: float, causal: bool) -> None:
+        """Add one block's gradients against the merged (out, lse) into dq, dk, dv (views as in ``attend_``)."""
+        raise NotImplementedError
+
+    def forward_plan(self, q, k, v, plan: Plan, scale: float, causal: bool, out_scale: float):
+        """q, k, v: (b, n, h, d) -> out_scale * out (b, n, h, d) in q.dtype, lse (b, n, h) float32/64."""
+        b, n, h, d = q.shape
+        out, lse = empty_partial(b, n, h, v.shape[-1], q.dtype, q.device)
+        for item in plan_items(plan):
+            for ov, lv, qv, kv, vv in zip(*(segment_views(t, item) for t in (out, lse, q, k, v))):
+                self.attend_(ov, lv, qv, kv, vv, scale, causal)
+        return out.mul_(out_scale).to(q.dtype), lse
+
+    def backward_plan(self, dout, q, k, v, out, lse, plan: Plan, scale: float, causal: bool, out_scale: float):
+        """Gradients against the merged (out, lse): dq, dk, dv (b, n, h, d) in q.dtype."""
+        acc = acc_dtype(q.dtype)
+        grads = [torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v)]
+        dout, out = block_grad_inputs(dout.to(q.dtype), out, out_scale)
+        for item in plan_items(plan):
+            views = zip(*(segment_views(t, item) for t in (dout, q, k, v, out, lse, *grads)))
+            for dov, qv, kv, vv, ov, lv, dqv, dkv, dvv in views:
+                self.attend_backward_(dqv, dkv, dvv, dov, qv, kv, vv, ov, lv, scale, causal)
+        return tuple(g.to(q.dtype) for g in grads)
+
+
+class BlockBackend(Backend):
+    """A backend whose kernels return each block's own (out, lse); merged here in fp32/fp64."""
+
+    def block_forward(self, q, k, v, scale: float, causal: bool):
+        """q: (b, S, c, h, d); k, v: (b, S, c_k, h, d) -> out (b, S, c, h, d), lse (b, S, c, h)."""
+        raise NotImplementedError
+
+    def block_backward(self, dout, q, k, v, out, lse, scale: float, causal: bool):
+        """One block's dq, dk, dv against the merged (out, lse) of its rows."""
+        raise NotImplementedError
+
+    def attend_(self, out, lse, q, k, v, scale: float, causal: bool) -> None:
+        merge_(out, lse, *self.block_forward(q, k, v, scale, causal))
+
+    def attend_backward_(self, dq, dk, dv, dout, q, k, v, out, lse, scale: float, causal: bool) -> None:
+        gq, gk, gv = self.block_backward(dout, q, k, v, out, lse, scale, causal)
+        dq.add_(gq)
+        dk.add_(gk)
+        dv.add_(gv)

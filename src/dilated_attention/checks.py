@@ -1,0 +1,58 @@
+"""Input checks and the small rules every entry point shares (functional op, modules, ring)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def check_qkv(q, k, v) -> None:
+    """Raise a TypeError/ValueError naming the argument when q, k, v do not fit together."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (batch, seq, heads, head_dim), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating point tensor, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device ({q.device}), got {t.device}")
+    if 0 in q.shape:
+        raise ValueError(f"q, k, v must not be empty, got shape {tuple(q.shape)}")
+
+
+def resolve_scale(scale: float | None, head_dim: int) -> float:
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number (None gives head_dim ** -0.5), got {scale}")
+    return float(scale)
+
+
+def output_factor(mode: str, segment_lengths: Sequence[int]) -> float:
+    """The output's factor: 1/m in head_groups mode (the mean over the m groups), else 1."""
+    return 1.0 / len(segment_lengths) if mode == "head_groups" else 1.0
+
+
+def check_dropout(dropout: float) -> float:
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    return float(dropout)
+
+
+def refuse_dropout(module) -> None:
+    """Attention dropout is not implemented: refuse it in training rather than ignore it."""
+    if module.training and module.dropout > 0.0:
+        raise NotImplementedError(
+            f"{type(module).__name__}: attention dropout (dropout={module.dropout}) is not implemented; "
+            "construct it with dropout=0.0, or call .eval()"
+        )
