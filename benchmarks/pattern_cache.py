@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from dilated_attention import DilatedAttention, PatternCache, get_global_pattern_cache  # noqa: E402
 from dilated_attention.bench import time_call  # noqa: E402
-from dilated_attention.plan import build_plan, cached_plan  # noqa: E402
+from dilated_attention.pattern_cache import _object_bytes  # noqa: E402
+from dilated_attention.plan import build_plan, cached_plan, plan_items  # noqa: E402
 from dilated_attention.ring_plan import build_ring_schedule  # noqa: E402
 
 SCHEDULES = {
@@ -57,9 +58,22 @@ def lookup_costs(h=12):
         miss = per_call_us(lambda: cache.get(("plan", next(keys), h, tuple(segs), tuple(rates), "paper")))
         rows.append({"cache": name, "hit_us": hit, "miss_us": miss})
     build = per_call_us(lambda: build_plan(65536, h, segs, rates, "paper"), reps=2000)
-    plan = build_plan(131072, h, segs, rates, "paper")
+    plan = plan_items(build_plan(131072, h, segs, rates, "paper"))
     sched = per_call_us(lambda: build_ring_schedule(131072, 32, "contiguous", plan, True), reps=20)
     return rows, {"build_plan_us": build, "build_ring_schedule_P32_us": sched}
+
+
+def insert_costs(sizes=(100, 10_000)):
+    """Microseconds per insert into a full cache of ``size`` entries (each insert evicts one)."""
+    out = {}
+    value = torch.zeros(16)
+    for size in sizes:
+        cache = PatternCache(max_bytes=size * (64 + _object_bytes(("e", 10**9))))
+        for i in range(size):
+            cache.put(("e", i), value)
+        keys = iter(range(size, 10**9))
+        out[size] = per_call_us(lambda: cache.put(("e", next(keys)), value), reps=5000)
+    return out
 
 
 def forward_times(device, dtype, seq_lens, h=12, d=64, budget_s=1.0):
@@ -104,7 +118,9 @@ def main():
     dtype = torch.bfloat16 if cuda else torch.float32
     name = torch.cuda.get_device_name() if cuda else "cpu"
     lookups, builds = lookup_costs()
+    inserts = insert_costs()
     print(f"device {name}, torch {torch.__version__}")
+    print("insert into a full cache (evicting one): " + ", ".join(f"{n} entries {us:.2f} us" for n, us in inserts.items()))
     print(f"{'cache':>12} {'hit us':>8} {'miss us':>8}")
     for r in lookups:
         print(f"{r['cache']:>12} {r['hit_us']:>8.3f} {r['miss_us']:>8.3f}")
@@ -117,6 +133,7 @@ def main():
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump({"device": name, "torch": torch.__version__, "lookups": lookups, "builds": builds,
+                   "insert_us_by_entries": inserts,
                    "forward": rows}, f, indent=1)
     print(f"wrote {path}")
 

@@ -249,3 +249,20 @@ def test_backward_outlives_the_pattern_cache(how):
     ref_out, ref_grads = _reference((q, k, v, dout), segs, rates, False, "paper")
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_a_slice_of_heads_is_that_slice_of_the_result(causal, mode, backend):
+    """head_start / total_heads: head parallelism computes exactly its heads of the whole-head result."""
+    b, n, h, d, segs, rates = 2, 37, 7, 8, [8, 16, 40], [1, 3, 4]
+    inputs, out, grads = _run(b, n, h, d, segs, rates, causal, mode, backend)
+    q, k, v, dout = (t.detach() for t in inputs)
+    for start, stop in ((0, 3), (3, 7), (2, 3), (5, 7)):
+        part = [t[:, :, start:stop].clone().requires_grad_() for t in (q, k, v)]
+        got = dilated_attention(*part, segs, rates, is_causal=causal, mode=mode, backend=backend,
+                                head_start=start, total_heads=h)
+        torch.testing.assert_close(got, out[:, :, start:stop], rtol=1e-12, atol=1e-12)
+        for g, full in zip(torch.autograd.grad(got, part, dout[:, :, start:stop]), grads):
+            torch.testing.assert_close(g, full[:, :, start:stop], rtol=1e-12, atol=1e-12)

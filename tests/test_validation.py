@@ -25,6 +25,8 @@ X = torch.randn(1, 16, 2, 8)
         (dict(segment_lengths=[8], dilation_rates=[1], is_causal=1), TypeError, "is_causal"),
         (dict(segment_lengths=[8], dilation_rates=[1], backend="triton9"), ValueError, "backend must be one of"),
         (dict(segment_lengths=[8], dilation_rates=[1], scale=float("nan")), ValueError, "scale must be a finite"),
+        (dict(segment_lengths=[8], dilation_rates=[1], head_start=-1), TypeError, "head_start must be a non-negative"),
+        (dict(segment_lengths=[8], dilation_rates=[1], head_start=1, total_heads=2), ValueError, "inside total_heads"),
         (dict(segment_lengths=[8], dilation_rates=[1], scale=float("inf")), ValueError, "scale must be a finite"),
         # the seed's / fkodom's order (dilation_rates first) passed to ours
         (dict(segment_lengths=[1, 2, 4], dilation_rates=[2048, 4096, 8192]), ValueError,

@@ -3,6 +3,7 @@
 from .functional import dilated_attention
 from .modules import DilatedAttention, MultiheadDilatedAttention
 from .pattern_cache import PatternCache, clear_global_pattern_cache, get_global_pattern_cache
+from .mesh import RingDistributedDilatedAttention, RingDistributedMultiheadDilatedAttention
 from .ring import RingDilatedAttention, RingMultiheadDilatedAttention
 
 __all__ = [
@@ -11,6 +12,8 @@ __all__ = [
     "MultiheadDilatedAttention",
     "RingDilatedAttention",
     "RingMultiheadDilatedAttention",
+    "RingDistributedDilatedAttention",
+    "RingDistributedMultiheadDilatedAttention",
     "PatternCache",
     "get_global_pattern_cache",
     "clear_global_pattern_cache",

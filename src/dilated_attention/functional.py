@@ -22,7 +22,7 @@ from . import backends
 from .merge import acc_dtype
 from .checks import check_qkv, output_factor, resolve_scale
 from .pattern_cache import PatternCache, get_global_pattern_cache
-from .plan import cached_plan, check_heads, check_schedule, decode_plan, encode_plan
+from .plan import cached_plan, check_head_slice, check_heads, check_schedule, decode_plan, encode_plan
 
 
 @torch.library.custom_op("dilated_attention::forward", mutates_args=())
@@ -105,6 +105,8 @@ def dilated_attention(
     mode: str = "paper",
     backend: str | None = None,
     pattern_cache: PatternCache | None = None,
+    head_start: int = 0,
+    total_heads: int | None = None,
 ) -> torch.Tensor:
     """Dilated attention of LongNet (arXiv 2307.02486).
 
@@ -114,6 +116,10 @@ def dilated_attention(
     denominators) or ``"head_groups"`` (heads split into one group per branch, output / m).
     backend: ``None`` picks the fastest; ``"triton"``, ``"sdpa"`` or ``"math"`` forces one.
     pattern_cache: where the schedule's plan is kept (default: the process-wide cache).
+    head_start, total_heads: q, k, v hold heads ``[head_start, head_start + heads)`` of
+    ``total_heads`` (default: all of them); the result is exactly those heads of the
+    whole-head result (head or tensor parallelism: offsets and head groups follow the
+    global head index).
     Returns (batch, seq, heads, head_dim) in q's dtype.
     """
     check_qkv(q, k, v)
@@ -122,8 +128,9 @@ def dilated_attention(
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     backends.select(q, backend)  # refuses a backend that cannot take q, before any work
     cache = pattern_cache if pattern_cache is not None else get_global_pattern_cache()
-    check_heads(q.shape[2], len(segment_lengths), mode)
-    plan = cached_plan(cache, q.shape[1], q.shape[2], segment_lengths, dilation_rates, mode)
+    total = check_head_slice(q.shape[2], head_start, total_heads)
+    check_heads(total, len(segment_lengths), mode)
+    plan = cached_plan(cache, q.shape[1], q.shape[2], segment_lengths, dilation_rates, mode, head_start, total_heads)
     out, _ = _forward_op(
         q, k, v, encode_plan(plan), is_causal, resolve_scale(scale, q.shape[-1]),
         output_factor(mode, segment_lengths), backend or "",

@@ -40,9 +40,10 @@ class WorkItem:
 
 @dataclass(frozen=True)
 class Branch:
-    """One ``(w, r)`` of the schedule over the heads ``[head_start, head_stop)``.
+    """One ``(w, r)`` of the schedule over the local heads ``[head_start, head_stop)``.
 
-    ``offset``: ``PER_HEAD`` (head j uses j % r: paper mode) or one offset for every head
+    ``offset``: ``PER_HEAD`` (paper mode: local head j uses ``(head_base + j) % r``, where
+    ``head_base`` is the global index of local head 0) or one offset for every head
     (head_groups mode: group g uses g % r).
     """
 
@@ -51,17 +52,20 @@ class Branch:
     offset: int
     head_start: int
     head_stop: int
+    head_base: int = 0
 
     def items(self) -> tuple[WorkItem, ...]:
-        """The branch's work items: one per offset that selects at least one row."""
+        """The branch's work items: one per offset that selects at least one row and head."""
         if self.offset != PER_HEAD:
             if self.offset >= self.segment:
                 return ()
             return (WorkItem(self.segment, self.rate, self.offset, self.head_start, self.head_stop, 1),)
-        offsets = range(min(self.rate, self.segment, self.head_stop - self.head_start))
-        return tuple(
-            WorkItem(self.segment, self.rate, o, self.head_start + o, self.head_stop, self.rate) for o in offsets
-        )
+        items = []
+        for o in range(min(self.rate, self.segment)):
+            first = self.head_start + (o - self.head_base - self.head_start) % self.rate  # first local head at o
+            if first < self.head_stop:
+                items.append(WorkItem(self.segment, self.rate, o, first, self.head_stop, self.rate))
+        return tuple(items)
 
 
 Plan = tuple  # tuple[Branch, ...]: one entry per (w, r) of the schedule, in order
@@ -119,14 +123,40 @@ def build_plan(
     segment_lengths: Sequence[int],
     dilation_rates: Sequence[int],
     mode: str,
+    head_start: int = 0,
+    total_heads: int | None = None,
 ) -> Plan:
-    """One ``Branch`` per ``(w, r)`` of the schedule at this ``(n, h)``, in order."""
+    """The branches of the schedule at this ``(n, h)``, in order.
+
+    ``head_start``: global index of the first of the ``num_heads`` local heads, out of
+    ``total_heads`` (default ``head_start + num_heads``): the plan computes exactly those
+    heads of the whole-head result. head_groups branches without a local head are left out.
+    """
     schedule = list(zip(segment_lengths, dilation_rates))
+    total = head_start + num_heads if total_heads is None else total_heads
     if mode == "paper":
-        return tuple(Branch(min(w, seq_len), r, PER_HEAD, 0, num_heads) for w, r in schedule)
-    check_heads(num_heads, len(schedule), mode)
-    groups = head_groups(num_heads, len(schedule))
-    return tuple(Branch(min(w, seq_len), r, g % r, start, stop) for g, ((w, r), (start, stop)) in enumerate(zip(schedule, groups)))
+        return tuple(Branch(min(w, seq_len), r, PER_HEAD, 0, num_heads, head_start) for w, r in schedule)
+    check_heads(total, len(schedule), mode)
+    branches = []
+    for g, ((w, r), (start, stop)) in enumerate(zip(schedule, head_groups(total, len(schedule)))):
+        lo, hi = max(start, head_start) - head_start, min(stop, head_start + num_heads) - head_start
+        if hi > lo:
+            branches.append(Branch(min(w, seq_len), r, g % r, lo, hi))
+    return tuple(branches)
+
+
+def check_head_slice(num_heads: int, head_start: int, total_heads: int | None) -> int:
+    """Validate a slice of heads; returns the total head count."""
+    for name, x in (("head_start", head_start), ("total_heads", total_heads)):
+        if x is not None and (isinstance(x, bool) or not isinstance(x, int) or x < 0):
+            raise TypeError(f"{name} must be a non-negative int, got {x!r}")
+    total = head_start + num_heads if total_heads is None else total_heads
+    if head_start + num_heads > total:
+        raise ValueError(
+            f"heads [head_start, head_start + h) = [{head_start}, {head_start + num_heads}) must lie inside "
+            f"total_heads = {total}"
+        )
+    return total
 
 
 def plan_items(plan: Plan) -> tuple[WorkItem, ...]:
@@ -135,14 +165,14 @@ def plan_items(plan: Plan) -> tuple[WorkItem, ...]:
 
 
 def encode_plan(plan: Plan) -> list[int]:
-    """The plan as a flat list of ints (what a custom op can take): 5 per branch."""
-    return [x for b in plan for x in (b.segment, b.rate, b.offset, b.head_start, b.head_stop)]
+    """The plan as a flat list of ints (what a custom op can take): 6 per branch."""
+    return [x for b in plan for x in (b.segment, b.rate, b.offset, b.head_start, b.head_stop, b.head_base)]
 
 
 @functools.lru_cache(maxsize=1024)
 def decode_plan(code: tuple[int, ...]) -> Plan:
     """Inverse of ``encode_plan``."""
-    return tuple(Branch(*code[i : i + 5]) for i in range(0, len(code), 5))
+    return tuple(Branch(*code[i : i + 6]) for i in range(0, len(code), 6))
 
 
 def segment_views(x: torch.Tensor, item: WorkItem) -> list[torch.Tensor]:
@@ -178,14 +208,15 @@ def useful_flops(
     return 4 * batch * head_dim * total
 
 
-def cached_plan(cache, seq_len, num_heads, segment_lengths, dilation_rates, mode) -> Plan:
+def cached_plan(cache, seq_len, num_heads, segment_lengths, dilation_rates, mode, head_start=0, total_heads=None) -> Plan:
     """``build_plan`` through a ``PatternCache``: built once per configuration.
 
     Under ``torch.compile`` the plan is built while tracing and the graph keeps it."""
+    args = (seq_len, num_heads, segment_lengths, dilation_rates, mode, head_start, total_heads)
     if torch.compiler.is_compiling():
-        return build_plan(seq_len, num_heads, segment_lengths, dilation_rates, mode)
-    key = ("plan", seq_len, num_heads, tuple(segment_lengths), tuple(dilation_rates), mode)
+        return build_plan(*args)
+    key = ("plan", seq_len, num_heads, tuple(segment_lengths), tuple(dilation_rates), mode, head_start, total_heads)
     plan = cache.get(key)
     if plan is None:
-        plan = cache.create(key, lambda: build_plan(seq_len, num_heads, segment_lengths, dilation_rates, mode))
+        plan = cache.create(key, lambda: build_plan(*args))
     return plan

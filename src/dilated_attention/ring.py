@@ -25,8 +25,8 @@ from .checks import check_dropout, check_qkv, output_factor, refuse_dropout, res
 from .functional import dilated_attention
 from .merge import acc_dtype, empty_partial
 from .modules import MultiheadDilatedAttention, UsesPatternCache
-from .plan import WorkItem, cached_plan, check_schedule, plan_items
-from .ring_comm import Exchange, check_agreement, fingerprint, pack, unpack
+from .plan import WorkItem, cached_plan, check_head_slice, check_heads, check_schedule, plan_items
+from .ring_comm import Exchange, broadcast_from_first, check_agreement, fingerprint, pack, unpack
 from .ring_plan import LAYOUTS, FullSegments, Pair, Piece, RingSchedule, build_ring_schedule, shard_rows
 
 
@@ -237,19 +237,25 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
         group = self.process_group or dist.group.WORLD
         return group, dist.get_rank(group), dist.get_world_size(group)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, *,
+                head_start: int = 0, total_heads: int | None = None) -> torch.Tensor:
+        """q, k, v: this rank's shard (b, n/P, h, d) -> its shard of the output.
+
+        head_start, total_heads: as in ``dilated_attention`` (these h heads are a slice of more).
+        """
         group, rank, world = self._group()
         self.comm_bytes = {"forward": 0, "backward": 0}
         if world == 1:
             refuse_dropout(self)
             return dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal,
                                      scale=self.scale, mode=self.mode, backend=self.backend,
-                                     pattern_cache=self.pattern_cache)
+                                     pattern_cache=self.pattern_cache, head_start=head_start, total_heads=total_heads)
         try:  # local checks first, but every rank learns of a failure in the agreement below
             refuse_dropout(self)
             check_qkv(q, k, v)
             if not isinstance(is_causal, bool):
                 raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+            check_heads(check_head_slice(q.shape[2], head_start, total_heads), len(self.segment_lengths), self.mode)
             impl = backends.select(q, self.backend)  # refuses a named backend that cannot take q
             scale = resolve_scale(self.scale, q.shape[-1])
             error = None
@@ -261,10 +267,12 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
             "batch": b, "local_seq_len": m, "heads": h, "head_dim": d,
             "dtype": fingerprint(q.dtype) if error is None else 0, "is_causal": int(bool(is_causal)),
             "requires_grad": int(grad),
-            "schedule": fingerprint((self.segment_lengths, self.dilation_rates, self.mode, self.layout, self.scale)),
+            "schedule": fingerprint((self.segment_lengths, self.dilation_rates, self.mode, self.layout, self.scale,
+                                     head_start, total_heads)),
         }, error)
         n = m * world
-        plan = plan_items(cached_plan(self.pattern_cache, n, h, self.segment_lengths, self.dilation_rates, self.mode))
+        plan = plan_items(cached_plan(self.pattern_cache, n, h, self.segment_lengths, self.dilation_rates, self.mode,
+                                      head_start, total_heads))
         schedule = self.pattern_cache.get_or_create(
             ("ring_schedule", n, world, self.layout, plan, is_causal),
             lambda: build_ring_schedule(n, world, self.layout, plan, is_causal),
@@ -323,10 +331,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         """Broadcast parameters and buffers from the group's first rank to the others."""
         group, _, world = self.attention._group()
         if world > 1:
-            src = dist.get_global_rank(group, 0)
-            with torch.no_grad():
-                for t in chain(self.parameters(), self.buffers()):
-                    dist.broadcast(t.data, src=src, group=group)
+            broadcast_from_first(list(chain(self.parameters(), self.buffers())), [group])
         self._parameters_synced = True
 
     def forward(self, query, key=None, value=None, **kwargs):

@@ -1,4 +1,5 @@
-"""All communication of ring dilated attention: agreement checks and packed P2P exchanges."""
+"""All communication: agreement checks, packed P2P exchanges (ring), all-to-all between
+sequence and head shards (head parallelism), parameter broadcast."""
 
 from __future__ import annotations
 
@@ -23,11 +24,11 @@ def fingerprint(value) -> int:
     return zlib.crc32(repr(value).encode()) & 0x7FFFFFFF
 
 
-def check_agreement(group, fields: dict[str, int], local_error: Exception | None = None) -> None:
-    """All-gather ``fields`` and whether this rank's local checks failed; raise on every rank at once.
+def agreement_problem(group, fields: dict[str, int], local_error: Exception | None = None) -> str | None:
+    """All-gather ``fields`` and whether this rank's local checks failed; say what is wrong, or None.
 
-    A rank whose checks failed re-raises its own error; the others raise a ValueError naming
-    it. Otherwise, if any field differs, every rank raises the same ValueError.
+    Every rank of the group gets the same answer (a rank whose own checks failed learns of it
+    too, and should raise its own error).
     """
     names = ["local_error", *fields]
     values = [int(local_error is not None), *fields.values()]
@@ -36,18 +37,26 @@ def check_agreement(group, fields: dict[str, int], local_error: Exception | None
     try:
         dist.all_gather(gathered, mine, group=group)
     except Exception as e:  # gloo/NCCL raise RuntimeError or DistBackendError on a dead peer or timeout
-        raise RingCommError(f"ring dilated attention: the agreement all_gather failed (a rank died or timed out): {e}") from e
+        raise RingCommError(f"dilated attention: the agreement all_gather failed (a rank died or timed out): {e}") from e
     rows = torch.stack(gathered).cpu()
     failed = [r for r in range(rows.shape[0]) if rows[r, 0]]
-    if local_error is not None:
-        raise local_error
     if failed:
-        raise ValueError(f"ring dilated attention: rank(s) {failed} of the group failed their input checks "
-                         "(their own error says why); no rank attends")
+        return f"rank(s) {failed} of the group failed their input checks (their own error says why); no rank attends"
     bad = [names[j] for j in range(1, len(names)) if not bool((rows[:, j] == rows[0, j]).all())]
     if bad:
         detail = "; ".join(f"{name}: {rows[:, names.index(name)].tolist()}" for name in bad)
-        raise ValueError(f"ring dilated attention: ranks disagree on {', '.join(bad)} (per rank: {detail})")
+        return f"ranks disagree on {', '.join(bad)} (per rank: {detail})"
+    return None
+
+
+def check_agreement(group, fields: dict[str, int], local_error: Exception | None = None) -> None:
+    """``agreement_problem``, raised on every rank at once: a rank whose checks failed re-raises
+    its own error, the others a ValueError naming it."""
+    problem = agreement_problem(group, fields, local_error)
+    if local_error is not None:
+        raise local_error
+    if problem:
+        raise ValueError(f"dilated attention: {problem}")
 
 
 class Exchange:
@@ -89,3 +98,66 @@ def unpack(buf: torch.Tensor, shapes: Sequence[tuple[int, ...]]) -> list[torch.T
     """Split a flat buffer into views of the given shapes."""
     sizes = [int(torch.Size(s).numel()) for s in shapes]
     return [part.view(s) for part, s in zip(buf.split(sizes), shapes)]
+
+
+def _all_to_all(send: torch.Tensor, group, stats: dict | None, phase: str) -> torch.Tensor:
+    """send (P, ...) contiguous: piece j goes to rank j; returns (P, ...) with piece j from rank j."""
+    recv = torch.empty_like(send)
+    try:
+        dist.all_to_all_single(recv, send, group=group)
+    except Exception as e:
+        raise RingCommError(f"dilated attention: all-to-all failed (a rank died or timed out): {e}") from e
+    if stats is not None:
+        stats[phase] = stats.get(phase, 0) + send.numel() // send.shape[0] * (send.shape[0] - 1) * send.element_size()
+    return recv
+
+
+def _seq_to_heads(x: torch.Tensor, group, stats, phase) -> torch.Tensor:
+    """(b, m, h, d) sequence shard with every head -> (b, P*m, h/P, d): the group's rows, my heads."""
+    world = dist.get_world_size(group)
+    send = x.unflatten(2, (world, x.shape[2] // world)).permute(2, 0, 1, 3, 4).contiguous()
+    return _all_to_all(send, group, stats, phase).permute(1, 0, 2, 3, 4).flatten(1, 2)
+
+
+def _heads_to_seq(y: torch.Tensor, group, stats, phase) -> torch.Tensor:
+    """Inverse of ``_seq_to_heads``: (b, P*m, h/P, d) -> (b, m, h, d)."""
+    world = dist.get_world_size(group)
+    send = y.unflatten(1, (world, y.shape[1] // world)).permute(1, 0, 2, 3, 4).contiguous()
+    return _all_to_all(send, group, stats, phase).permute(1, 2, 0, 3, 4).flatten(2, 3)
+
+
+class SeqToHeads(torch.autograd.Function):
+    """All-to-all from sequence shards (b, m, h, d) to head shards (b, P*m, h/P, d); backward the inverse."""
+
+    @staticmethod
+    def forward(ctx, x, group, stats):
+        ctx.group, ctx.stats = group, stats
+        return _seq_to_heads(x, group, stats, "forward")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _heads_to_seq(grad.contiguous(), ctx.group, ctx.stats, "backward"), None, None
+
+
+class HeadsToSeq(torch.autograd.Function):
+    """All-to-all from head shards (b, P*m, h/P, d) back to sequence shards (b, m, h, d)."""
+
+    @staticmethod
+    def forward(ctx, y, group, stats):
+        ctx.group, ctx.stats = group, stats
+        return _heads_to_seq(y, group, stats, "forward")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_to_heads(grad.contiguous(), ctx.group, ctx.stats, "backward"), None, None
+
+
+def broadcast_from_first(tensors, groups) -> None:
+    """Make ``tensors`` equal across the ranks of every group in turn, from each group's first rank.
+
+    Over the groups of a mesh's dimensions, every rank ends with the values of the mesh's first rank."""
+    with torch.no_grad():
+        for group in groups:
+            src = dist.get_global_rank(group, 0)
+            for t in tensors:
+                dist.broadcast(t.data, src=src, group=group)

@@ -46,16 +46,18 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _class(seg, head, N, SEG, RATE, OFFSET):
-        """In-segment offset o and row count of this head's residue class in segment seg."""
-        o = head % RATE
+    def _class(seg, head, N, SEG, RATE, OFFSET, HEAD_BASE):
+        """In-segment offset o and row count of this head's residue class in segment seg.
+
+        OFFSET < 0: the global head index HEAD_BASE + head picks the offset (paper mode)."""
+        o = (head + HEAD_BASE) % RATE
         if OFFSET >= 0:
             o = OFFSET
         seg_len = tl.minimum(N - seg * SEG, SEG).to(tl.int32)
         return o, (seg_len - o + RATE - 1) // RATE  # 0 when o >= seg_len, since o < RATE
 
     @triton.jit
-    def _program(BLOCK: tl.constexpr, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET,
+    def _program(BLOCK: tl.constexpr, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE,
                  qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu):
         """This program's row block, query and key row counts, offsets of row 0 in q, k, lse.
 
@@ -66,8 +68,8 @@ if triton is not None:
         seg = (pid // row_blocks).to(tl.int64)
         head = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
-        o, q_count = _class(seg, head, NQ, SEGQ, RATE, OFFSET)
-        _, k_count = _class(seg, head, NK, SEGK, RATE, OFFSET)
+        o, q_count = _class(seg, head, NQ, SEGQ, RATE, OFFSET, HEAD_BASE)
+        _, k_count = _class(seg, head, NK, SEGK, RATE, OFFSET, HEAD_BASE)
         q_base = b * qb + seg * qs + head * qh + o * qu
         k_base = b * kb + seg * ks + head * kh + o * ku
         l_base = b * lb + seg * ls + head * lh + o * lu
@@ -111,11 +113,11 @@ if triton is not None:
 
     @triton.jit
     def _fwd(Q, K, V, O, L, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu,
-             MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, qk_scale, out_scale,
+             MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, qk_scale, out_scale,
              IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(
-            BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
+            BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
         if pid_m * BLOCK_M >= q_count:
             return
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -165,10 +167,10 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dkdv(Q, K, V, DO, L, D, DK, DV, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu,
-                  MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, qk_scale, scale, do_scale,
+                  MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, qk_scale, scale, do_scale,
                   IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_n, q_count, k_count, q_base, k_base, l_base = _program(
-            BLOCK_N, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
+            BLOCK_N, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
         if pid_n * BLOCK_N >= k_count:
             return
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -195,10 +197,10 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dq(Q, K, V, DO, L, D, DQ, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu,
-                MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, qk_scale, scale, do_scale,
+                MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, qk_scale, scale, do_scale,
                 IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(
-            BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
+            BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
         if pid_m * BLOCK_M >= q_count:
             return
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -238,10 +240,11 @@ class _Launch:
     (q, out, dout, dq), the key side (k, v, dk, dv) and the row-statistics side (lse,
     delta); class lengths; grid."""
 
-    def __init__(self, q_strides, k_strides, l_strides, nq, segq, nk, segk, rate, offset, batch, nheads):
+    def __init__(self, q_strides, k_strides, l_strides, nq, segq, nk, segk, rate, offset, batch, nheads,
+                 head_base=0):
         self.rows = max(-(-segq // rate), -(-segk // rate))
         self.strides = (*q_strides, *k_strides, *l_strides)
-        self.sizes = (self.rows, nq, segq, nk, segk, rate, offset)
+        self.sizes = (self.rows, nq, segq, nk, segk, rate, offset, head_base)
         self.batch, self.nheads = batch, nheads
         self.segments = -(-nq // segq)
 
@@ -255,7 +258,8 @@ def _branch_launch(q, lse, branch: Branch) -> _Launch:
     seg = branch.segment
     flat = lambda t: (t.stride(0), seg * t.stride(1), t.stride(2), t.stride(1))  # noqa: E731
     nheads = branch.head_stop - branch.head_start
-    return _Launch(flat(q), flat(q), flat(lse), n, seg, n, seg, branch.rate, branch.offset, b, nheads)
+    return _Launch(flat(q), flat(q), flat(lse), n, seg, n, seg, branch.rate, branch.offset, b, nheads,
+                   branch.head_base + branch.head_start)
 
 
 def _view_launch(q, k, lse) -> _Launch:
