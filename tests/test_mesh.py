@@ -41,6 +41,18 @@ def _exactness_worker(rank, world, mesh_name):
                     torch.testing.assert_close(a, attn.shard(e), **tol, msg=lambda m: f"d{name} {where}: {m}")
                 torch.testing.assert_close(attn.unshard(out.detach()), expected.detach(), **tol)
     assert attn.comm_bytes["forward"] > 0
+    # GQA: 8 query heads over 4 k/v heads (each heads rank holds whole k/v heads)
+    q8, dout8 = (torch.randn(b, n, 8, d, generator=g, dtype=torch.float64) for _ in range(2))
+    full = [t.clone().requires_grad_() for t in (q8, k, v)]
+    expected = dilated_attention(*full, [5, 12, 40], [1, 2, 3], is_causal=True)
+    expected_grads = torch.autograd.grad(expected, full, dout8)
+    attn = RingDistributedDilatedAttention([5, 12, 40], [1, 2, 3], device_mesh=mesh)
+    local = [attn.shard(t).requires_grad_() for t in (q8, k, v)]
+    out = attn(*local, is_causal=True)
+    grads = torch.autograd.grad(out, local, attn.shard(dout8))
+    torch.testing.assert_close(out, attn.shard(expected), rtol=1e-10, atol=1e-10)
+    for a, e in zip(grads, expected_grads):
+        torch.testing.assert_close(a, attn.shard(e), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))

@@ -54,3 +54,19 @@ def test_gamma_init_scales_value_and_output_projections():
     torch.testing.assert_close(b.v_proj.weight, 0.1 * a.v_proj.weight)
     torch.testing.assert_close(b.out_proj.weight, 0.1 * a.out_proj.weight)
     torch.testing.assert_close(b.q_proj.weight, a.q_proj.weight)
+
+
+def test_multihead_gqa_projects_fewer_kv_heads():
+    torch.manual_seed(2)
+    e, h, h_kv, segs, rates = 24, 6, 2, [8, 16], [1, 2]
+    mha = MultiheadDilatedAttention(e, h, segs, rates, num_kv_heads=h_kv, dtype=torch.float64)
+    assert mha.k_proj.out_features == h_kv * (e // h) == mha.v_proj.out_features
+    x = rand((2, 21, e), grad=True)
+    out, _ = mha(x, is_causal=True)
+    q = mha.q_proj(x).unflatten(-1, (h, e // h))
+    k, v = (p(x).unflatten(-1, (h_kv, e // h)).repeat_interleave(h // h_kv, 2) for p in (mha.k_proj, mha.v_proj))
+    y = torch.nn.functional.layer_norm(reference(q, k, v, segs, rates, True).flatten(-2), (e,), mha.norm.weight,
+                                       mha.norm.bias, mha.norm.eps)
+    torch.testing.assert_close(out, mha.out_proj(y))
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        MultiheadDilatedAttention(e, h, segs, rates, num_kv_heads=4)

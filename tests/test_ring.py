@@ -18,13 +18,16 @@ SCHEDULES = [
 ]
 
 
-def _compare(rank, world, ring, dtype, segs, rates, mode, causal, n, b=2, h=5, d=8, seed=0, against_reference=False):
+def _compare(rank, world, ring, dtype, segs, rates, mode, causal, n, b=2, h=5, d=8, seed=0, against_reference=False,
+             h_kv=None):
     """Each rank's shard against the single-process result, or (against_reference) the float64 Eq. 10 reference."""
     g = torch.Generator().manual_seed(seed)
-    q, k, v, dout = (torch.randn(b, n, h, d, generator=g, dtype=torch.float64).to(dtype) for _ in range(4))
+    q, dout = (torch.randn(b, n, h, d, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    k, v = (torch.randn(b, n, h_kv or h, d, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
     if against_reference:
         full = [t.double().requires_grad_() for t in (q, k, v)]
-        expected = reference(*full, segs, rates, causal, None, mode)
+        group = h // (h_kv or h)
+        expected = reference(full[0], *(t.repeat_interleave(group, 2) for t in full[1:]), segs, rates, causal, None, mode)
         expected_grads = [e.to(dtype) for e in torch.autograd.grad(expected, full, dout.double())]
         expected = expected.to(dtype)
     else:
@@ -54,6 +57,12 @@ def _exactness_worker(rank, world):
     for causal in (False, True):  # float32 through the fused CPU kernels
         ring = RingDilatedAttention([5, 10, 30], [1, 2, 3])
         _compare(rank, world, ring, torch.float32, [5, 10, 30], [1, 2, 3], "paper", causal, n, seed=1)
+    for mode in ("paper", "head_groups"):  # GQA: 6 query heads over 2 and 1 k/v heads, against the reference
+        for h_kv in (2, 1):
+            for backend in ("math", "sdpa"):
+                ring = RingDilatedAttention([8, 20, 2 * n], [1, 3, 4], mode=mode, layout="zigzag", backend=backend)
+                _compare(rank, world, ring, torch.float64, [8, 20, 2 * n], [1, 3, 4], mode, True, n, h=6, h_kv=h_kv,
+                         against_reference=True)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -96,6 +105,9 @@ def _triton_worker(rank, world):
                 # b = 1: shards are views whose batch stride is the full tensor's (any stride fits a size-1 dim)
                 _compare(rank, world, ring, torch.float32, segs, rates, mode, causal, n, b=1, h=5, d=16, seed=2,
                          against_reference=True)
+    ring = RingDilatedAttention([8, 20, 2 * n], [1, 3, 4], backend="triton")  # GQA: 6 query heads, 2 k/v heads
+    _compare(rank, world, ring, torch.float32, [8, 20, 2 * n], [1, 3, 4], "paper", True, n, b=1, h=6, d=16, seed=3,
+             against_reference=True, h_kv=2)
     assert backends.select(torch.ones(1, 1, 1, 16), "triton") is backends.BACKENDS["triton"]
 
 
@@ -132,6 +144,9 @@ def _sparse_traffic_worker(rank, world):
     dense(x, x, x)
     dilated(x, x, x)
     assert dilated.comm_bytes["forward"] == dense.comm_bytes["forward"] // 4
+    gqa = RingDilatedAttention([n], [1])
+    gqa(x, x[:, :, :1], x[:, :, :1])  # MQA: one k/v head travels, not four copies
+    assert gqa.comm_bytes["forward"] == dense.comm_bytes["forward"] // 4
 
 
 def test_sparse_communication():

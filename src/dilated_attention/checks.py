@@ -9,7 +9,9 @@ import torch
 
 
 def check_qkv(q, k, v) -> None:
-    """Raise a TypeError/ValueError naming the argument when q, k, v do not fit together."""
+    """Raise a TypeError/ValueError naming the argument when q, k, v do not fit together.
+
+    q: (b, n, h, d); k, v: (b, n, h_kv, d) with h_kv dividing h (h_kv = h: plain attention)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -18,12 +20,17 @@ def check_qkv(q, k, v) -> None:
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating point tensor, got {t.dtype}")
     for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.shape[:2] != q.shape[:2] or t.shape[3] != q.shape[3]:
+            raise ValueError(f"{name} must have q's batch, seq and head_dim {tuple(q.shape)}, got {tuple(t.shape)}")
+        if q.shape[2] % t.shape[2]:
+            raise ValueError(f"{name} has {t.shape[2]} heads, which must divide q's {q.shape[2]} heads (GQA: query head "
+                             f"j reads k/v head j // (h / h_kv))")
         if t.dtype != q.dtype:
             raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} must be on q's device ({q.device}), got {t.device}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     if 0 in q.shape:
         raise ValueError(f"q, k, v must not be empty, got shape {tuple(q.shape)}")
 

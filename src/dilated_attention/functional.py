@@ -75,7 +75,7 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _(dout, q, k, v, out, lse, plan_code, is_causal, scale, out_scale, backend):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # dk, dv: h_kv heads
 
 
 def _setup_context(ctx, inputs, output):
@@ -110,7 +110,8 @@ def dilated_attention(
 ) -> torch.Tensor:
     """Dilated attention of LongNet (arXiv 2307.02486).
 
-    q, k, v: (batch, seq, heads, head_dim), one dtype and device.
+    q, k, v: (batch, seq, heads, head_dim), one dtype and device; k and v may have fewer heads
+    h_kv dividing h (GQA / MQA: query head j reads k/v head j // (h / h_kv)).
     segment_lengths, dilation_rates: one ``(w, r)`` per branch.
     mode: ``"paper"`` (Eq. 10: every head in every branch, merged through softmax
     denominators) or ``"head_groups"`` (heads split into one group per branch, output / m).
@@ -128,9 +129,11 @@ def dilated_attention(
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     backends.select(q, backend)  # refuses a backend that cannot take q, before any work
     cache = pattern_cache if pattern_cache is not None else get_global_pattern_cache()
-    total = check_head_slice(q.shape[2], head_start, total_heads)
+    total = check_head_slice(q.shape[2], head_start, total_heads, k.shape[2])
     check_heads(total, len(segment_lengths), mode)
-    plan = cached_plan(cache, q.shape[1], q.shape[2], segment_lengths, dilation_rates, mode, head_start, total_heads)
+    kv_heads = k.shape[2] if k.shape[2] != q.shape[2] else None
+    plan = cached_plan(cache, q.shape[1], q.shape[2], segment_lengths, dilation_rates, mode, head_start, total_heads,
+                       kv_heads)
     out, _ = _forward_op(
         q, k, v, encode_plan(plan), is_causal, resolve_scale(scale, q.shape[-1]),
         output_factor(mode, segment_lengths), backend or "",

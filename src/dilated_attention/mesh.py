@@ -106,13 +106,14 @@ class RingDistributedDilatedAttention(UsesPatternCache, nn.Module):
         try:  # local checks, then agreement inside the heads group (the ring checks its own group)
             refuse_dropout(self)
             check_qkv(q, k, v)
-            if q.shape[2] % heads_size:
-                raise ValueError(f"the {q.shape[2]} heads must divide evenly over the mesh's 'heads' dimension "
-                                 f"of {heads_size} ranks")
+            for name, t in (("q", q), ("k", k)):
+                if t.shape[2] % heads_size:
+                    raise ValueError(f"the {t.shape[2]} heads of {name} must divide evenly over the mesh's 'heads' "
+                                     f"dimension of {heads_size} ranks")
             error = None
         except (TypeError, ValueError, NotImplementedError) as e:
             error = e
-        shape = tuple(q.shape) if error is None else (0, 0, 0, 0)
+        shape = (*q.shape, k.shape[2]) if error is None else (0,)
         problem = agreement_problem(self.heads_group, {
             "shape": fingerprint(shape), "dtype": fingerprint(q.dtype) if error is None else 0,
             "is_causal": int(bool(is_causal)),

@@ -70,6 +70,7 @@ class MultiheadDilatedAttention(nn.Module):
     """Multi-head dilated attention as in LongNet's MAGNETO block, batch-first.
 
     q/k/v projections, dilated attention, an optional LayerNorm, then ``out_proj``.
+    ``num_kv_heads`` (default ``num_heads``): k/v heads, a divisor of ``num_heads`` (GQA / MQA).
     ``forward(query, key=None, value=None, *, is_causal=False, need_weights=False)``
     takes (batch, seq, embed_dim) and returns ``(out (batch, seq, embed_dim), None)``.
     """
@@ -88,18 +89,22 @@ class MultiheadDilatedAttention(nn.Module):
         layer_norm_eps: float = 1e-5,
         gamma_init: float = 1.0,
         use_pattern_cache: bool = True,
+        num_kv_heads: int | None = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         if num_heads <= 0 or embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
-        self.embed_dim, self.num_heads = embed_dim, num_heads
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_kv_heads <= 0 or num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads ({num_kv_heads}) must be a positive divisor of num_heads ({num_heads})")
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         kw = dict(bias=bias, device=device, dtype=dtype)
         self.q_proj = nn.Linear(embed_dim, embed_dim, **kw)
-        self.k_proj = nn.Linear(embed_dim, embed_dim, **kw)
-        self.v_proj = nn.Linear(embed_dim, embed_dim, **kw)
+        self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, **kw)
+        self.v_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, **kw)
         self.attention = self._make_attention(segment_lengths, dilation_rates, mode, dropout, use_pattern_cache)
         self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps, device=device, dtype=dtype) if layer_norm else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, **kw)
@@ -141,10 +146,9 @@ class MultiheadDilatedAttention(nn.Module):
                 f"query, key and value must share (batch, seq): got {tuple(query.shape)}, "
                 f"{tuple(key.shape)}, {tuple(value.shape)}"
             )
-        heads = (self.num_heads, self.head_dim)
-        q = self.q_proj(query).unflatten(-1, heads)
-        k = self.k_proj(key).unflatten(-1, heads)
-        v = self.v_proj(value).unflatten(-1, heads)
+        q = self.q_proj(query).unflatten(-1, (self.num_heads, self.head_dim))
+        k = self.k_proj(key).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = self.v_proj(value).unflatten(-1, (self.num_kv_heads, self.head_dim))
         x = self.attention(q, k, v, is_causal=is_causal).flatten(-2)
         if self.norm is not None:
             x = self.norm(x)

@@ -24,7 +24,8 @@ PER_HEAD = -1  # Branch.offset: head j uses offset j % r (paper mode)
 
 @dataclass(frozen=True)
 class WorkItem:
-    """Dense attention over one ``(branch, offset)`` for the heads ``head_start:head_stop:head_step``."""
+    """Dense attention over one ``(branch, offset)`` for the query heads ``head_start:head_stop:head_step``
+    against the k/v heads ``kv_start:kv_stop:kv_step`` (the same heads, or one head shared by all: GQA)."""
 
     segment: int  # effective segment length w' = min(w, n)
     rate: int
@@ -32,10 +33,17 @@ class WorkItem:
     head_start: int
     head_stop: int
     head_step: int
+    kv_start: int
+    kv_stop: int
+    kv_step: int
 
     @property
     def heads(self) -> slice:
         return slice(self.head_start, self.head_stop, self.head_step)
+
+    @property
+    def kv_heads(self) -> slice:
+        return slice(self.kv_start, self.kv_stop, self.kv_step)
 
 
 @dataclass(frozen=True)
@@ -53,18 +61,30 @@ class Branch:
     head_start: int
     head_stop: int
     head_base: int = 0
+    kv_group: int = 1  # query heads per k/v head (GQA): local head j reads k/v head j // kv_group
 
     def items(self) -> tuple[WorkItem, ...]:
-        """The branch's work items: one per offset that selects at least one row and head."""
+        """The branch's work items: one per offset (and, with GQA, per k/v head) that selects anything."""
         if self.offset != PER_HEAD:
             if self.offset >= self.segment:
                 return ()
-            return (WorkItem(self.segment, self.rate, self.offset, self.head_start, self.head_stop, 1),)
-        items = []
-        for o in range(min(self.rate, self.segment)):
-            first = self.head_start + (o - self.head_base - self.head_start) % self.rate  # first local head at o
-            if first < self.head_stop:
-                items.append(WorkItem(self.segment, self.rate, o, first, self.head_stop, self.rate))
+            classes = [(self.offset, self.head_start, self.head_stop, 1)]
+        else:
+            classes = []
+            for o in range(min(self.rate, self.segment)):
+                first = self.head_start + (o - self.head_base - self.head_start) % self.rate  # first local head at o
+                if first < self.head_stop:
+                    classes.append((o, first, self.head_stop, self.rate))
+        g = self.kv_group
+        if g == 1:
+            return tuple(WorkItem(self.segment, self.rate, o, a, b, step, a, b, step) for o, a, b, step in classes)
+        items = []  # one item per (offset, k/v head): its query heads share that one k/v head
+        for o, a, b, step in classes:
+            for c in range(a // g, (b - 1) // g + 1):
+                lo = a + -(-(c * g - a) // step) * step if c * g > a else a
+                hi = min(b, (c + 1) * g)
+                if lo < hi:
+                    items.append(WorkItem(self.segment, self.rate, o, lo, hi, step, c, c + 1, 1))
         return tuple(items)
 
 
@@ -125,27 +145,30 @@ def build_plan(
     mode: str,
     head_start: int = 0,
     total_heads: int | None = None,
+    kv_heads: int | None = None,
 ) -> Plan:
     """The branches of the schedule at this ``(n, h)``, in order.
 
     ``head_start``: global index of the first of the ``num_heads`` local heads, out of
     ``total_heads`` (default ``head_start + num_heads``): the plan computes exactly those
     heads of the whole-head result. head_groups branches without a local head are left out.
+    ``kv_heads``: local k/v heads (GQA; default ``num_heads``), dividing ``num_heads``.
     """
     schedule = list(zip(segment_lengths, dilation_rates))
     total = head_start + num_heads if total_heads is None else total_heads
+    group = num_heads // (kv_heads or num_heads)
     if mode == "paper":
-        return tuple(Branch(min(w, seq_len), r, PER_HEAD, 0, num_heads, head_start) for w, r in schedule)
+        return tuple(Branch(min(w, seq_len), r, PER_HEAD, 0, num_heads, head_start, group) for w, r in schedule)
     check_heads(total, len(schedule), mode)
     branches = []
     for g, ((w, r), (start, stop)) in enumerate(zip(schedule, head_groups(total, len(schedule)))):
         lo, hi = max(start, head_start) - head_start, min(stop, head_start + num_heads) - head_start
         if hi > lo:
-            branches.append(Branch(min(w, seq_len), r, g % r, lo, hi))
+            branches.append(Branch(min(w, seq_len), r, g % r, lo, hi, 0, group))
     return tuple(branches)
 
 
-def check_head_slice(num_heads: int, head_start: int, total_heads: int | None) -> int:
+def check_head_slice(num_heads: int, head_start: int, total_heads: int | None, kv_heads: int | None = None) -> int:
     """Validate a slice of heads; returns the total head count."""
     for name, x in (("head_start", head_start), ("total_heads", total_heads)):
         if x is not None and (isinstance(x, bool) or not isinstance(x, int) or x < 0):
@@ -156,6 +179,10 @@ def check_head_slice(num_heads: int, head_start: int, total_heads: int | None) -
             f"heads [head_start, head_start + h) = [{head_start}, {head_start + num_heads}) must lie inside "
             f"total_heads = {total}"
         )
+    group = num_heads // (kv_heads or num_heads)
+    if head_start % group:
+        raise ValueError(f"head_start = {head_start} must be a multiple of the {group} query heads per k/v head, so "
+                         "that the slice holds whole k/v heads")
     return total
 
 
@@ -165,25 +192,28 @@ def plan_items(plan: Plan) -> tuple[WorkItem, ...]:
 
 
 def encode_plan(plan: Plan) -> list[int]:
-    """The plan as a flat list of ints (what a custom op can take): 6 per branch."""
-    return [x for b in plan for x in (b.segment, b.rate, b.offset, b.head_start, b.head_stop, b.head_base)]
+    """The plan as a flat list of ints (what a custom op can take): 7 per branch."""
+    return [x for b in plan for x in (b.segment, b.rate, b.offset, b.head_start, b.head_stop, b.head_base, b.kv_group)]
 
 
 @functools.lru_cache(maxsize=1024)
 def decode_plan(code: tuple[int, ...]) -> Plan:
     """Inverse of ``encode_plan``."""
-    return tuple(Branch(*code[i : i + 6]) for i in range(0, len(code), 6))
+    return tuple(Branch(*code[i : i + 7]) for i in range(0, len(code), 7))
 
 
-def segment_views(x: torch.Tensor, item: WorkItem) -> list[torch.Tensor]:
-    """Views of ``x`` (b, n, h, *rest) as (b, S, c, hs, *rest): full segments, then the ragged one."""
+def segment_views(x: torch.Tensor, item: WorkItem, heads: slice | None = None) -> list[torch.Tensor]:
+    """Views of ``x`` (b, n, h, *rest) as (b, S, c, hs, *rest): full segments, then the ragged one.
+
+    heads: which heads (default the item's query heads; ``item.kv_heads`` for k and v)."""
+    heads = item.heads if heads is None else heads
     n = x.shape[1]
     full = n // item.segment * item.segment
     views = []
     if full:
-        views.append(x[:, :full].unflatten(1, (n // item.segment, item.segment))[:, :, item.offset :: item.rate, item.heads])
+        views.append(x[:, :full].unflatten(1, (n // item.segment, item.segment))[:, :, item.offset :: item.rate, heads])
     if item.offset < n - full:
-        views.append(x[:, full:].unsqueeze(1)[:, :, item.offset :: item.rate, item.heads])
+        views.append(x[:, full:].unsqueeze(1)[:, :, item.offset :: item.rate, heads])
     return views
 
 
@@ -208,14 +238,16 @@ def useful_flops(
     return 4 * batch * head_dim * total
 
 
-def cached_plan(cache, seq_len, num_heads, segment_lengths, dilation_rates, mode, head_start=0, total_heads=None) -> Plan:
+def cached_plan(cache, seq_len, num_heads, segment_lengths, dilation_rates, mode, head_start=0, total_heads=None,
+                kv_heads=None) -> Plan:
     """``build_plan`` through a ``PatternCache``: built once per configuration.
 
     Under ``torch.compile`` the plan is built while tracing and the graph keeps it."""
-    args = (seq_len, num_heads, segment_lengths, dilation_rates, mode, head_start, total_heads)
+    args = (seq_len, num_heads, segment_lengths, dilation_rates, mode, head_start, total_heads, kv_heads)
     if torch.compiler.is_compiling():
         return build_plan(*args)
-    key = ("plan", seq_len, num_heads, tuple(segment_lengths), tuple(dilation_rates), mode, head_start, total_heads)
+    key = ("plan", seq_len, num_heads, tuple(segment_lengths), tuple(dilation_rates), mode, head_start, total_heads,
+           kv_heads)
     plan = cache.get(key)
     if plan is None:
         plan = cache.create(key, lambda: build_plan(*args))

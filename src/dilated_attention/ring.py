@@ -43,15 +43,15 @@ class _RingCall:
     out_scale: float  # the output's factor (head_groups: 1/m)
 
 
-def _full_view(t: torch.Tensor, item: WorkItem, fs: FullSegments) -> torch.Tensor:
+def _full_view(t: torch.Tensor, item: WorkItem, fs: FullSegments, heads: slice) -> torch.Tensor:
     """(b, m, h, *rest) -> (b, count, c, hs, *rest): the batched full segments."""
     rows = t[:, fs.local_start : fs.local_start + fs.count * item.segment]
-    return rows.unflatten(1, (fs.count, item.segment))[:, :, item.offset :: item.rate, item.heads]
+    return rows.unflatten(1, (fs.count, item.segment))[:, :, item.offset :: item.rate, heads]
 
 
-def _piece_view(t: torch.Tensor, item: WorkItem, piece: Piece) -> torch.Tensor:
+def _piece_view(t: torch.Tensor, piece: Piece, heads: slice) -> torch.Tensor:
     """(b, m, h, *rest) -> (b, 1, c, hs, *rest)."""
-    return t[:, piece.rows, item.heads].unsqueeze(1)
+    return t[:, piece.rows, heads].unsqueeze(1)
 
 
 def _unique_keys(pairs: Sequence[Pair]) -> list[tuple[int, Piece]]:
@@ -63,8 +63,7 @@ def _recv_shapes(call: _RingCall, keys, b: int, d: int) -> list[tuple[int, ...]]
     shapes = []
     for i, piece in keys:
         item = call.plan[i]
-        hs = len(range(item.head_start, item.head_stop, item.head_step))
-        shapes.append((b, 1, len(piece), hs, d))
+        shapes.append((b, 1, len(piece), len(range(item.kv_start, item.kv_stop, item.kv_step)), d))
     return shapes
 
 
@@ -74,7 +73,7 @@ def _post_kv(call: _RingCall, k: torch.Tensor, v: torch.Tensor, distance: int, p
     dst, src = (rank + distance) % world, (rank - distance) % world
     sends = _unique_keys(call.schedule.pairs[rank][dst])
     recvs = _unique_keys(call.schedule.pairs[src][rank])
-    send_buf = pack([_piece_view(t, call.plan[i], p) for i, p in sends for t in (k, v)], k.dtype, k.device)
+    send_buf = pack([_piece_view(t, p, call.plan[i].kv_heads) for i, p in sends for t in (k, v)], k.dtype, k.device)
     shapes = _recv_shapes(call, recvs, k.shape[0], k.shape[-1])
     recv_buf = torch.empty(2 * sum(torch.Size(s).numel() for s in shapes), dtype=k.dtype, device=k.device)
     return Exchange(call.group, {dst: send_buf} if sends else {}, {src: recv_buf} if recvs else {}, call.stats, phase)
@@ -95,12 +94,12 @@ def _local_blocks(call: _RingCall):
     """Yield (view function over the query side, over the key side, causal) for local work."""
     for i, fs in call.schedule.full[call.rank]:
         item = call.plan[i]
-        view = lambda t, item=item, fs=fs: _full_view(t, item, fs)  # noqa: E731
-        yield view, view, call.causal
+        yield (lambda t, item=item, fs=fs: _full_view(t, item, fs, item.heads),
+               lambda t, item=item, fs=fs: _full_view(t, item, fs, item.kv_heads), call.causal)
     for pair in call.schedule.pairs[call.rank][call.rank]:
         item = call.plan[pair.item]
-        yield (lambda t, item=item, p=pair.q: _piece_view(t, item, p),
-               lambda t, item=item, p=pair.k: _piece_view(t, item, p), pair.causal_diagonal)
+        yield (lambda t, item=item, p=pair.q: _piece_view(t, p, item.heads),
+               lambda t, item=item, p=pair.k: _piece_view(t, p, item.kv_heads), pair.causal_diagonal)
 
 
 def ring_forward(call: _RingCall, q, k, v):
@@ -119,7 +118,7 @@ def ring_forward(call: _RingCall, q, k, v):
         for pair in call.schedule.pairs[src][call.rank]:
             item = call.plan[pair.item]
             kb, vb = received[(pair.item, pair.k)]
-            qv = lambda t: _piece_view(t, item, pair.q)  # noqa: E731
+            qv = lambda t: _piece_view(t, pair.q, item.heads)  # noqa: E731
             impl.attend_(qv(out), qv(lse), qv(q), kb, vb, call.scale, False)
     return out.mul_(call.out_scale).to(q.dtype), lse
 
@@ -147,7 +146,7 @@ def ring_backward(call: _RingCall, dout, q, k, v, out, lse):
         for pair in call.schedule.pairs[src][rank]:
             item = call.plan[pair.item]
             kb, vb = received[(pair.item, pair.k)]
-            qv = lambda t: _piece_view(t, item, pair.q)  # noqa: E731
+            qv = lambda t: _piece_view(t, pair.q, item.heads)  # noqa: E731
             gk, gv = grads[(pair.item, pair.k)]
             impl.attend_backward_(qv(dq), gk, gv, qv(dout), qv(q), kb, vb, qv(out), qv(lse), call.scale, False)
         # send dK/dV home to src; receive those of my rows from dst
@@ -173,9 +172,9 @@ def _add_returned(call: _RingCall, returning, dk, dv) -> None:
         return
     parts = unpack(buffers[dst], [s for s in shapes for _ in range(2)])
     for j, (i, piece) in enumerate(mine):
-        item = call.plan[i]
-        _piece_view(dk, item, piece).add_(parts[2 * j])
-        _piece_view(dv, item, piece).add_(parts[2 * j + 1])
+        heads = call.plan[i].kv_heads
+        _piece_view(dk, piece, heads).add_(parts[2 * j])
+        _piece_view(dv, piece, heads).add_(parts[2 * j + 1])
 
 
 class _RingFunction(torch.autograd.Function):
@@ -255,16 +254,18 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
             check_qkv(q, k, v)
             if not isinstance(is_causal, bool):
                 raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-            check_heads(check_head_slice(q.shape[2], head_start, total_heads), len(self.segment_lengths), self.mode)
+            total = check_head_slice(q.shape[2], head_start, total_heads, k.shape[2])
+            check_heads(total, len(self.segment_lengths), self.mode)
             impl = backends.select(q, self.backend)  # refuses a named backend that cannot take q
             scale = resolve_scale(self.scale, q.shape[-1])
             error = None
         except (TypeError, ValueError, NotImplementedError) as e:
             error = e
         b, m, h, d = q.shape if error is None else (0, 0, 0, 0)
+        h_kv = k.shape[2] if error is None else 0
         grad = error is None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         check_agreement(group, {
-            "batch": b, "local_seq_len": m, "heads": h, "head_dim": d,
+            "batch": b, "local_seq_len": m, "heads": h, "kv_heads": h_kv, "head_dim": d,
             "dtype": fingerprint(q.dtype) if error is None else 0, "is_causal": int(bool(is_causal)),
             "requires_grad": int(grad),
             "schedule": fingerprint((self.segment_lengths, self.dilation_rates, self.mode, self.layout, self.scale,
@@ -272,7 +273,7 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
         }, error)
         n = m * world
         plan = plan_items(cached_plan(self.pattern_cache, n, h, self.segment_lengths, self.dilation_rates, self.mode,
-                                      head_start, total_heads))
+                                      head_start, total_heads, h_kv if h_kv != h else None))
         schedule = self.pattern_cache.get_or_create(
             ("ring_schedule", n, world, self.layout, plan, is_causal),
             lambda: build_ring_schedule(n, world, self.layout, plan, is_causal),

@@ -31,7 +31,8 @@ class Backend:
     def attend_(self, out, lse, q, k, v, scale: float, causal: bool) -> None:
         """Merge the attention of q over (k, v) into the accumulators (out, lse) in place.
 
-        q, out: (b, S, c, h, d); k, v: (b, S, c_k, h, d); lse: (b, S, c, h).
+        q, out: (b, S, c, h, d); k, v: (b, S, c_k, h_k, d) with h_k = h, or h_k = 1 (one k/v head
+        shared by every query head: GQA); lse: (b, S, c, h).
         """
         raise NotImplementedError
 
@@ -44,7 +45,9 @@ class Backend:
         b, n, h, d = q.shape
         out, lse = empty_partial(b, n, h, v.shape[-1], q.dtype, q.device)
         for item in plan_items(plan):
-            for ov, lv, qv, kv, vv in zip(*(segment_views(t, item) for t in (out, lse, q, k, v))):
+            q_side = (segment_views(t, item) for t in (out, lse, q))
+            k_side = (segment_views(t, item, item.kv_heads) for t in (k, v))
+            for ov, lv, qv, kv, vv in zip(*q_side, *k_side):
                 self.attend_(ov, lv, qv, kv, vv, scale, causal)
         return out.mul_(out_scale).to(q.dtype), lse
 
@@ -54,8 +57,9 @@ class Backend:
         grads = [torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v)]
         dout, out = block_grad_inputs(dout.to(q.dtype), out, out_scale)
         for item in plan_items(plan):
-            views = zip(*(segment_views(t, item) for t in (dout, q, k, v, out, lse, *grads)))
-            for dov, qv, kv, vv, ov, lv, dqv, dkv, dvv in views:
+            q_side = [segment_views(t, item) for t in (dout, q, out, lse, grads[0])]
+            k_side = [segment_views(t, item, item.kv_heads) for t in (k, v, grads[1], grads[2])]
+            for dov, qv, ov, lv, dqv, kv, vv, dkv, dvv in zip(*q_side, *k_side):
                 self.attend_backward_(dqv, dkv, dvv, dov, qv, kv, vv, ov, lv, scale, causal)
         return tuple(g.to(q.dtype) for g in grads)
 
@@ -72,10 +76,20 @@ class BlockBackend(Backend):
         raise NotImplementedError
 
     def attend_(self, out, lse, q, k, v, scale: float, causal: bool) -> None:
+        k, v = _shared_heads(q, k, v)
         merge_(out, lse, *self.block_forward(q, k, v, scale, causal))
 
     def attend_backward_(self, dq, dk, dv, dout, q, k, v, out, lse, scale: float, causal: bool) -> None:
-        gq, gk, gv = self.block_backward(dout, q, k, v, out, lse, scale, causal)
+        shared = k.shape[3] != q.shape[3]
+        gq, gk, gv = self.block_backward(dout, q, *_shared_heads(q, k, v), out, lse, scale, causal)
         dq.add_(gq)
-        dk.add_(gk)
-        dv.add_(gv)
+        dk.add_(gk.sum(3, keepdim=True) if shared else gk)  # a shared k/v head sums its query heads
+        dv.add_(gv.sum(3, keepdim=True) if shared else gv)
+
+
+def _shared_heads(q, k, v):
+    """k, v (b, S, c_k, 1, d) shared by every query head -> views with q's heads (stride 0)."""
+    if k.shape[3] == q.shape[3]:
+        return k, v
+    shape = (*k.shape[:3], q.shape[3], k.shape[4])
+    return k.expand(shape), v.expand(shape)

@@ -46,22 +46,29 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _class(seg, head, N, SEG, RATE, OFFSET, HEAD_BASE):
-        """In-segment offset o and row count of this head's residue class in segment seg.
-
-        OFFSET < 0: the global head index HEAD_BASE + head picks the offset (paper mode)."""
+    def _offset(head, RATE, OFFSET, HEAD_BASE):
+        """In-segment offset of this head's residue class: OFFSET, or (OFFSET < 0, paper mode) the
+        global head index HEAD_BASE + head modulo RATE."""
         o = (head + HEAD_BASE) % RATE
         if OFFSET >= 0:
             o = OFFSET
+        return o
+
+    @triton.jit
+    def _class(seg, head, N, SEG, RATE, OFFSET, HEAD_BASE):
+        """In-segment offset o and row count of this head's residue class in segment seg."""
+        o = _offset(head, RATE, OFFSET, HEAD_BASE)
         seg_len = tl.minimum(N - seg * SEG, SEG).to(tl.int32)
         return o, (seg_len - o + RATE - 1) // RATE  # 0 when o >= seg_len, since o < RATE
 
     @triton.jit
-    def _program(BLOCK: tl.constexpr, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE,
+    def _program(BLOCK: tl.constexpr, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
                  qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu):
-        """This program's row block, query and key row counts, offsets of row 0 in q, k, lse.
+        """This program's row block, query and key row counts, offsets of row 0 in q, k, lse; its
+        head, class offset and segment.
 
-        Grid: (row blocks x segments, heads, batch); axis 0 has room for 2**31 programs."""
+        Grid: (row blocks x segments, heads, batch); axis 0 has room for 2**31 programs. Query
+        head ``head`` reads k/v head ``(KV_HEAD0 + head) // KV_GROUP`` (GQA)."""
         row_blocks = tl.cdiv(MAX_ROWS, BLOCK)
         pid = tl.program_id(0)
         block = pid % row_blocks
@@ -71,9 +78,17 @@ if triton is not None:
         o, q_count = _class(seg, head, NQ, SEGQ, RATE, OFFSET, HEAD_BASE)
         _, k_count = _class(seg, head, NK, SEGK, RATE, OFFSET, HEAD_BASE)
         q_base = b * qb + seg * qs + head * qh + o * qu
-        k_base = b * kb + seg * ks + head * kh + o * ku
+        k_base = b * kb + seg * ks + ((KV_HEAD0 + head) // KV_GROUP) * kh + o * ku
         l_base = b * lb + seg * ls + head * lh + o * lu
         return block, q_count, k_count, q_base, k_base, l_base
+
+    @triton.jit
+    def _grad_base(BLOCK: tl.constexpr, MAX_ROWS, RATE, OFFSET, HEAD_BASE, gb, gs, gh, gu):
+        """Offset of row 0 of this program's class in a gradient laid out per query head (dK, dV)."""
+        seg = (tl.program_id(0) // tl.cdiv(MAX_ROWS, BLOCK)).to(tl.int64)
+        head = tl.program_id(1)
+        o = _offset(head, RATE, OFFSET, HEAD_BASE)
+        return tl.program_id(2).to(tl.int64) * gb + seg * gs + head * gh + o * gu
 
     @triton.jit
     def _row_offs(base, idx, RATE, su):
@@ -113,11 +128,12 @@ if triton is not None:
 
     @triton.jit
     def _fwd(Q, K, V, O, L, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu,
-             MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, qk_scale, out_scale,
+             MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, qk_scale, out_scale,
              IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(
-            BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
+            BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
+            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
         if pid_m * BLOCK_M >= q_count:
             return
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -166,11 +182,12 @@ if triton is not None:
             tl.store(l_ptr, top + tl.log(total), mask=row_ok)
 
     @triton.jit
-    def _bwd_dkdv(Q, K, V, DO, L, D, DK, DV, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu,
-                  MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, qk_scale, scale, do_scale,
+    def _bwd_dkdv(Q, K, V, DO, L, D, DK, DV, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, gb, gs, gh, gu,
+                  MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, qk_scale, scale, do_scale,
                   IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_n, q_count, k_count, q_base, k_base, l_base = _program(
-            BLOCK_N, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
+            BLOCK_N, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
+            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
         if pid_n * BLOCK_N >= k_count:
             return
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -192,15 +209,18 @@ if triton is not None:
             p, ds = _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, qk_scale, do_scale, IS_CAUSAL)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-        _add_tile(DK, k_base, cols, col_ok, RATE, ku, dims, dk * scale)
-        _add_tile(DV, k_base, cols, col_ok, RATE, ku, dims, dv * do_scale)
+        # dK, dV of this query head's view of the keys (per query head: no two programs share rows)
+        g_base = _grad_base(BLOCK_N, MAX_ROWS, RATE, OFFSET, HEAD_BASE, gb, gs, gh, gu)
+        _add_tile(DK, g_base, cols, col_ok, RATE, gu, dims, dk * scale)
+        _add_tile(DV, g_base, cols, col_ok, RATE, gu, dims, dv * do_scale)
 
     @triton.jit
     def _bwd_dq(Q, K, V, DO, L, D, DQ, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu,
-                MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, qk_scale, scale, do_scale,
+                MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, qk_scale, scale, do_scale,
                 IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(
-            BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
+            BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
+            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
         if pid_m * BLOCK_M >= q_count:
             return
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -236,15 +256,16 @@ def _bwd_config(d: int):
 
 
 class _Launch:
-    """Geometry of one launch: strides (batch, segment, head, row) of the query side
-    (q, out, dout, dq), the key side (k, v, dk, dv) and the row-statistics side (lse,
-    delta); class lengths; grid."""
+    """Geometry of one launch: strides (batch, segment, head, row) of the query side (q, out,
+    dout, dq), the key side (k, v), the row-statistics side (lse, delta) and the key-gradient
+    side (dk, dv, one per query head); class lengths; k/v head mapping; grid."""
 
-    def __init__(self, q_strides, k_strides, l_strides, nq, segq, nk, segk, rate, offset, batch, nheads,
-                 head_base=0):
+    def __init__(self, q_strides, k_strides, l_strides, g_strides, nq, segq, nk, segk, rate, offset, batch, nheads,
+                 head_base=0, kv_head0=0, kv_group=1):
         self.rows = max(-(-segq // rate), -(-segk // rate))
         self.strides = (*q_strides, *k_strides, *l_strides)
-        self.sizes = (self.rows, nq, segq, nk, segk, rate, offset, head_base)
+        self.grad_strides = g_strides
+        self.sizes = (self.rows, nq, segq, nk, segk, rate, offset, head_base, kv_head0, kv_group)
         self.batch, self.nheads = batch, nheads
         self.segments = -(-nq // segq)
 
@@ -252,22 +273,28 @@ class _Launch:
         return (triton.cdiv(self.rows, block) * self.segments, self.nheads, self.batch)
 
 
-def _branch_launch(q, lse, branch: Branch) -> _Launch:
-    """A branch over (b, n, h, d) tensors cut into segments of ``branch.segment`` rows."""
+def _flat(t, seg: int):
+    """(batch, segment, head, row) strides of a (b, n, h, ...) tensor cut into segments of ``seg`` rows."""
+    return t.stride(0), seg * t.stride(1), t.stride(2), t.stride(1)
+
+
+def _branch_launch(q, k, lse, grad, branch: Branch) -> _Launch:
+    """A branch over (b, n, h, d) q (sliced to the branch's heads), unsliced k (h_kv heads) and a
+    key gradient laid out like the sliced q, cut into segments of ``branch.segment`` rows."""
     b, n = q.shape[:2]
     seg = branch.segment
-    flat = lambda t: (t.stride(0), seg * t.stride(1), t.stride(2), t.stride(1))  # noqa: E731
     nheads = branch.head_stop - branch.head_start
-    return _Launch(flat(q), flat(q), flat(lse), n, seg, n, seg, branch.rate, branch.offset, b, nheads,
-                   branch.head_base + branch.head_start)
+    return _Launch(_flat(q, seg), _flat(k, seg), _flat(lse, seg), _flat(grad, seg), n, seg, n, seg, branch.rate,
+                   branch.offset, b, nheads, branch.head_base + branch.head_start, branch.head_start, branch.kv_group)
 
 
-def _view_launch(q, k, lse) -> _Launch:
-    """One block of (b, S, c, h, d) views: every row of every segment (RATE 1, offset 0)."""
+def _view_launch(q, k, lse, grad) -> _Launch:
+    """One block of (b, S, c, h, d) views, k/v with h or 1 heads: every row of every segment."""
     b, segments, cq, heads = q.shape[:4]
     ck = k.shape[2]
     side = lambda t: (t.stride(0), t.stride(1), t.stride(3), t.stride(2))  # noqa: E731
-    return _Launch(side(q), side(k), side(lse), segments * cq, cq, segments * ck, ck, 1, 0, b, heads)
+    return _Launch(side(q), side(k), side(lse), side(grad), segments * cq, cq, segments * ck, ck, 1, 0, b, heads,
+                   kv_group=heads // k.shape[3])
 
 
 def _run_forward(q, k, v, out, lse, launch: _Launch, scale: float, causal: bool, first: bool,
@@ -282,11 +309,12 @@ def _run_forward(q, k, v, out, lse, launch: _Launch, scale: float, causal: bool,
 
 def _run_backward(dout, q, k, v, lse, delta, dq, dk, dv, launch: _Launch, scale: float, causal: bool,
                   do_scale: float = 1.0) -> None:
+    """dk, dv: laid out per query head (``launch.grad_strides``)."""
     bm, bn, warps, stages = _bwd_config(q.shape[-1])
-    args = (*launch.strides, *launch.sizes, scale * LOG2E, scale, do_scale)
+    sizes = (*launch.sizes, scale * LOG2E, scale, do_scale)
     meta = dict(IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=q.shape[-1], num_warps=warps, num_stages=stages)
-    _bwd_dkdv[launch.grid(bn)](q, k, v, dout, lse, delta, dk, dv, *args, **meta)
-    _bwd_dq[launch.grid(bm)](q, k, v, dout, lse, delta, dq, *args, **meta)
+    _bwd_dkdv[launch.grid(bn)](q, k, v, dout, lse, delta, dk, dv, *launch.strides, *launch.grad_strides, *sizes, **meta)
+    _bwd_dq[launch.grid(bm)](q, k, v, dout, lse, delta, dq, *launch.strides, *sizes, **meta)
 
 
 def _same_strides(names: str, *tensors) -> None:
@@ -346,35 +374,49 @@ class Triton(Backend):
         lse = torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
         written = set()  # heads a launch has written: a launch over fresh heads only reads nothing
         for branch in plan:
-            heads = range(branch.head_start, branch.head_stop)
-            first = written.isdisjoint(heads)
-            written.update(heads)
+            heads = slice(branch.head_start, branch.head_stop)
+            first = written.isdisjoint(range(heads.start, heads.stop))
+            written.update(range(heads.start, heads.stop))
             if out_scale != 1.0 and not first:
                 raise ValueError("triton backend: out_scale needs branches over disjoint heads (head_groups)")
-            views = (t[:, :, branch.head_start : branch.head_stop] for t in (q, k, v, out, lse))
-            _run_forward(*views, _branch_launch(q, lse, branch), scale, causal, first, out_scale)
+            launch = _branch_launch(q[:, :, heads], k, lse[:, :, heads], q[:, :, heads], branch)
+            _run_forward(q[:, :, heads], k, v, out[:, :, heads], lse[:, :, heads], launch, scale, causal, first,
+                         out_scale)
         return out, lse
 
     def backward_plan(self, dout, q, k, v, out, lse, plan: Plan, scale: float, causal: bool, out_scale: float):
         """Gradients against the merged (out, lse), summed in place branch by branch; the kernels
-        scale dO by ``out_scale`` (``out`` is what ``forward_plan`` returned, scaled)."""
+        scale dO by ``out_scale`` (``out`` is what ``forward_plan`` returned, scaled). With GQA,
+        dK and dV are summed per query head in float32, then over each k/v head's query heads."""
         q, k, v, dout, lse = (t.contiguous() for t in (q, k, v, dout.to(q.dtype), lse))
         delta = _row_dot(dout, out, lse)  # rowsum(dO' O) for dO' = s dout, O = out / s
-        dq, dk, dv = (torch.zeros_like(q) for _ in range(3))
+        gqa = k.shape[2] != q.shape[2]
+        dq = torch.zeros_like(q)
+        dk, dv = (torch.zeros(q.shape, dtype=torch.float32 if gqa else q.dtype, device=q.device) for _ in range(2))
         for branch in plan:
-            views = (t[:, :, branch.head_start : branch.head_stop] for t in (dout, q, k, v, lse, delta, dq, dk, dv))
-            _run_backward(*views, _branch_launch(q, lse, branch), scale, causal, out_scale)
+            h = slice(branch.head_start, branch.head_stop)
+            launch = _branch_launch(q[:, :, h], k, lse[:, :, h], dk[:, :, h], branch)
+            _run_backward(dout[:, :, h], q[:, :, h], k, v, lse[:, :, h], delta[:, :, h], dq[:, :, h], dk[:, :, h],
+                          dv[:, :, h], launch, scale, causal, out_scale)
+        if gqa:
+            dk, dv = (g.unflatten(2, (k.shape[2], -1)).sum(3).to(q.dtype) for g in (dk, dv))
         return dq, dk, dv
 
     def attend_(self, out, lse, q, k, v, scale: float, causal: bool) -> None:
         """``out`` may be any float dtype (the ring keeps fp32)."""
         _same_strides("q and out", q, out)
         _same_strides("k and v", k, v)
-        _run_forward(q, k, v, out, lse, _view_launch(q, k, lse), scale, causal, first=False)
+        _run_forward(q, k, v, out, lse, _view_launch(q, k, lse, q), scale, causal, first=False)
 
     def attend_backward_(self, dq, dk, dv, dout, q, k, v, out, lse, scale: float, causal: bool) -> None:
         _same_strides("q, dout and dq", q, dout, dq)
         _same_strides("k, v, dk and dv", k, v, dk, dv)
         lse = lse.contiguous()
         delta = _row_dot(dout, out, lse)
-        _run_backward(dout, q, k, v, lse, delta, dq, dk, dv, _view_launch(q, k, lse), scale, causal)
+        shared = k.shape[3] != q.shape[3]  # one k/v head for every query head: per-head sums, then added
+        gk, gv = (torch.zeros((*k.shape[:3], q.shape[3], k.shape[4]), dtype=torch.float32, device=q.device)
+                  for _ in range(2)) if shared else (dk, dv)
+        _run_backward(dout, q, k, v, lse, delta, dq, gk, gv, _view_launch(q, k, lse, gk), scale, causal)
+        if shared:
+            dk.add_(gk.sum(3, keepdim=True))
+            dv.add_(gv.sum(3, keepdim=True))
