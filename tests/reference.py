@@ -40,14 +40,18 @@ def link_counts(n, h, segment_lengths, dilation_rates, causal, mode):
     return counts
 
 
-def reference(q, k, v, segment_lengths, dilation_rates, causal=False, scale=None, mode="paper"):
-    """q, k, v: (b, n, h, d) any dtype -> float64 (b, n, h, d), differentiable."""
+def reference(q, k, v, segment_lengths, dilation_rates, causal=False, scale=None, mode="paper", key_padding_mask=None):
+    """q, k, v: (b, n, h, d) any dtype -> float64 (b, n, h, d), differentiable.
+
+    key_padding_mask: (b, n) bool, True where a key is ignored."""
     q, k, v = (t.double() for t in (q, k, v))
     b, n, h, d = q.shape
     scale = d**-0.5 if scale is None else scale
     counts = link_counts(n, h, segment_lengths, dilation_rates, causal, mode)
     logits = torch.einsum("bihd,bjhd->bhij", q, k) * scale
     logits = logits.masked_fill(counts == 0, float("-inf"))
+    if key_padding_mask is not None:
+        logits = logits.masked_fill(key_padding_mask.cpu()[:, None, None, :], float("-inf"))
     m = logits.amax(-1, keepdim=True)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     weights = counts * torch.exp(logits - m)

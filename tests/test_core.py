@@ -314,3 +314,60 @@ def test_gqa_on_triton_within_twice_torch_math(causal, mode):
         errors.append([rel_err(a, r) for a, r in zip((out, *grads), (ref, *ref_grads))])
     for name, ours, theirs in zip(["out", "dq", "dk", "dv"], *errors):
         assert ours <= 2 * theirs + 2e-4, f"{name}: {ours:.3g} vs torch {theirs:.3g}"
+
+
+@pytest.mark.parametrize("backend", ["math", None])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("h_kv", [4, 2])
+def test_key_padding_mask_matches_reference(h_kv, causal, mode, backend):
+    """Masked keys are ignored by every branch; positions keep their place; rows left with no key give zeros."""
+    b, n, h, d, segs, rates = 2, 37, 4, 8, [8, 16, 40], [1, 3, 4]
+    g = torch.Generator().manual_seed(h_kv)
+    mask = torch.rand(b, n, generator=g) < 0.4
+    mask[1] = True  # a sequence with no visible key at all
+    mask[0, :8] = True  # and segments of the first branch with none
+    q, dout = rand((b, n, h, d)), rand((b, n, h, d), grad=False)
+    k, v = rand((b, n, h_kv, d)), rand((b, n, h_kv, d))
+    out = dilated_attention(q, k, v, segs, rates, is_causal=causal, mode=mode, backend=backend, key_padding_mask=mask)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    rep = h // h_kv
+    ref = reference(q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2), segs, rates, causal, None, mode,
+                    key_padding_mask=mask)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert (out[1] == 0).all() and all((gr[1] == 0).all() for gr in grads)
+    for name, a, r in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9, msg=lambda m: f"d{name}: {m}")
+
+
+def test_key_padding_mask_is_refused_where_it_cannot_be_honoured():
+    x = rand((1, 16, 2, 8), grad=False)
+    mask = torch.zeros(1, 16, dtype=torch.bool)
+    with pytest.raises(ValueError, match="backend 'sdpa' cannot take this input: takes no key_padding_mask"):
+        dilated_attention(x, x, x, [8], [1], backend="sdpa", key_padding_mask=mask)
+    with pytest.raises(TypeError, match="key_padding_mask must be a bool tensor"):
+        dilated_attention(x, x, x, [8], [1], key_padding_mask=mask.float())
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(batch, seq\) = \(1, 16\)"):
+        dilated_attention(x, x, x, [8], [1], key_padding_mask=mask[:, :8])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not triton.available(), reason="the Triton kernels on CUDA")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_key_padding_mask_on_triton_matches_math(causal):
+    b, n, h, h_kv, d, segs, rates = 2, 300, 4, 2, 32, [64, 128, 256], [1, 2, 4]
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(b, n, generator=g) < 0.3
+    mask[1, :130] = True
+    q, dout = (torch.randn(b, n, h, d, generator=g) for _ in range(2))
+    k, v = (torch.randn(b, n, h_kv, d, generator=g) for _ in range(2))
+    results = {}
+    for name, dtype, backend in (("ref", torch.float64, "math"), ("bf16", torch.bfloat16, "triton"),
+                                 ("bf16-math", torch.bfloat16, "math")):
+        ins = [t.to("cuda", dtype).requires_grad_() for t in (q, k, v)]
+        out = dilated_attention(*ins, segs, rates, is_causal=causal, backend=backend,
+                                key_padding_mask=mask.cuda())
+        results[name] = [out, *torch.autograd.grad(out, ins, dout.to("cuda", dtype))]
+    for i, name in enumerate(["out", "dq", "dk", "dv"]):
+        ours, theirs = rel_err(results["bf16"][i], results["ref"][i]), rel_err(results["bf16-math"][i], results["ref"][i])
+        assert torch.isfinite(results["bf16"][i]).all() and ours <= 2 * theirs + 2e-4, f"{name}: {ours:.3g} vs {theirs:.3g}"

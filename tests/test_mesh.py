@@ -53,6 +53,16 @@ def _exactness_worker(rank, world, mesh_name):
     torch.testing.assert_close(out, attn.shard(expected), rtol=1e-10, atol=1e-10)
     for a, e in zip(grads, expected_grads):
         torch.testing.assert_close(a, attn.shard(e), rtol=1e-10, atol=1e-10)
+    # and a key padding mask, sharded like the sequence
+    mask = torch.rand(b, n, generator=g) < 0.4
+    mask[1, :30] = True
+    expected = dilated_attention(*full, [5, 12, 40], [1, 2, 3], is_causal=True, key_padding_mask=mask)
+    expected_grads = torch.autograd.grad(expected, full, dout8)
+    out = attn(*local, is_causal=True, key_padding_mask=attn.shard(mask))
+    grads = torch.autograd.grad(out, local, attn.shard(dout8))
+    torch.testing.assert_close(out, attn.shard(expected), rtol=1e-10, atol=1e-10)
+    for a, e in zip(grads, expected_grads):
+        torch.testing.assert_close(a, attn.shard(e), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))

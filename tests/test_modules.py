@@ -70,3 +70,21 @@ def test_multihead_gqa_projects_fewer_kv_heads():
     torch.testing.assert_close(out, mha.out_proj(y))
     with pytest.raises(ValueError, match="num_kv_heads"):
         MultiheadDilatedAttention(e, h, segs, rates, num_kv_heads=4)
+
+
+def test_multihead_key_padding_mask_like_nn_multihead_attention():
+    """A dense schedule (one branch, w >= n, r = 1) with a key padding mask is nn.MultiheadAttention's attention."""
+    torch.manual_seed(3)
+    e, h, n = 16, 2, 12
+    mha = MultiheadDilatedAttention(e, h, [64], [1], layer_norm=False, bias=False, dtype=torch.float64)
+    ref = torch.nn.MultiheadAttention(e, h, bias=False, batch_first=True, dtype=torch.float64)
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(torch.cat([mha.q_proj.weight, mha.k_proj.weight, mha.v_proj.weight]))
+        ref.out_proj.weight.copy_(mha.out_proj.weight)
+    x = rand((2, n, e), grad=False)
+    mask = torch.zeros(2, n, dtype=torch.bool)
+    mask[0, 3:7] = True
+    mask[1, -2:] = True
+    ours, _ = mha(x, key_padding_mask=mask)
+    theirs, _ = ref(x, x, x, key_padding_mask=mask, need_weights=False)
+    torch.testing.assert_close(ours, theirs)

@@ -19,15 +19,20 @@ SCHEDULES = [
 
 
 def _compare(rank, world, ring, dtype, segs, rates, mode, causal, n, b=2, h=5, d=8, seed=0, against_reference=False,
-             h_kv=None):
+             h_kv=None, masked=False):
     """Each rank's shard against the single-process result, or (against_reference) the float64 Eq. 10 reference."""
     g = torch.Generator().manual_seed(seed)
     q, dout = (torch.randn(b, n, h, d, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
     k, v = (torch.randn(b, n, h_kv or h, d, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    mask = None
+    if masked:
+        mask = torch.rand(b, n, generator=g) < 0.4
+        mask[-1, : n // 2] = True  # segments with no visible key
     if against_reference:
         full = [t.double().requires_grad_() for t in (q, k, v)]
         group = h // (h_kv or h)
-        expected = reference(full[0], *(t.repeat_interleave(group, 2) for t in full[1:]), segs, rates, causal, None, mode)
+        expected = reference(full[0], *(t.repeat_interleave(group, 2) for t in full[1:]), segs, rates, causal, None, mode,
+                             key_padding_mask=mask)
         expected_grads = [e.to(dtype) for e in torch.autograd.grad(expected, full, dout.double())]
         expected = expected.to(dtype)
     else:
@@ -35,7 +40,7 @@ def _compare(rank, world, ring, dtype, segs, rates, mode, causal, n, b=2, h=5, d
         expected = dilated_attention(*full, segs, rates, is_causal=causal, mode=mode)
         expected_grads = torch.autograd.grad(expected, full, dout)
     local = [ring.shard(t).requires_grad_() for t in (q, k, v)]
-    out = ring(*local, is_causal=causal)
+    out = ring(*local, is_causal=causal, key_padding_mask=None if mask is None else ring.shard(mask))
     grads = torch.autograd.grad(out, local, ring.shard(dout))
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
     where = f"rank {rank}/{world} {mode} causal={causal} {ring.layout} {dtype} w={segs} r={rates}"
@@ -63,6 +68,11 @@ def _exactness_worker(rank, world):
                 ring = RingDilatedAttention([8, 20, 2 * n], [1, 3, 4], mode=mode, layout="zigzag", backend=backend)
                 _compare(rank, world, ring, torch.float64, [8, 20, 2 * n], [1, 3, 4], mode, True, n, h=6, h_kv=h_kv,
                          against_reference=True)
+    for causal in (False, True):  # key padding mask (with GQA too), contiguous and zigzag
+        for layout, h_kv in (("contiguous", None), ("zigzag", 2)):
+            ring = RingDilatedAttention([5, 12, 2 * n], [1, 2, 3], layout=layout)
+            _compare(rank, world, ring, torch.float64, [5, 12, 2 * n], [1, 2, 3], "paper", causal, n, h=4, h_kv=h_kv,
+                     against_reference=True, masked=True)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -105,9 +115,9 @@ def _triton_worker(rank, world):
                 # b = 1: shards are views whose batch stride is the full tensor's (any stride fits a size-1 dim)
                 _compare(rank, world, ring, torch.float32, segs, rates, mode, causal, n, b=1, h=5, d=16, seed=2,
                          against_reference=True)
-    ring = RingDilatedAttention([8, 20, 2 * n], [1, 3, 4], backend="triton")  # GQA: 6 query heads, 2 k/v heads
+    ring = RingDilatedAttention([8, 20, 2 * n], [1, 3, 4], backend="triton")  # GQA (6 query heads, 2 k/v) and padding
     _compare(rank, world, ring, torch.float32, [8, 20, 2 * n], [1, 3, 4], "paper", True, n, b=1, h=6, d=16, seed=3,
-             against_reference=True, h_kv=2)
+             against_reference=True, h_kv=2, masked=True)
     assert backends.select(torch.ones(1, 1, 1, 16), "triton") is backends.BACKENDS["triton"]
 
 

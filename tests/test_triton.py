@@ -54,6 +54,8 @@ def test_kernels_compile_for_hopper():
                 sig[name] = out_dtype
             elif name in {"Q", "K", "V", "DO"}:
                 sig[name] = "*bf16"
+            elif name == "KM":
+                sig[name] = "*u8"
             else:
                 sig[name] = "i32"
         return sig
@@ -63,15 +65,16 @@ def test_kernels_compile_for_hopper():
         bm, bn, warps, stages = tk._config(d)
         for causal in (False, True):
             for first in (False, True):
-                for out_dtype in ("*bf16", "*fp32"):  # plans merge in the input dtype, the ring in fp32
-                    consts = dict(IS_CAUSAL=causal, FIRST=first, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
+                for out_dtype, has_mask in (("*bf16", False), ("*fp32", True)):  # plans merge in bf16, the ring in fp32
+                    consts = dict(IS_CAUSAL=causal, FIRST=first, HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
                     src = ASTSource(tk._fwd, signature(tk._fwd, out_dtype, consts), consts)
                     triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
             bm, bn, warps, stages = tk._bwd_config(d)
-            consts = dict(IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
-            for fn in (tk._bwd_dkdv, tk._bwd_dq):
-                src = ASTSource(fn, signature(fn, "*fp32", consts), consts)
-                triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
+            for has_mask in (False, True):
+                consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
+                for fn in (tk._bwd_dkdv, tk._bwd_dq):
+                    src = ASTSource(fn, signature(fn, "*fp32", consts), consts)
+                    triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
 
 
 def test_row_dot_in_slices_matches_one_pass():
@@ -91,5 +94,5 @@ def test_grid_keeps_segments_on_the_large_axis():
 
     q = torch.empty(2, 4_480_000, 12, 64, device="meta")
     lse = torch.empty(2, 4_480_000, 12, device="meta")
-    grid = _branch_launch(q, lse, Branch(64, 1, PER_HEAD, 0, 12)).grid(128)
+    grid = _branch_launch(q, q, lse, None, q, Branch(64, 1, PER_HEAD, 0, 12)).grid(128)
     assert grid == (70_000, 12, 2)

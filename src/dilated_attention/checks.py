@@ -35,6 +35,19 @@ def check_qkv(q, k, v) -> None:
         raise ValueError(f"q, k, v must not be empty, got shape {tuple(q.shape)}")
 
 
+def check_key_padding_mask(mask, q) -> None:
+    """A key padding mask is None or a (batch, seq) bool tensor on q's device."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be a bool tensor (True = ignore the key), got "
+                        f"{getattr(mask, 'dtype', type(mask).__name__)}")
+    if tuple(mask.shape) != tuple(q.shape[:2]):
+        raise ValueError(f"key_padding_mask must have shape (batch, seq) = {tuple(q.shape[:2])}, got {tuple(mask.shape)}")
+    if mask.device != q.device:
+        raise ValueError(f"key_padding_mask must be on q's device ({q.device}), got {mask.device}")
+
+
 def resolve_scale(scale: float | None, head_dim: int) -> float:
     if scale is None:
         return head_dim**-0.5

@@ -14,13 +14,13 @@ of ints, so autograd holds everything backward needs (no cache that could be gon
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from . import backends
 from .merge import acc_dtype
-from .checks import check_qkv, output_factor, resolve_scale
+from .checks import check_key_padding_mask, check_qkv, output_factor, resolve_scale
 from .pattern_cache import PatternCache, get_global_pattern_cache
 from .plan import cached_plan, check_head_slice, check_heads, check_schedule, decode_plan, encode_plan
 
@@ -30,22 +30,25 @@ def _forward_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    key_mask: Optional[torch.Tensor],
     plan_code: Sequence[int],
     is_causal: bool,
     scale: float,
     out_scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k, v: (b, n, h, d) -> out_scale * output (b, n, h, d) in q.dtype, merged lse (b, n, h) float32/64.
+    """q: (b, n, h, d), k, v: (b, n, h_kv, d), key_mask: (b, n) bool or None
+    -> out_scale * output (b, n, h, d) in q.dtype, merged lse (b, n, h) float32/64.
 
     plan_code: ``encode_plan`` of the plan (the op holds everything backward needs).
     """
     plan = decode_plan(tuple(plan_code))
-    return backends.select(q, backend).forward_plan(q, k, v, plan, scale, is_causal, out_scale)
+    impl = backends.select(q, backend, masked=key_mask is not None)
+    return impl.forward_plan(q, k, v, plan, scale, is_causal, out_scale, key_mask)
 
 
 @_forward_op.register_fake
-def _(q, k, v, plan_code, is_causal, scale, out_scale, backend):
+def _(q, k, v, key_mask, plan_code, is_causal, scale, out_scale, backend):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=acc_dtype(q.dtype))
 
 
@@ -57,6 +60,7 @@ def _backward_op(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    key_mask: Optional[torch.Tensor],
     plan_code: Sequence[int],
     is_causal: bool,
     scale: float,
@@ -69,25 +73,25 @@ def _backward_op(
     and the merged attention out / s.
     """
     plan = decode_plan(tuple(plan_code))
-    impl = backends.select(q, backend)
-    return impl.backward_plan(dout, q, k, v, out, lse, plan, scale, is_causal, out_scale)
+    impl = backends.select(q, backend, masked=key_mask is not None)
+    return impl.backward_plan(dout, q, k, v, out, lse, plan, scale, is_causal, out_scale, key_mask)
 
 
 @_backward_op.register_fake
-def _(dout, q, k, v, out, lse, plan_code, is_causal, scale, out_scale, backend):
+def _(dout, q, k, v, out, lse, key_mask, plan_code, is_causal, scale, out_scale, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # dk, dv: h_kv heads
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *config = inputs
-    ctx.save_for_backward(q, k, v, *output)
+    q, k, v, key_mask, *config = inputs
+    ctx.save_for_backward(q, k, v, *output, key_mask)
     ctx.config = config
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, *ctx.config)
-    return dq, dk, dv, *([None] * len(ctx.config))
+    q, k, v, out, lse, key_mask = ctx.saved_tensors
+    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, key_mask, *ctx.config)
+    return dq, dk, dv, None, *([None] * len(ctx.config))
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -107,6 +111,7 @@ def dilated_attention(
     pattern_cache: PatternCache | None = None,
     head_start: int = 0,
     total_heads: int | None = None,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dilated attention of LongNet (arXiv 2307.02486).
 
@@ -121,13 +126,17 @@ def dilated_attention(
     ``total_heads`` (default: all of them); the result is exactly those heads of the
     whole-head result (head or tensor parallelism: offsets and head groups follow the
     global head index).
+    key_padding_mask: (batch, seq) bool, True where a key is ignored (``nn.MultiheadAttention``'s
+    convention); positions keep their place in the segmentation, and query rows left with no
+    visible key give zeros.
     Returns (batch, seq, heads, head_dim) in q's dtype.
     """
     check_qkv(q, k, v)
     check_schedule(segment_lengths, dilation_rates, mode)
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    backends.select(q, backend)  # refuses a backend that cannot take q, before any work
+    check_key_padding_mask(key_padding_mask, q)
+    backends.select(q, backend, masked=key_padding_mask is not None)  # refuses a backend that cannot, before any work
     cache = pattern_cache if pattern_cache is not None else get_global_pattern_cache()
     total = check_head_slice(q.shape[2], head_start, total_heads, k.shape[2])
     check_heads(total, len(segment_lengths), mode)
@@ -135,7 +144,7 @@ def dilated_attention(
     plan = cached_plan(cache, q.shape[1], q.shape[2], segment_lengths, dilation_rates, mode, head_start, total_heads,
                        kv_heads)
     out, _ = _forward_op(
-        q, k, v, encode_plan(plan), is_causal, resolve_scale(scale, q.shape[-1]),
+        q, k, v, key_padding_mask, encode_plan(plan), is_causal, resolve_scale(scale, q.shape[-1]),
         output_factor(mode, segment_lengths), backend or "",
     )
     return out

@@ -24,12 +24,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checks import check_dropout, check_qkv, refuse_dropout
+from .checks import check_dropout, check_key_padding_mask, check_qkv, refuse_dropout
 from .functional import dilated_attention
 from .modules import MultiheadDilatedAttention, UsesPatternCache
 from .plan import check_schedule
 from .ring import RingDilatedAttention
-from .ring_comm import HeadsToSeq, SeqToHeads, agreement_problem, broadcast_from_first, fingerprint
+from .ring_comm import HeadsToSeq, SeqToHeads, agreement_problem, broadcast_from_first, fingerprint, gather_rows
 from .ring_plan import LAYOUTS, chunk_length, shard_rows
 
 MESH_DIMS = ("ring", "heads")
@@ -98,14 +98,18 @@ class RingDistributedDilatedAttention(UsesPatternCache, nn.Module):
         """(ring rank, ring size, heads rank, heads size)."""
         return (*_rank_size(self.ring_group), *_rank_size(self.heads_group))
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, *,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """q, k, v: this rank's shard (b, n/P, h, d) (k, v: h_kv heads); key_padding_mask: its
+        shard (b, n/P) of the mask (True = ignore the key) -> its shard of the output."""
         ring_rank, ring_size, heads_rank, heads_size = self._sizes()
         self._heads_bytes = {"forward": 0, "backward": 0}
         if self.heads_group is None:
-            return self.ring(q, k, v, is_causal=is_causal)
+            return self.ring(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)
         try:  # local checks, then agreement inside the heads group (the ring checks its own group)
             refuse_dropout(self)
             check_qkv(q, k, v)
+            check_key_padding_mask(key_padding_mask, q)
             for name, t in (("q", q), ("k", k)):
                 if t.shape[2] % heads_size:
                     raise ValueError(f"the {t.shape[2]} heads of {name} must divide evenly over the mesh's 'heads' "
@@ -116,7 +120,7 @@ class RingDistributedDilatedAttention(UsesPatternCache, nn.Module):
         shape = (*q.shape, k.shape[2]) if error is None else (0,)
         problem = agreement_problem(self.heads_group, {
             "shape": fingerprint(shape), "dtype": fingerprint(q.dtype) if error is None else 0,
-            "is_causal": int(bool(is_causal)),
+            "is_causal": int(bool(is_causal)), "masked": int(key_padding_mask is not None),
             "schedule": fingerprint((self.segment_lengths, self.dilation_rates, self.mode, self.layout, self.scale)),
         }, error)
         if self.ring_group is not None:  # every heads group's verdict reaches every rank of the mesh
@@ -129,7 +133,9 @@ class RingDistributedDilatedAttention(UsesPatternCache, nn.Module):
         h = q.shape[2]
         heads = h // heads_size
         q, k, v = (SeqToHeads.apply(t, self.heads_group, self._heads_bytes) for t in (q, k, v))
-        kwargs = dict(head_start=heads_rank * heads, total_heads=h)
+        if key_padding_mask is not None:  # the ring shard's mask: every heads rank's rows
+            key_padding_mask = gather_rows(key_padding_mask.to(torch.uint8), self.heads_group).bool()
+        kwargs = dict(head_start=heads_rank * heads, total_heads=h, key_padding_mask=key_padding_mask)
         if self.ring is not None:
             out = self.ring(q, k, v, is_causal=is_causal, **kwargs)
         else:

@@ -55,11 +55,12 @@ class DilatedAttention(UsesPatternCache, nn.Module):
         self.dropout = check_dropout(dropout)
         self._init_pattern_cache(use_pattern_cache)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, *,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         refuse_dropout(self)
         return dilated_attention(
             q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal, scale=self.scale, mode=self.mode,
-            backend=self.backend, pattern_cache=self.pattern_cache,
+            backend=self.backend, pattern_cache=self.pattern_cache, key_padding_mask=key_padding_mask,
         )
 
     def extra_repr(self) -> str:
@@ -71,8 +72,9 @@ class MultiheadDilatedAttention(nn.Module):
 
     q/k/v projections, dilated attention, an optional LayerNorm, then ``out_proj``.
     ``num_kv_heads`` (default ``num_heads``): k/v heads, a divisor of ``num_heads`` (GQA / MQA).
-    ``forward(query, key=None, value=None, *, is_causal=False, need_weights=False)``
-    takes (batch, seq, embed_dim) and returns ``(out (batch, seq, embed_dim), None)``.
+    ``forward(query, key=None, value=None, *, is_causal=False, need_weights=False, key_padding_mask=None)``
+    takes (batch, seq, embed_dim) (and a (batch, seq) bool mask, True = ignore the key) and
+    returns ``(out (batch, seq, embed_dim), None)``.
     """
 
     def __init__(
@@ -133,6 +135,7 @@ class MultiheadDilatedAttention(nn.Module):
         *,
         is_causal: bool = False,
         need_weights: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, None]:
         if need_weights:
             raise ValueError("need_weights=True is not supported: dilated attention never forms the weight matrix")
@@ -149,7 +152,7 @@ class MultiheadDilatedAttention(nn.Module):
         q = self.q_proj(query).unflatten(-1, (self.num_heads, self.head_dim))
         k = self.k_proj(key).unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = self.v_proj(value).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        x = self.attention(q, k, v, is_causal=is_causal).flatten(-2)
+        x = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask).flatten(-2)
         if self.norm is not None:
             x = self.norm(x)
         return self.out_proj(x), None

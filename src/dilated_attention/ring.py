@@ -21,7 +21,7 @@ from torch import nn
 
 from . import backends
 from .backends import Backend, block_grad_inputs
-from .checks import check_dropout, check_qkv, output_factor, refuse_dropout, resolve_scale
+from .checks import check_dropout, check_key_padding_mask, check_qkv, output_factor, refuse_dropout, resolve_scale
 from .functional import dilated_attention
 from .merge import acc_dtype, empty_partial
 from .modules import MultiheadDilatedAttention, UsesPatternCache
@@ -67,63 +67,81 @@ def _recv_shapes(call: _RingCall, keys, b: int, d: int) -> list[tuple[int, ...]]
     return shapes
 
 
-def _post_kv(call: _RingCall, k: torch.Tensor, v: torch.Tensor, distance: int, phase: str) -> Exchange:
-    """Send my key pieces to rank+distance; receive rank-distance's into packed buffers."""
+def _key_shapes(call: _RingCall, keys, b: int, d: int, masked: bool) -> list[tuple[int, ...]]:
+    """Shapes of the packed (k, v[, key mask]) of each key piece, in order."""
+    shapes = []
+    for kv in _recv_shapes(call, keys, b, d):
+        shapes += [kv, kv] + ([kv[:3]] if masked else [])
+    return shapes
+
+
+def _post_kv(call: _RingCall, k: torch.Tensor, v: torch.Tensor, mask, distance: int, phase: str) -> Exchange:
+    """Send my key pieces (k, v, and their key mask rows if any) to rank+distance; receive
+    rank-distance's into packed buffers."""
     world, rank = call.schedule.world, call.rank
     dst, src = (rank + distance) % world, (rank - distance) % world
     sends = _unique_keys(call.schedule.pairs[rank][dst])
     recvs = _unique_keys(call.schedule.pairs[src][rank])
-    send_buf = pack([_piece_view(t, p, call.plan[i].kv_heads) for i, p in sends for t in (k, v)], k.dtype, k.device)
-    shapes = _recv_shapes(call, recvs, k.shape[0], k.shape[-1])
-    recv_buf = torch.empty(2 * sum(torch.Size(s).numel() for s in shapes), dtype=k.dtype, device=k.device)
+    parts = []
+    for i, p in sends:
+        parts += [_piece_view(k, p, call.plan[i].kv_heads), _piece_view(v, p, call.plan[i].kv_heads)]
+        if mask is not None:
+            parts.append(mask[:, p.rows].unsqueeze(1))
+    send_buf = pack(parts, k.dtype, k.device)
+    shapes = _key_shapes(call, recvs, k.shape[0], k.shape[-1], mask is not None)
+    recv_buf = torch.empty(sum(torch.Size(s).numel() for s in shapes), dtype=k.dtype, device=k.device)
     return Exchange(call.group, {dst: send_buf} if sends else {}, {src: recv_buf} if recvs else {}, call.stats, phase)
 
 
-def _received_kv(call: _RingCall, exchange: Exchange, src: int, b: int, d: int) -> dict:
-    """{(item, key piece): (k, v)} from a finished exchange."""
+def _received_kv(call: _RingCall, exchange: Exchange, src: int, b: int, d: int, masked: bool) -> dict:
+    """{(item, key piece): (k, v, key mask or None)} from a finished exchange."""
     buffers = exchange.wait()  # also completes this round's sends
     keys = _unique_keys(call.schedule.pairs[src][call.rank])
     if not keys:
         return {}
-    shapes = _recv_shapes(call, keys, b, d)
-    parts = unpack(buffers[src], [s for s in shapes for _ in range(2)])
-    return {key: (parts[2 * j], parts[2 * j + 1]) for j, key in enumerate(keys)}
+    parts = iter(unpack(buffers[src], _key_shapes(call, keys, b, d, masked)))
+    return {key: (next(parts), next(parts), next(parts) != 0 if masked else None) for key in keys}
 
 
 def _local_blocks(call: _RingCall):
-    """Yield (view function over the query side, over the key side, causal) for local work."""
+    """Yield view functions over the query side, the key side and the key mask, and causal, for local work."""
     for i, fs in call.schedule.full[call.rank]:
         item = call.plan[i]
         yield (lambda t, item=item, fs=fs: _full_view(t, item, fs, item.heads),
-               lambda t, item=item, fs=fs: _full_view(t, item, fs, item.kv_heads), call.causal)
+               lambda t, item=item, fs=fs: _full_view(t, item, fs, item.kv_heads),
+               lambda m, item=item, fs=fs: None if m is None else _full_view(m.unsqueeze(-1), item, fs, slice(None))[..., 0],
+               call.causal)
     for pair in call.schedule.pairs[call.rank][call.rank]:
         item = call.plan[pair.item]
         yield (lambda t, item=item, p=pair.q: _piece_view(t, p, item.heads),
-               lambda t, item=item, p=pair.k: _piece_view(t, p, item.kv_heads), pair.causal_diagonal)
+               lambda t, item=item, p=pair.k: _piece_view(t, p, item.kv_heads),
+               lambda m, p=pair.k: None if m is None else m[:, p.rows].unsqueeze(1), pair.causal_diagonal)
 
 
-def ring_forward(call: _RingCall, q, k, v):
-    """Local shards (b, m, h, d) -> local output (b, m, h, d) in q.dtype, lse (b, m, h) fp32/64."""
+def ring_forward(call: _RingCall, q, k, v, mask=None):
+    """Local shards q (b, m, h, d), k, v (b, m, h_kv, d), key mask (b, m) or None
+    -> local output (b, m, h, d) in q.dtype, lse (b, m, h) fp32/64."""
     impl = call.impl
     b, m, h, d = q.shape
     out, lse = empty_partial(b, m, h, d, q.dtype, q.device)
     world = call.schedule.world
-    pending = _post_kv(call, k, v, 1, "forward") if world > 1 else None
-    for qview, kview, causal in _local_blocks(call):
-        impl.attend_(qview(out), qview(lse), qview(q), kview(k), kview(v), call.scale, causal)
+    masked = mask is not None
+    pending = _post_kv(call, k, v, mask, 1, "forward") if world > 1 else None
+    for qview, kview, mview, causal in _local_blocks(call):
+        impl.attend_(qview(out), qview(lse), qview(q), kview(k), kview(v), call.scale, causal, mview(mask))
     for distance in range(1, world):
         src = (call.rank - distance) % world
-        received = _received_kv(call, pending, src, b, d)
-        pending = _post_kv(call, k, v, distance + 1, "forward") if distance + 1 < world else None
+        received = _received_kv(call, pending, src, b, d, masked)
+        pending = _post_kv(call, k, v, mask, distance + 1, "forward") if distance + 1 < world else None
         for pair in call.schedule.pairs[src][call.rank]:
             item = call.plan[pair.item]
-            kb, vb = received[(pair.item, pair.k)]
+            kb, vb, mb = received[(pair.item, pair.k)]
             qv = lambda t: _piece_view(t, pair.q, item.heads)  # noqa: E731
-            impl.attend_(qv(out), qv(lse), qv(q), kb, vb, call.scale, False)
+            impl.attend_(qv(out), qv(lse), qv(q), kb, vb, call.scale, False, mb)
     return out.mul_(call.out_scale).to(q.dtype), lse
 
 
-def ring_backward(call: _RingCall, dout, q, k, v, out, lse):
+def ring_backward(call: _RingCall, dout, q, k, v, out, lse, mask=None):
     """Gradients of the local shards; dK/dV of sent rows come home from the ranks that used them."""
     impl = call.impl
     acc = acc_dtype(q.dtype)
@@ -132,23 +150,24 @@ def ring_backward(call: _RingCall, dout, q, k, v, out, lse):
     dout, out = block_grad_inputs(dout.to(q.dtype), out, call.out_scale)
     dout = dout.contiguous()
     world, rank = call.schedule.world, call.rank
-    pending = _post_kv(call, k, v, 1, "backward") if world > 1 else None
-    for qview, kview, causal in _local_blocks(call):
+    masked = mask is not None
+    pending = _post_kv(call, k, v, mask, 1, "backward") if world > 1 else None
+    for qview, kview, mview, causal in _local_blocks(call):
         impl.attend_backward_(qview(dq), kview(dk), kview(dv), qview(dout), qview(q), kview(k), kview(v),
-                                  qview(out), qview(lse), call.scale, causal)
+                              qview(out), qview(lse), call.scale, causal, mview(mask))
     returning = None  # at most one dK/dV return in flight: memory stays O(n/P)
     for distance in range(1, world):
         src, dst = (rank - distance) % world, (rank + distance) % world
-        received = _received_kv(call, pending, src, b, d)
-        pending = _post_kv(call, k, v, distance + 1, "backward") if distance + 1 < world else None
+        received = _received_kv(call, pending, src, b, d, masked)
+        pending = _post_kv(call, k, v, mask, distance + 1, "backward") if distance + 1 < world else None
         grads = {key: (torch.zeros(kb.shape, dtype=acc, device=q.device), torch.zeros(vb.shape, dtype=acc, device=q.device))
-                 for key, (kb, vb) in received.items()}
+                 for key, (kb, vb, _) in received.items()}
         for pair in call.schedule.pairs[src][rank]:
             item = call.plan[pair.item]
-            kb, vb = received[(pair.item, pair.k)]
+            kb, vb, mb = received[(pair.item, pair.k)]
             qv = lambda t: _piece_view(t, pair.q, item.heads)  # noqa: E731
             gk, gv = grads[(pair.item, pair.k)]
-            impl.attend_backward_(qv(dq), gk, gv, qv(dout), qv(q), kb, vb, qv(out), qv(lse), call.scale, False)
+            impl.attend_backward_(qv(dq), gk, gv, qv(dout), qv(q), kb, vb, qv(out), qv(lse), call.scale, False, mb)
         # send dK/dV home to src; receive those of my rows from dst
         mine = _unique_keys(call.schedule.pairs[rank][dst])
         shapes = _recv_shapes(call, mine, b, d)
@@ -179,16 +198,16 @@ def _add_returned(call: _RingCall, returning, dk, dv) -> None:
 
 class _RingFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, call: _RingCall):
-        out, lse = ring_forward(call, q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse)
+    def forward(ctx, q, k, v, mask, call: _RingCall):
+        out, lse = ring_forward(call, q, k, v, mask)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
         ctx.call = call
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        return (*ring_backward(ctx.call, dout, q, k, v, out, lse), None)
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        return (*ring_backward(ctx.call, dout, q, k, v, out, lse, mask), None, None)
 
 
 class RingDilatedAttention(UsesPatternCache, nn.Module):
@@ -237,9 +256,11 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
         return group, dist.get_rank(group), dist.get_world_size(group)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, *,
-                head_start: int = 0, total_heads: int | None = None) -> torch.Tensor:
-        """q, k, v: this rank's shard (b, n/P, h, d) -> its shard of the output.
+                key_padding_mask: torch.Tensor | None = None, head_start: int = 0,
+                total_heads: int | None = None) -> torch.Tensor:
+        """q, k, v: this rank's shard (b, n/P, h, d) (k, v: h_kv heads) -> its shard of the output.
 
+        key_padding_mask: this rank's shard (b, n/P) of the mask (True = ignore the key).
         head_start, total_heads: as in ``dilated_attention`` (these h heads are a slice of more).
         """
         group, rank, world = self._group()
@@ -248,7 +269,8 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
             refuse_dropout(self)
             return dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal,
                                      scale=self.scale, mode=self.mode, backend=self.backend,
-                                     pattern_cache=self.pattern_cache, head_start=head_start, total_heads=total_heads)
+                                     pattern_cache=self.pattern_cache, head_start=head_start, total_heads=total_heads,
+                                     key_padding_mask=key_padding_mask)
         try:  # local checks first, but every rank learns of a failure in the agreement below
             refuse_dropout(self)
             check_qkv(q, k, v)
@@ -256,7 +278,8 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
                 raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
             total = check_head_slice(q.shape[2], head_start, total_heads, k.shape[2])
             check_heads(total, len(self.segment_lengths), self.mode)
-            impl = backends.select(q, self.backend)  # refuses a named backend that cannot take q
+            check_key_padding_mask(key_padding_mask, q)
+            impl = backends.select(q, self.backend, masked=key_padding_mask is not None)  # refuses one that cannot
             scale = resolve_scale(self.scale, q.shape[-1])
             error = None
         except (TypeError, ValueError, NotImplementedError) as e:
@@ -267,7 +290,7 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
         check_agreement(group, {
             "batch": b, "local_seq_len": m, "heads": h, "kv_heads": h_kv, "head_dim": d,
             "dtype": fingerprint(q.dtype) if error is None else 0, "is_causal": int(bool(is_causal)),
-            "requires_grad": int(grad),
+            "requires_grad": int(grad), "masked": int(key_padding_mask is not None),
             "schedule": fingerprint((self.segment_lengths, self.dilation_rates, self.mode, self.layout, self.scale,
                                      head_start, total_heads)),
         }, error)
@@ -280,7 +303,7 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
         )
         call = _RingCall(plan, schedule, group, rank, scale, is_causal, self.comm_bytes, impl,
                          output_factor(self.mode, self.segment_lengths))
-        return _RingFunction.apply(*(t.contiguous() for t in (q, k, v)), call)
+        return _RingFunction.apply(*(t.contiguous() for t in (q, k, v)), key_padding_mask, call)
 
     def shard(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a full (b, n, ...) tensor, in this module's layout."""

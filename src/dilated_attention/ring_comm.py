@@ -152,6 +152,16 @@ class HeadsToSeq(torch.autograd.Function):
         return _seq_to_heads(grad.contiguous(), ctx.group, ctx.stats, "backward"), None, None
 
 
+def gather_rows(x: torch.Tensor, group) -> torch.Tensor:
+    """(b, m, ...) on every rank of the group -> (b, P*m, ...): the ranks' rows in rank order."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    try:
+        dist.all_gather(parts, x.contiguous(), group=group)
+    except Exception as e:
+        raise RingCommError(f"dilated attention: all_gather failed (a rank died or timed out): {e}") from e
+    return torch.cat(parts, dim=1)
+
+
 def broadcast_from_first(tensors, groups) -> None:
     """Make ``tensors`` equal across the ranks of every group in turn, from each group's first rank.
 

@@ -27,12 +27,13 @@ def check_name(name: str | None) -> None:
         raise ValueError(f"backend must be one of {sorted(BACKENDS)} or None, got {name!r}")
 
 
-def select(q: torch.Tensor, name: str | None = None) -> Backend:
-    """The backend named, or (name None or "") the first that takes q's device, dtype and head_dim."""
+def select(q: torch.Tensor, name: str | None = None, masked: bool = False) -> Backend:
+    """The backend named, or (name None or "") the first that takes q's device, dtype and head_dim
+    (``masked``: and a key padding mask)."""
     check_name(name)
     if name:
-        reasons = BACKENDS[name].not_supported_reasons(q)
+        reasons = BACKENDS[name].not_supported_reasons(q, masked)
         if reasons:
             raise ValueError(f"backend {name!r} cannot take this input: {'; '.join(reasons)}")
         return BACKENDS[name]
-    return next(b for b in BACKENDS.values() if not b.not_supported_reasons(q))  # math takes every input
+    return next(b for b in BACKENDS.values() if not b.not_supported_reasons(q, masked))  # math takes every input

@@ -10,6 +10,8 @@ a backend with fused whole-plan kernels overrides them. The ring calls ``attend_
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from ..merge import acc_dtype, empty_partial, merge_
@@ -24,67 +26,80 @@ def block_grad_inputs(dout: torch.Tensor, out: torch.Tensor, out_scale: float):
 class Backend:
     name = ""
 
-    def not_supported_reasons(self, q: torch.Tensor) -> list[str]:
-        """Why this backend cannot take inputs like q (device, dtype, head_dim); empty when it can."""
+    def not_supported_reasons(self, q: torch.Tensor, masked: bool = False) -> list[str]:
+        """Why this backend cannot take inputs like q (device, dtype, head_dim; ``masked``: with a
+        key padding mask); empty when it can."""
         raise NotImplementedError
 
-    def attend_(self, out, lse, q, k, v, scale: float, causal: bool) -> None:
+    def attend_(self, out, lse, q, k, v, scale: float, causal: bool, key_mask=None) -> None:
         """Merge the attention of q over (k, v) into the accumulators (out, lse) in place.
 
         q, out: (b, S, c, h, d); k, v: (b, S, c_k, h_k, d) with h_k = h, or h_k = 1 (one k/v head
-        shared by every query head: GQA); lse: (b, S, c, h).
+        shared by every query head: GQA); lse: (b, S, c, h); key_mask: (b, S, c_k) bool, True
+        where a key is ignored, or None.
         """
         raise NotImplementedError
 
-    def attend_backward_(self, dq, dk, dv, dout, q, k, v, out, lse, scale: float, causal: bool) -> None:
+    def attend_backward_(self, dq, dk, dv, dout, q, k, v, out, lse, scale: float, causal: bool,
+                         key_mask=None) -> None:
         """Add one block's gradients against the merged (out, lse) into dq, dk, dv (views as in ``attend_``)."""
         raise NotImplementedError
 
-    def forward_plan(self, q, k, v, plan: Plan, scale: float, causal: bool, out_scale: float):
-        """q, k, v: (b, n, h, d) -> out_scale * out (b, n, h, d) in q.dtype, lse (b, n, h) float32/64."""
+    def forward_plan(self, q, k, v, plan: Plan, scale: float, causal: bool, out_scale: float, key_mask=None):
+        """q: (b, n, h, d); k, v: (b, n, h_kv, d); key_mask: (b, n) bool or None
+        -> out_scale * out (b, n, h, d) in q.dtype, lse (b, n, h) float32/64."""
         b, n, h, d = q.shape
         out, lse = empty_partial(b, n, h, v.shape[-1], q.dtype, q.device)
         for item in plan_items(plan):
             q_side = (segment_views(t, item) for t in (out, lse, q))
             k_side = (segment_views(t, item, item.kv_heads) for t in (k, v))
-            for ov, lv, qv, kv, vv in zip(*q_side, *k_side):
-                self.attend_(ov, lv, qv, kv, vv, scale, causal)
+            for ov, lv, qv, kv, vv, mv in zip(*q_side, *k_side, _mask_views(key_mask, item)):
+                self.attend_(ov, lv, qv, kv, vv, scale, causal, mv)
         return out.mul_(out_scale).to(q.dtype), lse
 
-    def backward_plan(self, dout, q, k, v, out, lse, plan: Plan, scale: float, causal: bool, out_scale: float):
-        """Gradients against the merged (out, lse): dq, dk, dv (b, n, h, d) in q.dtype."""
+    def backward_plan(self, dout, q, k, v, out, lse, plan: Plan, scale: float, causal: bool, out_scale: float,
+                      key_mask=None):
+        """Gradients against the merged (out, lse): dq, dk, dv in q.dtype, shaped like q, k, v."""
         acc = acc_dtype(q.dtype)
         grads = [torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v)]
         dout, out = block_grad_inputs(dout.to(q.dtype), out, out_scale)
         for item in plan_items(plan):
             q_side = [segment_views(t, item) for t in (dout, q, out, lse, grads[0])]
             k_side = [segment_views(t, item, item.kv_heads) for t in (k, v, grads[1], grads[2])]
-            for dov, qv, ov, lv, dqv, kv, vv, dkv, dvv in zip(*q_side, *k_side):
-                self.attend_backward_(dqv, dkv, dvv, dov, qv, kv, vv, ov, lv, scale, causal)
+            for dov, qv, ov, lv, dqv, kv, vv, dkv, dvv, mv in zip(*q_side, *k_side, _mask_views(key_mask, item)):
+                self.attend_backward_(dqv, dkv, dvv, dov, qv, kv, vv, ov, lv, scale, causal, mv)
         return tuple(g.to(q.dtype) for g in grads)
 
 
 class BlockBackend(Backend):
     """A backend whose kernels return each block's own (out, lse); merged here in fp32/fp64."""
 
-    def block_forward(self, q, k, v, scale: float, causal: bool):
+    def block_forward(self, q, k, v, scale: float, causal: bool, key_mask=None):
         """q: (b, S, c, h, d); k, v: (b, S, c_k, h, d) -> out (b, S, c, h, d), lse (b, S, c, h)."""
         raise NotImplementedError
 
-    def block_backward(self, dout, q, k, v, out, lse, scale: float, causal: bool):
+    def block_backward(self, dout, q, k, v, out, lse, scale: float, causal: bool, key_mask=None):
         """One block's dq, dk, dv against the merged (out, lse) of its rows."""
         raise NotImplementedError
 
-    def attend_(self, out, lse, q, k, v, scale: float, causal: bool) -> None:
+    def attend_(self, out, lse, q, k, v, scale: float, causal: bool, key_mask=None) -> None:
         k, v = _shared_heads(q, k, v)
-        merge_(out, lse, *self.block_forward(q, k, v, scale, causal))
+        merge_(out, lse, *self.block_forward(q, k, v, scale, causal, key_mask))
 
-    def attend_backward_(self, dq, dk, dv, dout, q, k, v, out, lse, scale: float, causal: bool) -> None:
+    def attend_backward_(self, dq, dk, dv, dout, q, k, v, out, lse, scale: float, causal: bool,
+                         key_mask=None) -> None:
         shared = k.shape[3] != q.shape[3]
-        gq, gk, gv = self.block_backward(dout, q, *_shared_heads(q, k, v), out, lse, scale, causal)
+        gq, gk, gv = self.block_backward(dout, q, *_shared_heads(q, k, v), out, lse, scale, causal, key_mask)
         dq.add_(gq)
         dk.add_(gk.sum(3, keepdim=True) if shared else gk)  # a shared k/v head sums its query heads
         dv.add_(gv.sum(3, keepdim=True) if shared else gv)
+
+
+def _mask_views(key_mask, item):
+    """The key mask (b, n) as (b, S, c_k) views of the item's segments (Nones without a mask)."""
+    if key_mask is None:
+        return itertools.repeat(None)  # zip stops at the tensors' views
+    return (view[..., 0] for view in segment_views(key_mask.unsqueeze(-1), item, slice(None)))
 
 
 def _shared_heads(q, k, v):

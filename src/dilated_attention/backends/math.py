@@ -30,36 +30,46 @@ def _chunks(b: int, segments: int, rows: int, keys: int, heads: int):
                 yield slice(s0, s0 + 1), slice(q0, min(q0 + step, rows))
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, q0: int) -> torch.Tensor:
-    """(b, s, q, h, d) x (b, s, k, h, d) -> (b, s, h, q, k), causal rows starting at q0."""
+def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, q0: int, key_mask=None) -> torch.Tensor:
+    """(b, s, q, h, d) x (b, s, k, h, d) -> (b, s, h, q, k), causal rows starting at q0; key_mask (b, s, k)
+    True where a key is ignored."""
     s = torch.einsum("bsqhd,bskhd->bshqk", q, k).mul_(scale)
     if causal:
         rows = torch.arange(q0, q0 + q.shape[2], device=q.device)
         cols = torch.arange(k.shape[2], device=q.device)
         s.masked_fill_(cols[None, :] > rows[:, None], float("-inf"))
+    if key_mask is not None:
+        s.masked_fill_(key_mask[:, :, None, None, :], float("-inf"))
     return s
 
 
-def forward(q, k, v, scale: float, causal: bool):
-    """q: (b, S, c, h, d); k, v: (b, S, ck, h, d) -> out (b, S, c, h, d) in the accumulation dtype, lse (b, S, c, h)."""
+def _finite(lse: torch.Tensor) -> torch.Tensor:
+    """lse with -inf (rows that see no key) as 0, so exp(s - lse) is 0 there instead of NaN."""
+    return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+
+
+def forward(q, k, v, scale: float, causal: bool, key_mask=None):
+    """q: (b, S, c, h, d); k, v: (b, S, ck, h, d); key_mask: (b, S, ck) bool or None
+    -> out (b, S, c, h, d) in the accumulation dtype, lse (b, S, c, h)."""
     acc = acc_dtype(q.dtype)
     b, segments, rows, heads, d = q.shape
     out = torch.empty((b, segments, rows, heads, v.shape[-1]), dtype=acc, device=q.device)
     lse = torch.empty((b, segments, rows, heads), dtype=acc, device=q.device)
     for ss, qs in _chunks(b, segments, rows, k.shape[2], heads):
         kc, vc = k[:, ss].to(acc), v[:, ss].to(acc)
-        s = _scores(q[:, ss, qs].to(acc), kc, scale, causal, qs.start)
+        mask = None if key_mask is None else key_mask[:, ss]
+        s = _scores(q[:, ss, qs].to(acc), kc, scale, causal, qs.start, mask)
         row_lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - row_lse.unsqueeze(-1))
+        p = torch.exp(s - _finite(row_lse).unsqueeze(-1))
         out[:, ss, qs] = torch.einsum("bshqk,bskhd->bsqhd", p, vc)
         lse[:, ss, qs] = row_lse.transpose(-1, -2)
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, scale: float, causal: bool):
+def backward(dout, q, k, v, out, lse, scale: float, causal: bool, key_mask=None):
     """Gradients of one block against the merged (out, lse) of its rows.
 
-    dout, q, out: (b, S, c, h, d); k, v: (b, S, ck, h, d); lse: (b, S, c, h).
+    dout, q, out: (b, S, c, h, d); k, v: (b, S, ck, h, d); lse: (b, S, c, h); key_mask (b, S, ck) or None.
     Returns dq (b, S, c, h, d), dk, dv (b, S, ck, h, d) in the accumulation dtype.
     """
     acc = acc_dtype(q.dtype)
@@ -71,7 +81,9 @@ def backward(dout, q, k, v, out, lse, scale: float, causal: bool):
         qc, kc, vc = q[:, ss, qs].to(acc), k[:, ss].to(acc), v[:, ss].to(acc)
         doc = dout[:, ss, qs].to(acc)
         delta = (doc * out[:, ss, qs].to(acc)).sum(-1).transpose(-1, -2)  # (b, s, h, q)
-        p = torch.exp(_scores(qc, kc, scale, causal, qs.start) - lse[:, ss, qs].to(acc).transpose(-1, -2).unsqueeze(-1))
+        mask = None if key_mask is None else key_mask[:, ss]
+        row_lse = _finite(lse[:, ss, qs].to(acc)).transpose(-1, -2).unsqueeze(-1)
+        p = torch.exp(_scores(qc, kc, scale, causal, qs.start, mask) - row_lse)
         dv[:, ss] += torch.einsum("bshqk,bsqhd->bskhd", p, doc)
         ds = p * (torch.einsum("bsqhd,bskhd->bshqk", doc, vc) - delta.unsqueeze(-1))
         dq[:, ss, qs] = torch.einsum("bshqk,bskhd->bsqhd", ds, kc) * scale
@@ -82,11 +94,11 @@ def backward(dout, q, k, v, out, lse, scale: float, causal: bool):
 class Math(BlockBackend):
     name = "math"
 
-    def not_supported_reasons(self, q: torch.Tensor) -> list[str]:
+    def not_supported_reasons(self, q: torch.Tensor, masked: bool = False) -> list[str]:
         return []
 
-    def block_forward(self, q, k, v, scale: float, causal: bool):
-        return forward(q, k, v, scale, causal)
+    def block_forward(self, q, k, v, scale: float, causal: bool, key_mask=None):
+        return forward(q, k, v, scale, causal, key_mask)
 
-    def block_backward(self, dout, q, k, v, out, lse, scale: float, causal: bool):
-        return backward(dout, q, k, v, out, lse, scale, causal)
+    def block_backward(self, dout, q, k, v, out, lse, scale: float, causal: bool, key_mask=None):
+        return backward(dout, q, k, v, out, lse, scale, causal, key_mask)

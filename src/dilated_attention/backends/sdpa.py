@@ -87,7 +87,9 @@ def _finite(*tensors) -> bool:
 class Sdpa(BlockBackend):
     name = "sdpa"
 
-    def not_supported_reasons(self, q: torch.Tensor) -> list[str]:
+    def not_supported_reasons(self, q: torch.Tensor, masked: bool = False) -> list[str]:
+        if masked:
+            return ["takes no key_padding_mask (PyTorch's kernels with log-sum-exp take no key mask)"]
         if q.device.type == "cpu":
             return []
         if q.device.type != "cuda":
@@ -99,13 +101,13 @@ class Sdpa(BlockBackend):
             return [] if d % 4 == 0 else [f"CUDA float32 needs head_dim a multiple of 4, got {d}"]
         return [f"CUDA takes float16, bfloat16 or float32, not {q.dtype}"]
 
-    def block_forward(self, q, k, v, scale: float, causal: bool):
+    def block_forward(self, q, k, v, scale: float, causal: bool, key_mask=None):
         if q.device.type == "cpu" and not _finite(q, k, v):
             return math.forward(q, k, v, scale, causal)
         parts = [forward(*t, scale, causal) for t in _segment_chunks(q, k, v)]
         return tuple(torch.cat(p, dim=1) for p in zip(*parts)) if len(parts) > 1 else parts[0]
 
-    def block_backward(self, dout, q, k, v, out, lse, scale: float, causal: bool):
+    def block_backward(self, dout, q, k, v, out, lse, scale: float, causal: bool, key_mask=None):
         if q.device.type == "cpu" and not _finite(q, k, v, dout):
             return math.backward(dout, q, k, v, out, lse, scale, causal)
         parts = [backward(*t, scale, causal) for t in _segment_chunks(dout, q, k, v, out, lse)]

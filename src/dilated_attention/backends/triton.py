@@ -83,12 +83,21 @@ if triton is not None:
         return block, q_count, k_count, q_base, k_base, l_base
 
     @triton.jit
-    def _grad_base(BLOCK: tl.constexpr, MAX_ROWS, RATE, OFFSET, HEAD_BASE, gb, gs, gh, gu):
-        """Offset of row 0 of this program's class in a gradient laid out per query head (dK, dV)."""
+    def _side_base(BLOCK: tl.constexpr, MAX_ROWS, RATE, OFFSET, HEAD_BASE, sb, ss, sh, su):
+        """Offset of row 0 of this program's class in another tensor with strides (batch, segment,
+        head, row): a gradient laid out per query head (dK, dV), or the key mask (head stride 0)."""
         seg = (tl.program_id(0) // tl.cdiv(MAX_ROWS, BLOCK)).to(tl.int64)
         head = tl.program_id(1)
         o = _offset(head, RATE, OFFSET, HEAD_BASE)
-        return tl.program_id(2).to(tl.int64) * gb + seg * gs + head * gh + o * gu
+        return tl.program_id(2).to(tl.int64) * sb + seg * ss + head * sh + o * su
+
+    @triton.jit
+    def _visible(KM, m_base, cols, col_ok, RATE, mu, HAS_MASK: tl.constexpr):
+        """Which of these key rows exist and are not masked out by the key padding mask."""
+        if HAS_MASK:
+            masked = tl.load(KM + _row_offs(m_base, cols, RATE, mu), mask=col_ok, other=1)
+            return col_ok & (masked == 0)
+        return col_ok
 
     @triton.jit
     def _row_offs(base, idx, RATE, su):
@@ -114,12 +123,12 @@ if triton is not None:
         return tl.load(ptr + offs, mask=ok[:, None], other=0.0)
 
     @triton.jit
-    def _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, qk_scale, do_scale, IS_CAUSAL: tl.constexpr):
+    def _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_keep, qk_scale, do_scale, IS_CAUSAL: tl.constexpr):
         """P against the merged lse (log2 units) and dS of one (query block, key block) tile.
 
-        do_scale: the output's factor (1/m in head_groups mode), which scales dO."""
+        col_keep: visible keys; do_scale: the output's factor (1/m in head_groups mode), which scales dO."""
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        keep = row_ok[:, None] & col_ok[None, :]
+        keep = row_ok[:, None] & col_keep[None, :]
         if IS_CAUSAL:
             keep = keep & (cols[None, :] <= rows[:, None])
         p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
@@ -127,9 +136,9 @@ if triton is not None:
         return p, p * (dp - delta[:, None])
 
     @triton.jit
-    def _fwd(Q, K, V, O, L, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu,
+    def _fwd(Q, K, V, O, L, KM, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
              MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, qk_scale, out_scale,
-             IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr,
+             IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr, HAS_MASK: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(
             BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
@@ -140,6 +149,7 @@ if triton is not None:
         dims = tl.arange(0, HEAD_DIM)
         row_ok = rows < q_count
         q = _tile(Q, q_base, rows, row_ok, RATE, qu, dims)
+        m_base = _side_base(BLOCK_M, MAX_ROWS, RATE, OFFSET, HEAD_BASE, mb, ms, mh, mu)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -152,19 +162,21 @@ if triton is not None:
             k = _tile(K, k_base, cols, col_ok, RATE, ku, dims)
             v = _tile(V, k_base, cols, col_ok, RATE, ku, dims)
             s = tl.dot(q, tl.trans(k)) * qk_scale
-            keep = col_ok[None, :]
+            keep = _visible(KM, m_base, cols, col_ok, RATE, mu, HAS_MASK)[None, :]
             if IS_CAUSAL:
                 keep = keep & (cols[None, :] <= rows[:, None])
             s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block starts with a kept key
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # without a mask, finite: every block starts with a kept key
+            if HAS_MASK:  # rows that have seen no visible key yet
+                m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-        l_safe = tl.where(row_ok, l_i, 1.0)
+        l_safe = tl.where(row_ok & (l_i > 0), l_i, 1.0)
         out_b = acc / l_safe[:, None]
-        lse_b = (m_i + tl.log2(l_safe)) / 1.4426950408889634  # natural log
+        lse_b = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))  # natural log
         q_offs = _row_offs(q_base, rows, RATE, qu)[:, None] + dims[None, :]
         l_ptr = L + _row_offs(l_base, rows, RATE, lu)
         if FIRST:  # out_scale != 1 only where every launch is first (forward_all checks)
@@ -173,18 +185,23 @@ if triton is not None:
         else:
             lse_old = tl.load(l_ptr, mask=row_ok, other=float("-inf"))
             out_old = tl.load(O + q_offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            # weights relative to the larger lse sum to 1 to rounding at any magnitude (lse_b is finite)
+            # weights relative to the larger lse sum to 1 to rounding at any magnitude; rows with no
+            # visible key yet (lse -inf on both sides) keep weight 0 and output 0
             top = tl.maximum(lse_old, lse_b)
-            w_old = tl.exp(lse_old - top)
-            w_b = tl.exp(lse_b - top)
+            top_safe = tl.where(top == float("-inf"), 0.0, top)
+            w_old = tl.exp(lse_old - top_safe)
+            w_b = tl.exp(lse_b - top_safe)
             total = w_old + w_b
-            tl.store(O + q_offs, (out_old * w_old[:, None] + out_b * w_b[:, None]) / total[:, None], mask=row_ok[:, None])
+            scale_total = tl.where(total > 0, total, 1.0)
+            tl.store(O + q_offs, (out_old * w_old[:, None] + out_b * w_b[:, None]) / scale_total[:, None],
+                     mask=row_ok[:, None])
             tl.store(l_ptr, top + tl.log(total), mask=row_ok)
 
     @triton.jit
-    def _bwd_dkdv(Q, K, V, DO, L, D, DK, DV, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, gb, gs, gh, gu,
-                  MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, qk_scale, scale, do_scale,
-                  IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    def _bwd_dkdv(Q, K, V, DO, L, D, KM, DK, DV, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
+                  gb, gs, gh, gu, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
+                  qk_scale, scale, do_scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_n, q_count, k_count, q_base, k_base, l_base = _program(
             BLOCK_N, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
             qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
@@ -195,6 +212,8 @@ if triton is not None:
         col_ok = cols < k_count
         k = _tile(K, k_base, cols, col_ok, RATE, ku, dims)
         v = _tile(V, k_base, cols, col_ok, RATE, ku, dims)
+        col_keep = _visible(KM, _side_base(BLOCK_N, MAX_ROWS, RATE, OFFSET, HEAD_BASE, mb, ms, mh, mu), cols, col_ok,
+                            RATE, mu, HAS_MASK)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         lo = 0
@@ -206,18 +225,19 @@ if triton is not None:
             q = _tile(Q, q_base, rows, row_ok, RATE, qu, dims)
             do = _tile(DO, q_base, rows, row_ok, RATE, qu, dims)
             lse, delta = _row_stats(L, D, l_base, rows, row_ok, RATE, lu)
-            p, ds = _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, qk_scale, do_scale, IS_CAUSAL)
+            p, ds = _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_keep, qk_scale, do_scale, IS_CAUSAL)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
         # dK, dV of this query head's view of the keys (per query head: no two programs share rows)
-        g_base = _grad_base(BLOCK_N, MAX_ROWS, RATE, OFFSET, HEAD_BASE, gb, gs, gh, gu)
+        g_base = _side_base(BLOCK_N, MAX_ROWS, RATE, OFFSET, HEAD_BASE, gb, gs, gh, gu)
         _add_tile(DK, g_base, cols, col_ok, RATE, gu, dims, dk * scale)
         _add_tile(DV, g_base, cols, col_ok, RATE, gu, dims, dv * do_scale)
 
     @triton.jit
-    def _bwd_dq(Q, K, V, DO, L, D, DQ, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu,
+    def _bwd_dq(Q, K, V, DO, L, D, KM, DQ, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
                 MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, qk_scale, scale, do_scale,
-                IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(
             BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
             qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
@@ -229,6 +249,7 @@ if triton is not None:
         q = _tile(Q, q_base, rows, row_ok, RATE, qu, dims)
         do = _tile(DO, q_base, rows, row_ok, RATE, qu, dims)
         lse, delta = _row_stats(L, D, l_base, rows, row_ok, RATE, lu)
+        m_base = _side_base(BLOCK_M, MAX_ROWS, RATE, OFFSET, HEAD_BASE, mb, ms, mh, mu)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         hi = k_count
         if IS_CAUSAL:
@@ -238,7 +259,8 @@ if triton is not None:
             col_ok = cols < k_count
             k = _tile(K, k_base, cols, col_ok, RATE, ku, dims)
             v = _tile(V, k_base, cols, col_ok, RATE, ku, dims)
-            p, ds = _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, qk_scale, do_scale, IS_CAUSAL)
+            col_keep = _visible(KM, m_base, cols, col_ok, RATE, mu, HAS_MASK)
+            p, ds = _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_keep, qk_scale, do_scale, IS_CAUSAL)
             dq += tl.dot(ds.to(k.dtype), k)
         _add_tile(DQ, q_base, rows, row_ok, RATE, qu, dims, dq * scale)
 
@@ -257,13 +279,14 @@ def _bwd_config(d: int):
 
 class _Launch:
     """Geometry of one launch: strides (batch, segment, head, row) of the query side (q, out,
-    dout, dq), the key side (k, v), the row-statistics side (lse, delta) and the key-gradient
-    side (dk, dv, one per query head); class lengths; k/v head mapping; grid."""
+    dout, dq), the key side (k, v), the row-statistics side (lse, delta), the key mask (head
+    stride 0) and the key-gradient side (dk, dv, one per query head); class lengths; k/v head
+    mapping; grid."""
 
-    def __init__(self, q_strides, k_strides, l_strides, g_strides, nq, segq, nk, segk, rate, offset, batch, nheads,
-                 head_base=0, kv_head0=0, kv_group=1):
+    def __init__(self, q_strides, k_strides, l_strides, m_strides, g_strides, nq, segq, nk, segk, rate, offset, batch,
+                 nheads, head_base=0, kv_head0=0, kv_group=1):
         self.rows = max(-(-segq // rate), -(-segk // rate))
-        self.strides = (*q_strides, *k_strides, *l_strides)
+        self.strides = (*q_strides, *k_strides, *l_strides, *m_strides)
         self.grad_strides = g_strides
         self.sizes = (self.rows, nq, segq, nk, segk, rate, offset, head_base, kv_head0, kv_group)
         self.batch, self.nheads = batch, nheads
@@ -278,43 +301,55 @@ def _flat(t, seg: int):
     return t.stride(0), seg * t.stride(1), t.stride(2), t.stride(1)
 
 
-def _branch_launch(q, k, lse, grad, branch: Branch) -> _Launch:
-    """A branch over (b, n, h, d) q (sliced to the branch's heads), unsliced k (h_kv heads) and a
-    key gradient laid out like the sliced q, cut into segments of ``branch.segment`` rows."""
+def _branch_launch(q, k, lse, mask, grad, branch: Branch) -> _Launch:
+    """A branch over (b, n, h, d) q (sliced to the branch's heads), unsliced k (h_kv heads), the
+    key mask (b, n) or None, and a key gradient laid out like the sliced q; segments of ``branch.segment`` rows."""
     b, n = q.shape[:2]
     seg = branch.segment
     nheads = branch.head_stop - branch.head_start
-    return _Launch(_flat(q, seg), _flat(k, seg), _flat(lse, seg), _flat(grad, seg), n, seg, n, seg, branch.rate,
-                   branch.offset, b, nheads, branch.head_base + branch.head_start, branch.head_start, branch.kv_group)
+    m_strides = (mask.stride(0), seg * mask.stride(1), 0, mask.stride(1)) if mask is not None else (0, 0, 0, 0)
+    return _Launch(_flat(q, seg), _flat(k, seg), _flat(lse, seg), m_strides, _flat(grad, seg), n, seg, n, seg,
+                   branch.rate, branch.offset, b, nheads, branch.head_base + branch.head_start, branch.head_start,
+                   branch.kv_group)
 
 
-def _view_launch(q, k, lse, grad) -> _Launch:
-    """One block of (b, S, c, h, d) views, k/v with h or 1 heads: every row of every segment."""
+def _view_launch(q, k, lse, mask, grad) -> _Launch:
+    """One block of (b, S, c, h, d) views, k/v with h or 1 heads, the key mask (b, S, c_k) or None:
+    every row of every segment."""
     b, segments, cq, heads = q.shape[:4]
     ck = k.shape[2]
     side = lambda t: (t.stride(0), t.stride(1), t.stride(3), t.stride(2))  # noqa: E731
-    return _Launch(side(q), side(k), side(lse), side(grad), segments * cq, cq, segments * ck, ck, 1, 0, b, heads,
-                   kv_group=heads // k.shape[3])
+    m_strides = (mask.stride(0), mask.stride(1), 0, mask.stride(2)) if mask is not None else (0, 0, 0, 0)
+    return _Launch(side(q), side(k), side(lse), m_strides, side(grad), segments * cq, cq, segments * ck, ck, 1, 0, b,
+                   heads, kv_group=heads // k.shape[3])
 
 
-def _run_forward(q, k, v, out, lse, launch: _Launch, scale: float, causal: bool, first: bool,
+def _mask_arg(mask, like):
+    """The key mask as bytes for the kernels (a placeholder pointer when there is none)."""
+    return like if mask is None else mask.view(torch.uint8)
+
+
+def _run_forward(q, k, v, out, lse, mask, launch: _Launch, scale: float, causal: bool, first: bool,
                  out_scale: float = 1.0) -> None:
     bm, bn, warps, stages = _config(q.shape[-1])
     _fwd[launch.grid(bm)](
-        q, k, v, out, lse, *launch.strides, *launch.sizes, scale * LOG2E, out_scale,
-        IS_CAUSAL=causal, FIRST=first, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=q.shape[-1],
+        q, k, v, out, lse, _mask_arg(mask, q), *launch.strides, *launch.sizes, scale * LOG2E, out_scale,
+        IS_CAUSAL=causal, FIRST=first, HAS_MASK=mask is not None, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=q.shape[-1],
         num_warps=warps, num_stages=stages,
     )
 
 
-def _run_backward(dout, q, k, v, lse, delta, dq, dk, dv, launch: _Launch, scale: float, causal: bool,
+def _run_backward(dout, q, k, v, lse, delta, mask, dq, dk, dv, launch: _Launch, scale: float, causal: bool,
                   do_scale: float = 1.0) -> None:
     """dk, dv: laid out per query head (``launch.grad_strides``)."""
     bm, bn, warps, stages = _bwd_config(q.shape[-1])
     sizes = (*launch.sizes, scale * LOG2E, scale, do_scale)
-    meta = dict(IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=q.shape[-1], num_warps=warps, num_stages=stages)
-    _bwd_dkdv[launch.grid(bn)](q, k, v, dout, lse, delta, dk, dv, *launch.strides, *launch.grad_strides, *sizes, **meta)
-    _bwd_dq[launch.grid(bm)](q, k, v, dout, lse, delta, dq, *launch.strides, *sizes, **meta)
+    meta = dict(IS_CAUSAL=causal, HAS_MASK=mask is not None, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=q.shape[-1],
+                num_warps=warps, num_stages=stages)
+    km = _mask_arg(mask, q)
+    _bwd_dkdv[launch.grid(bn)](q, k, v, dout, lse, delta, km, dk, dv, *launch.strides, *launch.grad_strides, *sizes,
+                               **meta)
+    _bwd_dq[launch.grid(bm)](q, k, v, dout, lse, delta, km, dq, *launch.strides, *sizes, **meta)
 
 
 def _same_strides(names: str, *tensors) -> None:
@@ -350,7 +385,7 @@ def _interpreted(q: torch.Tensor) -> bool:
 class Triton(Backend):
     name = "triton"
 
-    def not_supported_reasons(self, q: torch.Tensor) -> list[str]:
+    def not_supported_reasons(self, q: torch.Tensor, masked: bool = False) -> list[str]:
         if triton is None:
             return ["Triton is not installed"]
         reasons = []
@@ -363,7 +398,7 @@ class Triton(Backend):
             reasons.append(f"takes head_dim in {HEAD_DIMS}, got {q.shape[-1]}")
         return reasons
 
-    def forward_plan(self, q, k, v, plan: Plan, scale: float, causal: bool, out_scale: float):
+    def forward_plan(self, q, k, v, plan: Plan, scale: float, causal: bool, out_scale: float, key_mask=None):
         """One launch per branch, merging into ``out`` itself (fp32 in registers, one rounding to
         q.dtype per branch): the only extra memory is the fp32 lse. ``out_scale`` (1/m in
         head_groups mode) is applied as each launch stores, which needs branches over disjoint heads.
@@ -379,12 +414,13 @@ class Triton(Backend):
             written.update(range(heads.start, heads.stop))
             if out_scale != 1.0 and not first:
                 raise ValueError("triton backend: out_scale needs branches over disjoint heads (head_groups)")
-            launch = _branch_launch(q[:, :, heads], k, lse[:, :, heads], q[:, :, heads], branch)
-            _run_forward(q[:, :, heads], k, v, out[:, :, heads], lse[:, :, heads], launch, scale, causal, first,
-                         out_scale)
+            launch = _branch_launch(q[:, :, heads], k, lse[:, :, heads], key_mask, q[:, :, heads], branch)
+            _run_forward(q[:, :, heads], k, v, out[:, :, heads], lse[:, :, heads], key_mask, launch, scale, causal,
+                         first, out_scale)
         return out, lse
 
-    def backward_plan(self, dout, q, k, v, out, lse, plan: Plan, scale: float, causal: bool, out_scale: float):
+    def backward_plan(self, dout, q, k, v, out, lse, plan: Plan, scale: float, causal: bool, out_scale: float,
+                      key_mask=None):
         """Gradients against the merged (out, lse), summed in place branch by branch; the kernels
         scale dO by ``out_scale`` (``out`` is what ``forward_plan`` returned, scaled). With GQA,
         dK and dV are summed per query head in float32, then over each k/v head's query heads."""
@@ -395,20 +431,21 @@ class Triton(Backend):
         dk, dv = (torch.zeros(q.shape, dtype=torch.float32 if gqa else q.dtype, device=q.device) for _ in range(2))
         for branch in plan:
             h = slice(branch.head_start, branch.head_stop)
-            launch = _branch_launch(q[:, :, h], k, lse[:, :, h], dk[:, :, h], branch)
-            _run_backward(dout[:, :, h], q[:, :, h], k, v, lse[:, :, h], delta[:, :, h], dq[:, :, h], dk[:, :, h],
-                          dv[:, :, h], launch, scale, causal, out_scale)
+            launch = _branch_launch(q[:, :, h], k, lse[:, :, h], key_mask, dk[:, :, h], branch)
+            _run_backward(dout[:, :, h], q[:, :, h], k, v, lse[:, :, h], delta[:, :, h], key_mask, dq[:, :, h],
+                          dk[:, :, h], dv[:, :, h], launch, scale, causal, out_scale)
         if gqa:
             dk, dv = (g.unflatten(2, (k.shape[2], -1)).sum(3).to(q.dtype) for g in (dk, dv))
         return dq, dk, dv
 
-    def attend_(self, out, lse, q, k, v, scale: float, causal: bool) -> None:
+    def attend_(self, out, lse, q, k, v, scale: float, causal: bool, key_mask=None) -> None:
         """``out`` may be any float dtype (the ring keeps fp32)."""
         _same_strides("q and out", q, out)
         _same_strides("k and v", k, v)
-        _run_forward(q, k, v, out, lse, _view_launch(q, k, lse, q), scale, causal, first=False)
+        _run_forward(q, k, v, out, lse, key_mask, _view_launch(q, k, lse, key_mask, q), scale, causal, first=False)
 
-    def attend_backward_(self, dq, dk, dv, dout, q, k, v, out, lse, scale: float, causal: bool) -> None:
+    def attend_backward_(self, dq, dk, dv, dout, q, k, v, out, lse, scale: float, causal: bool,
+                         key_mask=None) -> None:
         _same_strides("q, dout and dq", q, dout, dq)
         _same_strides("k, v, dk and dv", k, v, dk, dv)
         lse = lse.contiguous()
@@ -416,7 +453,8 @@ class Triton(Backend):
         shared = k.shape[3] != q.shape[3]  # one k/v head for every query head: per-head sums, then added
         gk, gv = (torch.zeros((*k.shape[:3], q.shape[3], k.shape[4]), dtype=torch.float32, device=q.device)
                   for _ in range(2)) if shared else (dk, dv)
-        _run_backward(dout, q, k, v, lse, delta, dq, gk, gv, _view_launch(q, k, lse, gk), scale, causal)
+        launch = _view_launch(q, k, lse, key_mask, gk)
+        _run_backward(dout, q, k, v, lse, delta, key_mask, dq, gk, gv, launch, scale, causal)
         if shared:
             dk.add_(gk.sum(3, keepdim=True))
             dv.add_(gv.sum(3, keepdim=True))
