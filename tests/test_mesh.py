@@ -76,7 +76,7 @@ def _errors_worker(rank, world):
     mesh = _mesh((2, 2), ("ring", "heads"))
     attn = RingDistributedDilatedAttention([8], [1], device_mesh=mesh)
     x = torch.randn(1, 8, 3, 8)  # 3 heads over 2 heads ranks
-    with pytest.raises(ValueError, match="3 heads must divide evenly over the mesh's 'heads' dimension of 2"):
+    with pytest.raises(ValueError, match="3 heads of q must divide evenly over the mesh.s .heads. dimension of 2"):
         attn(x, x, x)
     with pytest.raises(ValueError, match="must be divisible by 4"):
         attn.shard(torch.randn(1, 30, 4, 8))

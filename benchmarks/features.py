@@ -1,0 +1,70 @@
+"""Model features beside the plain op on one GPU: GQA and key padding masks, forward and forward+backward.
+
+    python benchmarks/features.py --json OUT.json      # CUDA; bf16, h = 12, d = 64, LongNet schedule
+
+Every row is timed in the same run as the plain op (``triton.testing.do_bench`` median) and
+reported as a ratio to it: GQA with h_kv = h/4 (3 k/v heads) should be at least as fast as the
+plain op (it reads a quarter of the k/v bytes), a key padding mask close to it (one byte per key
+per tile).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from dilated_attention import dilated_attention  # noqa: E402
+
+SEGS, RATES = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16]
+
+
+def timed(fn):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=50, rep=500, return_mode="median")
+
+
+def case(n, h_kv, masked, causal, backward, h=12, d=64):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=backward)
+    k, v = (torch.randn(1, n, h_kv, d, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=backward)
+            for _ in range(2))
+    mask = (torch.rand(1, n, device="cuda", generator=g) < 0.1) if masked else None
+
+    def fwd():
+        return dilated_attention(q, k, v, SEGS, RATES, is_causal=causal, key_padding_mask=mask)
+
+    if not backward:
+        return timed(fwd)
+    dout = torch.randn_like(q)
+    return timed(lambda: torch.autograd.grad(fwd(), (q, k, v), dout))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[1 << 20])
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    rows = []
+    print(f"{'n':>8} {'causal':>6} {'pass':>8} {'plain ms':>9} {'GQA h/4':>9} {'ratio':>6} {'padding':>9} {'ratio':>6}")
+    for n in args.seq_lens:
+        for causal in (False, True):
+            for backward in (False, True):
+                plain = case(n, 12, False, causal, backward)
+                gqa = case(n, 3, False, causal, backward)
+                padded = case(n, 12, True, causal, backward)
+                row = dict(n=n, causal=causal, backward=backward, plain_ms=plain, gqa_ms=gqa, padding_ms=padded)
+                rows.append(row)
+                print(f"{n:>8} {causal!s:>6} {'fwd+bwd' if backward else 'fwd':>8} {plain:>9.2f} {gqa:>9.2f} "
+                      f"{gqa / plain:>6.2f} {padded:>9.2f} {padded / plain:>6.2f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
