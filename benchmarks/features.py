@@ -1,4 +1,5 @@
-"""Model features beside the plain op on one GPU: GQA and key padding masks, forward and forward+backward.
+"""Model features beside the plain op on one GPU: GQA and key padding masks, forward and forward+backward,
+and one decoding step (a single query against the cache).
 
     python benchmarks/features.py --json OUT.json      # CUDA; bf16, h = 12, d = 64, LongNet schedule
 
@@ -44,6 +45,13 @@ def case(n, h_kv, masked, causal, backward, h=12, d=64):
     return timed(lambda: torch.autograd.grad(fwd(), (q, k, v), dout))
 
 
+def decode_step_ms(cache_len, h=12, h_kv=12, d=64):
+    """One decoding step: a single query against a cache of ``cache_len`` keys (causal)."""
+    q = torch.randn(1, 1, h, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, cache_len, h_kv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return timed(lambda: dilated_attention(q, k, v, SEGS, RATES, is_causal=True))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--seq-lens", type=int, nargs="+", default=[1 << 20])
@@ -61,9 +69,14 @@ def main():
                 rows.append(row)
                 print(f"{n:>8} {causal!s:>6} {'fwd+bwd' if backward else 'fwd':>8} {plain:>9.2f} {gqa:>9.2f} "
                       f"{gqa / plain:>6.2f} {padded:>9.2f} {padded / plain:>6.2f}", flush=True)
+    decode = {n: decode_step_ms(n) for n in args.seq_lens}
+    decode_gqa = {n: decode_step_ms(n, h_kv=3) for n in args.seq_lens}
+    for n in args.seq_lens:
+        print(f"decoding step at a {n}-token cache: {decode[n]:.3f} ms (GQA h_kv = 3: {decode_gqa[n]:.3f} ms)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows,
+                           decode_step_ms=decode, decode_step_gqa_ms=decode_gqa), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,15 @@ def _exactness_worker(rank, world, mesh_name):
     torch.testing.assert_close(out, attn.shard(expected), rtol=1e-10, atol=1e-10)
     for a, e in zip(grads, expected_grads):
         torch.testing.assert_close(a, attn.shard(e), rtol=1e-10, atol=1e-10)
+    # and packed documents (global boundaries on every rank)
+    bounds = torch.tensor([0, 5, 29, 30, n], dtype=torch.int32)
+    expected = dilated_attention(*full, [5, 12, 40], [1, 2, 3], is_causal=True, cu_seqlens=bounds)
+    expected_grads = torch.autograd.grad(expected, full, dout8)
+    out = attn(*local, is_causal=True, cu_seqlens=bounds)
+    grads = torch.autograd.grad(out, local, attn.shard(dout8))
+    torch.testing.assert_close(out, attn.shard(expected), rtol=1e-10, atol=1e-10)
+    for a, e in zip(grads, expected_grads):
+        torch.testing.assert_close(a, attn.shard(e), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))

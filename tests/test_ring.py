@@ -19,7 +19,7 @@ SCHEDULES = [
 
 
 def _compare(rank, world, ring, dtype, segs, rates, mode, causal, n, b=2, h=5, d=8, seed=0, against_reference=False,
-             h_kv=None, masked=False):
+             h_kv=None, masked=False, cu_seqlens=None):
     """Each rank's shard against the single-process result, or (against_reference) the float64 Eq. 10 reference."""
     g = torch.Generator().manual_seed(seed)
     q, dout = (torch.randn(b, n, h, d, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
@@ -37,10 +37,12 @@ def _compare(rank, world, ring, dtype, segs, rates, mode, causal, n, b=2, h=5, d
         expected = expected.to(dtype)
     else:
         full = [t.clone().requires_grad_() for t in (q, k, v)]
-        expected = dilated_attention(*full, segs, rates, is_causal=causal, mode=mode)
+        expected = dilated_attention(*full, segs, rates, is_causal=causal, mode=mode, key_padding_mask=mask,
+                                     cu_seqlens=cu_seqlens)
         expected_grads = torch.autograd.grad(expected, full, dout)
     local = [ring.shard(t).requires_grad_() for t in (q, k, v)]
-    out = ring(*local, is_causal=causal, key_padding_mask=None if mask is None else ring.shard(mask))
+    out = ring(*local, is_causal=causal, key_padding_mask=None if mask is None else ring.shard(mask),
+               cu_seqlens=cu_seqlens)
     grads = torch.autograd.grad(out, local, ring.shard(dout))
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
     where = f"rank {rank}/{world} {mode} causal={causal} {ring.layout} {dtype} w={segs} r={rates}"
@@ -68,6 +70,12 @@ def _exactness_worker(rank, world):
                 ring = RingDilatedAttention([8, 20, 2 * n], [1, 3, 4], mode=mode, layout="zigzag", backend=backend)
                 _compare(rank, world, ring, torch.float64, [8, 20, 2 * n], [1, 3, 4], mode, True, n, h=6, h_kv=h_kv,
                          against_reference=True)
+    bounds = torch.tensor([0, 7, 8, n // 2 + 3, n], dtype=torch.int32)  # packed documents spanning ranks
+    for causal in (False, True):
+        for layout in ("contiguous", "zigzag"):
+            ring = RingDilatedAttention([5, 12, 2 * n], [1, 2, 3], layout=layout)
+            _compare(rank, world, ring, torch.float64, [5, 12, 2 * n], [1, 2, 3], "paper", causal, n, h=4,
+                     cu_seqlens=bounds)
     for causal in (False, True):  # key padding mask (with GQA too), contiguous and zigzag
         for layout, h_kv in (("contiguous", None), ("zigzag", 2)):
             ring = RingDilatedAttention([5, 12, 2 * n], [1, 2, 3], layout=layout)

@@ -131,6 +131,57 @@ def _padding_failures():
     return failures
 
 
+def _short_query_failures():
+    """q shorter than k (the last m positions): the last m rows of the full result, and gradients."""
+    failures = []
+    segs, rates = [8, 16, 40], [1, 3, 4]
+    for m in (1, 5, 20):
+        for causal in (False, True):
+            g = torch.Generator().manual_seed(m)
+            q, do = torch.randn(2, 37, 6, 16, generator=g), torch.randn(2, m, 6, 16, generator=g)
+            k, v = (torch.randn(2, 37, 2, 16, generator=g) for _ in range(2))
+            mask = torch.rand(2, 37, generator=g) < 0.2
+            ours = [q[:, 37 - m :].clone().requires_grad_(), k.clone().requires_grad_(), v.clone().requires_grad_()]
+            out = dilated_attention(*ours, segs, rates, is_causal=causal, backend="triton", key_padding_mask=mask)
+            grads = torch.autograd.grad(out, ours, do)
+            ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+            ref = reference(ref_in[0], *(t.repeat_interleave(3, 2) for t in ref_in[1:]), segs, rates, causal,
+                            key_padding_mask=mask)[:, 37 - m :]
+            ref_grads = torch.autograd.grad(ref, ref_in, do.double())
+            ref_grads = (ref_grads[0][:, 37 - m :], *ref_grads[1:])
+            for name, a, r in zip(["out", "dq", "dk", "dv"], (out, *grads), (ref, *ref_grads)):
+                err = _rel(a, r)
+                if not err < 2e-6:
+                    failures.append(f"short queries m={m} {name} causal={causal}: {err:.2e}")
+    return failures
+
+
+def _packed_failures():
+    """cu_seqlens: every document equals the document alone (an empty and a one-row document too)."""
+    failures = []
+    segs, rates = [8, 16, 40], [1, 3, 4]
+    bounds = torch.tensor([0, 13, 14, 14, 44, 51], dtype=torch.int32)
+    for mode in ("paper", "head_groups"):
+        for causal in (False, True):
+            g = torch.Generator().manual_seed(7)
+            q, do = (torch.randn(1, 51, 6, 16, generator=g) for _ in range(2))
+            k, v = (torch.randn(1, 51, 2, 16, generator=g) for _ in range(2))
+            ours = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = dilated_attention(*ours, segs, rates, is_causal=causal, mode=mode, backend="triton", cu_seqlens=bounds)
+            grads = torch.autograd.grad(out, ours, do)
+            for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+                if b == a:
+                    continue
+                part = [t[:, a:b].double().requires_grad_() for t in (q, k, v)]
+                ref = reference(part[0], *(t.repeat_interleave(3, 2) for t in part[1:]), segs, rates, causal, None, mode)
+                ref_grads = torch.autograd.grad(ref, part, do[:, a:b].double())
+                for name, x, r in zip(["out", "dq", "dk", "dv"], (out, *grads), (ref, *ref_grads)):
+                    err = _rel(x[:, a:b], r) if r.norm() > 0 else x[:, a:b].abs().max().item()
+                    if not err < 2e-6:
+                        failures.append(f"packed [{a}, {b}) {name} {mode} causal={causal}: {err:.2e}")
+    return failures
+
+
 def main():
     assert os.environ.get("TRITON_INTERPRET") == "1"
     failures = []
@@ -155,6 +206,8 @@ def main():
     failures += _head_slice_failures()
     failures += _gqa_failures()
     failures += _padding_failures()
+    failures += _short_query_failures()
+    failures += _packed_failures()
     if failures:
         raise SystemExit("\n".join(failures))
     print("triton kernels under the interpreter: all cases match")

@@ -1,5 +1,6 @@
 """Exact dilated attention (LongNet) for very long sequences, on one device or a ring of them."""
 
+from .decoding import DilatedKVCache
 from .functional import dilated_attention
 from .modules import DilatedAttention, MultiheadDilatedAttention
 from .pattern_cache import PatternCache, clear_global_pattern_cache, get_global_pattern_cache
@@ -14,6 +15,7 @@ __all__ = [
     "RingMultiheadDilatedAttention",
     "RingDistributedDilatedAttention",
     "RingDistributedMultiheadDilatedAttention",
+    "DilatedKVCache",
     "PatternCache",
     "get_global_pattern_cache",
     "clear_global_pattern_cache",

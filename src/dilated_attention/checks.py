@@ -11,7 +11,8 @@ import torch
 def check_qkv(q, k, v) -> None:
     """Raise a TypeError/ValueError naming the argument when q, k, v do not fit together.
 
-    q: (b, n, h, d); k, v: (b, n, h_kv, d) with h_kv dividing h (h_kv = h: plain attention)."""
+    q: (b, m, h, d); k, v: (b, n, h_kv, d) with h_kv dividing h (h_kv = h: plain attention) and
+    m <= n (the queries are the last m positions)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -20,8 +21,8 @@ def check_qkv(q, k, v) -> None:
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating point tensor, got {t.dtype}")
     for name, t in (("k", k), ("v", v)):
-        if t.shape[:2] != q.shape[:2] or t.shape[3] != q.shape[3]:
-            raise ValueError(f"{name} must have q's batch, seq and head_dim {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.shape[0] != q.shape[0] or t.shape[3] != q.shape[3]:
+            raise ValueError(f"{name} must have q's batch and head_dim {tuple(q.shape)}, got {tuple(t.shape)}")
         if q.shape[2] % t.shape[2]:
             raise ValueError(f"{name} has {t.shape[2]} heads, which must divide q's {q.shape[2]} heads (GQA: query head "
                              f"j reads k/v head j // (h / h_kv))")
@@ -31,21 +32,43 @@ def check_qkv(q, k, v) -> None:
             raise ValueError(f"{name} must be on q's device ({q.device}), got {t.device}")
     if v.shape != k.shape:
         raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if q.shape[1] > k.shape[1]:
+        raise ValueError(f"q has more rows ({q.shape[1]}) than k and v ({k.shape[1]}): the queries are the last "
+                         "q.shape[1] positions of the keys' sequence (bottom-right aligned), so m <= n")
     if 0 in q.shape:
         raise ValueError(f"q, k, v must not be empty, got shape {tuple(q.shape)}")
 
 
-def check_key_padding_mask(mask, q) -> None:
-    """A key padding mask is None or a (batch, seq) bool tensor on q's device."""
+def check_key_padding_mask(mask, k) -> None:
+    """A key padding mask is None or a (batch, keys) bool tensor on k's device."""
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"key_padding_mask must be a bool tensor (True = ignore the key), got "
                         f"{getattr(mask, 'dtype', type(mask).__name__)}")
-    if tuple(mask.shape) != tuple(q.shape[:2]):
-        raise ValueError(f"key_padding_mask must have shape (batch, seq) = {tuple(q.shape[:2])}, got {tuple(mask.shape)}")
-    if mask.device != q.device:
-        raise ValueError(f"key_padding_mask must be on q's device ({q.device}), got {mask.device}")
+    if tuple(mask.shape) != tuple(k.shape[:2]):
+        raise ValueError(f"key_padding_mask must have shape (batch, seq) = {tuple(k.shape[:2])}, got {tuple(mask.shape)}")
+    if mask.device != k.device:
+        raise ValueError(f"key_padding_mask must be on the keys' device ({k.device}), got {mask.device}")
+
+
+def check_cu_seqlens(cu_seqlens, n: int, queries: int) -> tuple[int, ...] | None:
+    """Packed documents' boundaries over n rows as a tuple of ints (0, ..., n), or None; raises naming
+    what is wrong (``queries``: q's rows, which must be n)."""
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be an int32 tensor of document boundaries, got "
+                        f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)}")
+    bounds = tuple(cu_seqlens.tolist())
+    if cu_seqlens.dim() != 1 or len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != n:
+        raise ValueError(f"cu_seqlens must have shape (docs + 1,), start at 0 and end at the sequence length {n}, "
+                         f"got {bounds if len(bounds) <= 8 else bounds[:4] + ('...',) + bounds[-2:]}")
+    if any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
+        raise ValueError("cu_seqlens must be non-decreasing (document lengths are its differences)")
+    if queries != n:
+        raise ValueError("cu_seqlens takes q, k, v of one length (packed documents, not decoding)")
+    return bounds
 
 
 def resolve_scale(scale: float | None, head_dim: int) -> float:
@@ -76,3 +99,10 @@ def refuse_dropout(module) -> None:
             f"{type(module).__name__}: attention dropout (dropout={module.dropout}) is not implemented; "
             "construct it with dropout=0.0, or call .eval()"
         )
+
+
+def check_same_length(q, k) -> None:
+    """Sequence parallel layers take q, k, v shards of one length (shorter queries: one device)."""
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"the ring takes q, k, v shards of the same length, got {q.shape[1]} and {k.shape[1]} rows; "
+                         "queries shorter than keys (decoding) run on one device (DilatedAttention, DilatedKVCache)")

@@ -20,7 +20,7 @@ import torch
 
 from . import backends
 from .merge import acc_dtype
-from .checks import check_key_padding_mask, check_qkv, output_factor, resolve_scale
+from .checks import check_cu_seqlens, check_key_padding_mask, check_qkv, output_factor, resolve_scale
 from .pattern_cache import PatternCache, get_global_pattern_cache
 from .plan import cached_plan, check_head_slice, check_heads, check_schedule, decode_plan, encode_plan
 
@@ -112,11 +112,14 @@ def dilated_attention(
     head_start: int = 0,
     total_heads: int | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dilated attention of LongNet (arXiv 2307.02486).
 
     q, k, v: (batch, seq, heads, head_dim), one dtype and device; k and v may have fewer heads
-    h_kv dividing h (GQA / MQA: query head j reads k/v head j // (h / h_kv)).
+    h_kv dividing h (GQA / MQA: query head j reads k/v head j // (h / h_kv)), and q fewer rows
+    m <= n: the queries are the last m of the n positions (bottom-right alignment, as
+    flash-attn's causal mode); a decoding step is q with one row against the cache.
     segment_lengths, dilation_rates: one ``(w, r)`` per branch.
     mode: ``"paper"`` (Eq. 10: every head in every branch, merged through softmax
     denominators) or ``"head_groups"`` (heads split into one group per branch, output / m).
@@ -129,20 +132,24 @@ def dilated_attention(
     key_padding_mask: (batch, seq) bool, True where a key is ignored (``nn.MultiheadAttention``'s
     convention); positions keep their place in the segmentation, and query rows left with no
     visible key give zeros.
-    Returns (batch, seq, heads, head_dim) in q's dtype.
+    cu_seqlens: packed documents (flash-attn's convention): int32 (docs + 1,) from 0 to n; each
+    document is segmented from its own first row and sees no other (equal to running each
+    alone). Every batch row is packed alike (flash-attn packs into batch 1).
+    Returns (batch, m, heads, head_dim) in q's dtype.
     """
     check_qkv(q, k, v)
     check_schedule(segment_lengths, dilation_rates, mode)
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    check_key_padding_mask(key_padding_mask, q)
+    check_key_padding_mask(key_padding_mask, k)
     backends.select(q, backend, masked=key_padding_mask is not None)  # refuses a backend that cannot, before any work
     cache = pattern_cache if pattern_cache is not None else get_global_pattern_cache()
     total = check_head_slice(q.shape[2], head_start, total_heads, k.shape[2])
     check_heads(total, len(segment_lengths), mode)
     kv_heads = k.shape[2] if k.shape[2] != q.shape[2] else None
-    plan = cached_plan(cache, q.shape[1], q.shape[2], segment_lengths, dilation_rates, mode, head_start, total_heads,
-                       kv_heads)
+    docs = check_cu_seqlens(cu_seqlens, k.shape[1], q.shape[1])
+    plan = cached_plan(cache, k.shape[1], q.shape[2], segment_lengths, dilation_rates, mode, head_start, total_heads,
+                       kv_heads, docs)
     out, _ = _forward_op(
         q, k, v, key_padding_mask, encode_plan(plan), is_causal, resolve_scale(scale, q.shape[-1]),
         output_factor(mode, segment_lengths), backend or "",

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checks import check_dropout, check_key_padding_mask, check_qkv, refuse_dropout
+from .checks import check_dropout, check_key_padding_mask, check_qkv, check_same_length, refuse_dropout
 from .functional import dilated_attention
 from .modules import MultiheadDilatedAttention, UsesPatternCache
 from .plan import check_schedule
@@ -99,17 +99,19 @@ class RingDistributedDilatedAttention(UsesPatternCache, nn.Module):
         return (*_rank_size(self.ring_group), *_rank_size(self.heads_group))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, *,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                key_padding_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """q, k, v: this rank's shard (b, n/P, h, d) (k, v: h_kv heads); key_padding_mask: its
-        shard (b, n/P) of the mask (True = ignore the key) -> its shard of the output."""
+        shard (b, n/P) of the mask (True = ignore the key); cu_seqlens: the global document
+        boundaries, the same on every rank -> this rank's shard of the output."""
         ring_rank, ring_size, heads_rank, heads_size = self._sizes()
         self._heads_bytes = {"forward": 0, "backward": 0}
         if self.heads_group is None:
-            return self.ring(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)
+            return self.ring(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
         try:  # local checks, then agreement inside the heads group (the ring checks its own group)
             refuse_dropout(self)
             check_qkv(q, k, v)
-            check_key_padding_mask(key_padding_mask, q)
+            check_same_length(q, k)
+            check_key_padding_mask(key_padding_mask, k)
             for name, t in (("q", q), ("k", k)):
                 if t.shape[2] % heads_size:
                     raise ValueError(f"the {t.shape[2]} heads of {name} must divide evenly over the mesh's 'heads' "
@@ -135,7 +137,8 @@ class RingDistributedDilatedAttention(UsesPatternCache, nn.Module):
         q, k, v = (SeqToHeads.apply(t, self.heads_group, self._heads_bytes) for t in (q, k, v))
         if key_padding_mask is not None:  # the ring shard's mask: every heads rank's rows
             key_padding_mask = gather_rows(key_padding_mask.to(torch.uint8), self.heads_group).bool()
-        kwargs = dict(head_start=heads_rank * heads, total_heads=h, key_padding_mask=key_padding_mask)
+        kwargs = dict(head_start=heads_rank * heads, total_heads=h, key_padding_mask=key_padding_mask,
+                      cu_seqlens=cu_seqlens)
         if self.ring is not None:
             out = self.ring(q, k, v, is_causal=is_causal, **kwargs)
         else:

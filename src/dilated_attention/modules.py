@@ -9,6 +9,7 @@ from torch import nn
 
 from . import backends
 from .checks import check_dropout, refuse_dropout
+from .decoding import DilatedKVCache
 from .functional import dilated_attention
 from .pattern_cache import PatternCache, get_global_pattern_cache
 from .plan import check_schedule
@@ -56,11 +57,12 @@ class DilatedAttention(UsesPatternCache, nn.Module):
         self._init_pattern_cache(use_pattern_cache)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, *,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                key_padding_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         refuse_dropout(self)
         return dilated_attention(
             q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal, scale=self.scale, mode=self.mode,
             backend=self.backend, pattern_cache=self.pattern_cache, key_padding_mask=key_padding_mask,
+            cu_seqlens=cu_seqlens,
         )
 
     def extra_repr(self) -> str:
@@ -74,7 +76,9 @@ class MultiheadDilatedAttention(nn.Module):
     ``num_kv_heads`` (default ``num_heads``): k/v heads, a divisor of ``num_heads`` (GQA / MQA).
     ``forward(query, key=None, value=None, *, is_causal=False, need_weights=False, key_padding_mask=None)``
     takes (batch, seq, embed_dim) (and a (batch, seq) bool mask, True = ignore the key) and
-    returns ``(out (batch, seq, embed_dim), None)``.
+    returns ``(out (batch, seq, embed_dim), None)``. With ``kv_cache`` (a ``DilatedKVCache``),
+    the keys and values of these tokens are appended to it and the queries attend to every
+    cached position (incremental decoding; the mask then covers the cached keys).
     """
 
     def __init__(
@@ -136,6 +140,8 @@ class MultiheadDilatedAttention(nn.Module):
         is_causal: bool = False,
         need_weights: bool = False,
         key_padding_mask: torch.Tensor | None = None,
+        kv_cache: DilatedKVCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, None]:
         if need_weights:
             raise ValueError("need_weights=True is not supported: dilated attention never forms the weight matrix")
@@ -144,7 +150,7 @@ class MultiheadDilatedAttention(nn.Module):
         for name, t in (("query", query), ("key", key), ("value", value)):
             if t.dim() != 3 or t.shape[-1] != self.embed_dim:
                 raise ValueError(f"{name} must have shape (batch, seq, {self.embed_dim}), got {tuple(t.shape)}")
-        if key.shape[:2] != query.shape[:2] or value.shape[:2] != query.shape[:2]:
+        if kv_cache is None and (key.shape[:2] != query.shape[:2] or value.shape[:2] != query.shape[:2]):
             raise ValueError(
                 f"query, key and value must share (batch, seq): got {tuple(query.shape)}, "
                 f"{tuple(key.shape)}, {tuple(value.shape)}"
@@ -152,7 +158,10 @@ class MultiheadDilatedAttention(nn.Module):
         q = self.q_proj(query).unflatten(-1, (self.num_heads, self.head_dim))
         k = self.k_proj(key).unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = self.v_proj(value).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        x = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask).flatten(-2)
+        if kv_cache is not None:  # decoding: these tokens are the latest; attend to every cached one
+            k, v = kv_cache.append(k, v)
+        x = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask,
+                           cu_seqlens=cu_seqlens).flatten(-2)
         if self.norm is not None:
             x = self.norm(x)
         return self.out_proj(x), None

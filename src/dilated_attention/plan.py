@@ -36,6 +36,12 @@ class WorkItem:
     kv_start: int
     kv_stop: int
     kv_step: int
+    row_start: int = 0  # the document (cu_seqlens) the item covers: rows [row_start, row_stop)
+    row_stop: int = -1  # -1: to the end of the sequence
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.row_start, None if self.row_stop < 0 else self.row_stop)
 
     @property
     def heads(self) -> slice:
@@ -62,6 +68,12 @@ class Branch:
     head_stop: int
     head_base: int = 0
     kv_group: int = 1  # query heads per k/v head (GQA): local head j reads k/v head j // kv_group
+    row_start: int = 0  # packed documents: this branch covers one document, rows [row_start, row_stop)
+    row_stop: int = -1  # -1: to the end of the sequence
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.row_start, None if self.row_stop < 0 else self.row_stop)
 
     def items(self) -> tuple[WorkItem, ...]:
         """The branch's work items: one per offset (and, with GQA, per k/v head) that selects anything."""
@@ -76,15 +88,16 @@ class Branch:
                 if first < self.head_stop:
                     classes.append((o, first, self.head_stop, self.rate))
         g = self.kv_group
+        docs = (self.row_start, self.row_stop)
         if g == 1:
-            return tuple(WorkItem(self.segment, self.rate, o, a, b, step, a, b, step) for o, a, b, step in classes)
+            return tuple(WorkItem(self.segment, self.rate, o, a, b, step, a, b, step, *docs) for o, a, b, step in classes)
         items = []  # one item per (offset, k/v head): its query heads share that one k/v head
         for o, a, b, step in classes:
             for c in range(a // g, (b - 1) // g + 1):
                 lo = a + -(-(c * g - a) // step) * step if c * g > a else a
                 hi = min(b, (c + 1) * g)
                 if lo < hi:
-                    items.append(WorkItem(self.segment, self.rate, o, lo, hi, step, c, c + 1, 1))
+                    items.append(WorkItem(self.segment, self.rate, o, lo, hi, step, c, c + 1, 1, *docs))
         return tuple(items)
 
 
@@ -146,6 +159,7 @@ def build_plan(
     head_start: int = 0,
     total_heads: int | None = None,
     kv_heads: int | None = None,
+    cu_seqlens: tuple[int, ...] | None = None,
 ) -> Plan:
     """The branches of the schedule at this ``(n, h)``, in order.
 
@@ -153,18 +167,24 @@ def build_plan(
     ``total_heads`` (default ``head_start + num_heads``): the plan computes exactly those
     heads of the whole-head result. head_groups branches without a local head are left out.
     ``kv_heads``: local k/v heads (GQA; default ``num_heads``), dividing ``num_heads``.
+    ``cu_seqlens``: document boundaries (0, ..., n); every document is segmented from its own
+    first row (w' = min(w, its length)) and sees no other: one set of branches per document.
     """
     schedule = list(zip(segment_lengths, dilation_rates))
     total = head_start + num_heads if total_heads is None else total_heads
     group = num_heads // (kv_heads or num_heads)
+    docs = [(0, -1, seq_len)] if cu_seqlens is None else [
+        (a, b, b - a) for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]) if b > a]
     if mode == "paper":
-        return tuple(Branch(min(w, seq_len), r, PER_HEAD, 0, num_heads, head_start, group) for w, r in schedule)
+        return tuple(Branch(min(w, length), r, PER_HEAD, 0, num_heads, head_start, group, a, b)
+                     for a, b, length in docs for w, r in schedule)
     check_heads(total, len(schedule), mode)
     branches = []
-    for g, ((w, r), (start, stop)) in enumerate(zip(schedule, head_groups(total, len(schedule)))):
-        lo, hi = max(start, head_start) - head_start, min(stop, head_start + num_heads) - head_start
-        if hi > lo:
-            branches.append(Branch(min(w, seq_len), r, g % r, lo, hi, 0, group))
+    for a, b, length in docs:
+        for g, ((w, r), (start, stop)) in enumerate(zip(schedule, head_groups(total, len(schedule)))):
+            lo, hi = max(start, head_start) - head_start, min(stop, head_start + num_heads) - head_start
+            if hi > lo:
+                branches.append(Branch(min(w, length), r, g % r, lo, hi, 0, group, a, b))
     return tuple(branches)
 
 
@@ -192,14 +212,15 @@ def plan_items(plan: Plan) -> tuple[WorkItem, ...]:
 
 
 def encode_plan(plan: Plan) -> list[int]:
-    """The plan as a flat list of ints (what a custom op can take): 7 per branch."""
-    return [x for b in plan for x in (b.segment, b.rate, b.offset, b.head_start, b.head_stop, b.head_base, b.kv_group)]
+    """The plan as a flat list of ints (what a custom op can take): 9 per branch."""
+    return [x for b in plan for x in (b.segment, b.rate, b.offset, b.head_start, b.head_stop, b.head_base, b.kv_group,
+                                      b.row_start, b.row_stop)]
 
 
 @functools.lru_cache(maxsize=1024)
 def decode_plan(code: tuple[int, ...]) -> Plan:
     """Inverse of ``encode_plan``."""
-    return tuple(Branch(*code[i : i + 7]) for i in range(0, len(code), 7))
+    return tuple(Branch(*code[i : i + 9]) for i in range(0, len(code), 9))
 
 
 def segment_views(x: torch.Tensor, item: WorkItem, heads: slice | None = None) -> list[torch.Tensor]:
@@ -215,6 +236,47 @@ def segment_views(x: torch.Tensor, item: WorkItem, heads: slice | None = None) -
     if item.offset < n - full:
         views.append(x[:, full:].unsqueeze(1)[:, :, item.offset :: item.rate, heads])
     return views
+
+
+def block_views(item: WorkItem, q_side, k_side, key_mask=None) -> list[tuple[list, list, object, int]]:
+    """The blocks of one work item: (q-side views, k-side views, key-mask view or None, q_offset).
+
+    q_side: tensors (b, m, h, ...) of the m queries, the last m of the n positions (bottom-right
+    alignment, m <= n); k_side: tensors (b, n, h_kv, ...); key_mask: (b, n) or None. Views are
+    (b, S, c, hs, ...) as in ``segment_views``. q_offset: query row i of a block is key row
+    i + q_offset of its segment's class (for causal masking); nonzero only in the one segment
+    the queries enter part-way.
+    """
+    if item.row_start or item.row_stop >= 0:  # one packed document (queries and keys of equal length)
+        q_side = [t[:, item.rows] for t in q_side]
+        k_side = [t[:, item.rows] for t in k_side]
+        key_mask = None if key_mask is None else key_mask[:, item.rows]
+    m, n = q_side[0].shape[1], k_side[0].shape[1]
+    masks = [] if key_mask is None else [key_mask.unsqueeze(-1)]
+
+    def split(q_views, k_views):
+        kv = k_views[: len(k_side)]
+        return q_views, kv, k_views[len(k_side)][..., 0] if masks else None
+
+    first = n - m  # the first query's position
+    aligned = -(-first // item.segment) * item.segment  # the first segment boundary at or after it
+    blocks = []
+    if aligned > first:  # the queries enter a segment part-way: its query rows are a suffix of its class
+        seg_start, seg_stop = aligned - item.segment, min(aligned, n)
+        q0 = seg_start + item.offset + max(0, -(-(first - seg_start - item.offset) // item.rate)) * item.rate
+        if q0 < seg_stop:
+            keys = slice(seg_start + item.offset, seg_stop, item.rate)
+            q_views = [t[:, q0 - first : seg_stop - first : item.rate, item.heads].unsqueeze(1) for t in q_side]
+            k_views = [t[:, keys, item.kv_heads].unsqueeze(1) for t in k_side] + [t[:, keys].unsqueeze(1) for t in masks]
+            offset = len(range(keys.start, keys.stop, keys.step)) - len(range(q0, seg_stop, item.rate))
+            blocks.append((*split(q_views, k_views), offset))
+    if aligned < n:
+        q_views = [segment_views(t[:, aligned - first :], item) for t in q_side]
+        k_views = [segment_views(t[:, aligned:], item, item.kv_heads) for t in k_side]
+        k_views += [segment_views(t[:, aligned:], item, slice(None)) for t in masks]
+        for views in zip(*q_views, *k_views):
+            blocks.append((*split(list(views[: len(q_side)]), list(views[len(q_side) :])), 0))
+    return blocks
 
 
 def useful_flops(
@@ -239,15 +301,15 @@ def useful_flops(
 
 
 def cached_plan(cache, seq_len, num_heads, segment_lengths, dilation_rates, mode, head_start=0, total_heads=None,
-                kv_heads=None) -> Plan:
-    """``build_plan`` through a ``PatternCache``: built once per configuration.
+                kv_heads=None, cu_seqlens=None) -> Plan:
+    """``build_plan`` through a ``PatternCache``: built once per configuration (and packing).
 
     Under ``torch.compile`` the plan is built while tracing and the graph keeps it."""
-    args = (seq_len, num_heads, segment_lengths, dilation_rates, mode, head_start, total_heads, kv_heads)
+    args = (seq_len, num_heads, segment_lengths, dilation_rates, mode, head_start, total_heads, kv_heads, cu_seqlens)
     if torch.compiler.is_compiling():
         return build_plan(*args)
     key = ("plan", seq_len, num_heads, tuple(segment_lengths), tuple(dilation_rates), mode, head_start, total_heads,
-           kv_heads)
+           kv_heads) + ((cu_seqlens,) if cu_seqlens is not None else ())
     plan = cache.get(key)
     if plan is None:
         plan = cache.create(key, lambda: build_plan(*args))

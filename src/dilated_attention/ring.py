@@ -21,7 +21,8 @@ from torch import nn
 
 from . import backends
 from .backends import Backend, block_grad_inputs
-from .checks import check_dropout, check_key_padding_mask, check_qkv, output_factor, refuse_dropout, resolve_scale
+from .checks import (check_cu_seqlens, check_dropout, check_key_padding_mask, check_qkv, check_same_length,
+                     output_factor, refuse_dropout, resolve_scale)
 from .functional import dilated_attention
 from .merge import acc_dtype, empty_partial
 from .modules import MultiheadDilatedAttention, UsesPatternCache
@@ -256,11 +257,12 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
         return group, dist.get_rank(group), dist.get_world_size(group)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, *,
-                key_padding_mask: torch.Tensor | None = None, head_start: int = 0,
-                total_heads: int | None = None) -> torch.Tensor:
+                key_padding_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                head_start: int = 0, total_heads: int | None = None) -> torch.Tensor:
         """q, k, v: this rank's shard (b, n/P, h, d) (k, v: h_kv heads) -> its shard of the output.
 
         key_padding_mask: this rank's shard (b, n/P) of the mask (True = ignore the key).
+        cu_seqlens: the global document boundaries (0, ..., n), the same on every rank.
         head_start, total_heads: as in ``dilated_attention`` (these h heads are a slice of more).
         """
         group, rank, world = self._group()
@@ -270,15 +272,17 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
             return dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal,
                                      scale=self.scale, mode=self.mode, backend=self.backend,
                                      pattern_cache=self.pattern_cache, head_start=head_start, total_heads=total_heads,
-                                     key_padding_mask=key_padding_mask)
+                                     key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
         try:  # local checks first, but every rank learns of a failure in the agreement below
             refuse_dropout(self)
             check_qkv(q, k, v)
+            check_same_length(q, k)
             if not isinstance(is_causal, bool):
                 raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
             total = check_head_slice(q.shape[2], head_start, total_heads, k.shape[2])
             check_heads(total, len(self.segment_lengths), self.mode)
-            check_key_padding_mask(key_padding_mask, q)
+            check_key_padding_mask(key_padding_mask, k)
+            docs = check_cu_seqlens(cu_seqlens, k.shape[1] * world, q.shape[1] * world)
             impl = backends.select(q, self.backend, masked=key_padding_mask is not None)  # refuses one that cannot
             scale = resolve_scale(self.scale, q.shape[-1])
             error = None
@@ -291,12 +295,13 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
             "batch": b, "local_seq_len": m, "heads": h, "kv_heads": h_kv, "head_dim": d,
             "dtype": fingerprint(q.dtype) if error is None else 0, "is_causal": int(bool(is_causal)),
             "requires_grad": int(grad), "masked": int(key_padding_mask is not None),
+            "documents": fingerprint(docs) if error is None else 0,
             "schedule": fingerprint((self.segment_lengths, self.dilation_rates, self.mode, self.layout, self.scale,
                                      head_start, total_heads)),
         }, error)
         n = m * world
         plan = plan_items(cached_plan(self.pattern_cache, n, h, self.segment_lengths, self.dilation_rates, self.mode,
-                                      head_start, total_heads, h_kv if h_kv != h else None))
+                                      head_start, total_heads, h_kv if h_kv != h else None, docs))
         schedule = self.pattern_cache.get_or_create(
             ("ring_schedule", n, world, self.layout, plan, is_causal),
             lambda: build_ring_schedule(n, world, self.layout, plan, is_causal),

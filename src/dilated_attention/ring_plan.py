@@ -15,6 +15,8 @@ For each work item ``(w', r, o, heads)`` (see ``plan``):
 
 Two different chunks share at most one segment, so each (item, chunk pair) needs at most
 one piece exchange. Every rank derives the same schedule from ``(n, P, layout, plan)``.
+With packed documents, an item's segmentation starts at its document's first row and stops
+at its last (``WorkItem.row_start``, ``row_stop``).
 """
 
 from __future__ import annotations
@@ -98,15 +100,22 @@ def build_ring_schedule(n: int, world: int, layout: str, plan: tuple[WorkItem, .
     chunks = rank_chunks(world, layout)
     length = chunk_length(n, world, layout)
 
+    def document(item):
+        """The rows [start, stop) the item's segmentation starts from (a packed document, or all n)."""
+        return item.row_start, n if item.row_stop < 0 else item.row_stop
+
     def segments_of(item, chunk):
         """(seg_start, seg_stop) of every segment overlapping the chunk that is not a full one inside it."""
-        a, b = chunk * length, (chunk + 1) * length
+        ca, cb = chunk * length, (chunk + 1) * length
+        ds, de = document(item)
+        a, b = max(ca, ds), min(cb, de)
         w = item.segment
         out = []
-        for s in sorted({a // w, (b - 1) // w}):
-            start, stop = s * w, min((s + 1) * w, n)
-            if not (a <= start and stop <= b and stop - start == w):
-                out.append((start, stop))
+        if a < b:
+            for s in sorted({(a - ds) // w, (b - 1 - ds) // w}):
+                start, stop = ds + s * w, min(ds + (s + 1) * w, de)
+                if not (ca <= start and stop <= cb and stop - start == w):
+                    out.append((start, stop))
         return out
 
     full = []
@@ -114,9 +123,11 @@ def build_ring_schedule(n: int, world: int, layout: str, plan: tuple[WorkItem, .
         entries = []
         for i, item in enumerate(plan):
             w = item.segment
+            ds, de = document(item)
             for pos, chunk in enumerate(chunks[rank]):
                 a, b = chunk * length, (chunk + 1) * length
-                f0, f1 = -(-a // w) * w, min(b // w, n // w) * w
+                f0 = ds + -(-max(a - ds, 0) // w) * w
+                f1 = ds + max(min(b, de) - ds, 0) // w * w
                 if f1 > f0:
                     entries.append((i, FullSegments(pos * length + f0 - a, (f1 - f0) // w)))
         full.append(tuple(entries))

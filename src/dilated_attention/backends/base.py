@@ -10,12 +10,10 @@ a backend with fused whole-plan kernels overrides them. The ring calls ``attend_
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 
 from ..merge import acc_dtype, empty_partial, merge_
-from ..plan import Plan, plan_items, segment_views
+from ..plan import Plan, block_views, plan_items
 
 
 def block_grad_inputs(dout: torch.Tensor, out: torch.Tensor, out_scale: float):
@@ -31,30 +29,28 @@ class Backend:
         key padding mask); empty when it can."""
         raise NotImplementedError
 
-    def attend_(self, out, lse, q, k, v, scale: float, causal: bool, key_mask=None) -> None:
+    def attend_(self, out, lse, q, k, v, scale: float, causal: bool, key_mask=None, q_offset: int = 0) -> None:
         """Merge the attention of q over (k, v) into the accumulators (out, lse) in place.
 
         q, out: (b, S, c, h, d); k, v: (b, S, c_k, h_k, d) with h_k = h, or h_k = 1 (one k/v head
         shared by every query head: GQA); lse: (b, S, c, h); key_mask: (b, S, c_k) bool, True
-        where a key is ignored, or None.
+        where a key is ignored, or None. Causal: query row i sees key rows <= i + q_offset.
         """
         raise NotImplementedError
 
     def attend_backward_(self, dq, dk, dv, dout, q, k, v, out, lse, scale: float, causal: bool,
-                         key_mask=None) -> None:
+                         key_mask=None, q_offset: int = 0) -> None:
         """Add one block's gradients against the merged (out, lse) into dq, dk, dv (views as in ``attend_``)."""
         raise NotImplementedError
 
     def forward_plan(self, q, k, v, plan: Plan, scale: float, causal: bool, out_scale: float, key_mask=None):
-        """q: (b, n, h, d); k, v: (b, n, h_kv, d); key_mask: (b, n) bool or None
-        -> out_scale * out (b, n, h, d) in q.dtype, lse (b, n, h) float32/64."""
-        b, n, h, d = q.shape
-        out, lse = empty_partial(b, n, h, v.shape[-1], q.dtype, q.device)
+        """q: (b, m, h, d), the last m <= n positions; k, v: (b, n, h_kv, d); key_mask: (b, n) bool or None
+        -> out_scale * out (b, m, h, d) in q.dtype, lse (b, m, h) float32/64."""
+        b, m, h, d = q.shape
+        out, lse = empty_partial(b, m, h, v.shape[-1], q.dtype, q.device)
         for item in plan_items(plan):
-            q_side = (segment_views(t, item) for t in (out, lse, q))
-            k_side = (segment_views(t, item, item.kv_heads) for t in (k, v))
-            for ov, lv, qv, kv, vv, mv in zip(*q_side, *k_side, _mask_views(key_mask, item)):
-                self.attend_(ov, lv, qv, kv, vv, scale, causal, mv)
+            for (ov, lv, qv), (kv, vv), mv, offset in block_views(item, (out, lse, q), (k, v), key_mask):
+                self.attend_(ov, lv, qv, kv, vv, scale, causal, mv, offset)
         return out.mul_(out_scale).to(q.dtype), lse
 
     def backward_plan(self, dout, q, k, v, out, lse, plan: Plan, scale: float, causal: bool, out_scale: float,
@@ -64,42 +60,34 @@ class Backend:
         grads = [torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v)]
         dout, out = block_grad_inputs(dout.to(q.dtype), out, out_scale)
         for item in plan_items(plan):
-            q_side = [segment_views(t, item) for t in (dout, q, out, lse, grads[0])]
-            k_side = [segment_views(t, item, item.kv_heads) for t in (k, v, grads[1], grads[2])]
-            for dov, qv, ov, lv, dqv, kv, vv, dkv, dvv, mv in zip(*q_side, *k_side, _mask_views(key_mask, item)):
-                self.attend_backward_(dqv, dkv, dvv, dov, qv, kv, vv, ov, lv, scale, causal, mv)
+            blocks = block_views(item, (dout, q, out, lse, grads[0]), (k, v, grads[1], grads[2]), key_mask)
+            for (dov, qv, ov, lv, dqv), (kv, vv, dkv, dvv), mv, offset in blocks:
+                self.attend_backward_(dqv, dkv, dvv, dov, qv, kv, vv, ov, lv, scale, causal, mv, offset)
         return tuple(g.to(q.dtype) for g in grads)
 
 
 class BlockBackend(Backend):
     """A backend whose kernels return each block's own (out, lse); merged here in fp32/fp64."""
 
-    def block_forward(self, q, k, v, scale: float, causal: bool, key_mask=None):
+    def block_forward(self, q, k, v, scale: float, causal: bool, key_mask=None, q_offset: int = 0):
         """q: (b, S, c, h, d); k, v: (b, S, c_k, h, d) -> out (b, S, c, h, d), lse (b, S, c, h)."""
         raise NotImplementedError
 
-    def block_backward(self, dout, q, k, v, out, lse, scale: float, causal: bool, key_mask=None):
+    def block_backward(self, dout, q, k, v, out, lse, scale: float, causal: bool, key_mask=None, q_offset: int = 0):
         """One block's dq, dk, dv against the merged (out, lse) of its rows."""
         raise NotImplementedError
 
-    def attend_(self, out, lse, q, k, v, scale: float, causal: bool, key_mask=None) -> None:
+    def attend_(self, out, lse, q, k, v, scale: float, causal: bool, key_mask=None, q_offset: int = 0) -> None:
         k, v = _shared_heads(q, k, v)
-        merge_(out, lse, *self.block_forward(q, k, v, scale, causal, key_mask))
+        merge_(out, lse, *self.block_forward(q, k, v, scale, causal, key_mask, q_offset))
 
     def attend_backward_(self, dq, dk, dv, dout, q, k, v, out, lse, scale: float, causal: bool,
-                         key_mask=None) -> None:
+                         key_mask=None, q_offset: int = 0) -> None:
         shared = k.shape[3] != q.shape[3]
-        gq, gk, gv = self.block_backward(dout, q, *_shared_heads(q, k, v), out, lse, scale, causal, key_mask)
+        gq, gk, gv = self.block_backward(dout, q, *_shared_heads(q, k, v), out, lse, scale, causal, key_mask, q_offset)
         dq.add_(gq)
         dk.add_(gk.sum(3, keepdim=True) if shared else gk)  # a shared k/v head sums its query heads
         dv.add_(gv.sum(3, keepdim=True) if shared else gv)
-
-
-def _mask_views(key_mask, item):
-    """The key mask (b, n) as (b, S, c_k) views of the item's segments (Nones without a mask)."""
-    if key_mask is None:
-        return itertools.repeat(None)  # zip stops at the tensors' views
-    return (view[..., 0] for view in segment_views(key_mask.unsqueeze(-1), item, slice(None)))
 
 
 def _shared_heads(q, k, v):

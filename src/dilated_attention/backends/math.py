@@ -48,9 +48,9 @@ def _finite(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
 
 
-def forward(q, k, v, scale: float, causal: bool, key_mask=None):
+def forward(q, k, v, scale: float, causal: bool, key_mask=None, q_offset: int = 0):
     """q: (b, S, c, h, d); k, v: (b, S, ck, h, d); key_mask: (b, S, ck) bool or None
-    -> out (b, S, c, h, d) in the accumulation dtype, lse (b, S, c, h)."""
+    -> out (b, S, c, h, d) in the accumulation dtype, lse (b, S, c, h). Causal: row i sees keys <= i + q_offset."""
     acc = acc_dtype(q.dtype)
     b, segments, rows, heads, d = q.shape
     out = torch.empty((b, segments, rows, heads, v.shape[-1]), dtype=acc, device=q.device)
@@ -58,7 +58,7 @@ def forward(q, k, v, scale: float, causal: bool, key_mask=None):
     for ss, qs in _chunks(b, segments, rows, k.shape[2], heads):
         kc, vc = k[:, ss].to(acc), v[:, ss].to(acc)
         mask = None if key_mask is None else key_mask[:, ss]
-        s = _scores(q[:, ss, qs].to(acc), kc, scale, causal, qs.start, mask)
+        s = _scores(q[:, ss, qs].to(acc), kc, scale, causal, qs.start + q_offset, mask)
         row_lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - _finite(row_lse).unsqueeze(-1))
         out[:, ss, qs] = torch.einsum("bshqk,bskhd->bsqhd", p, vc)
@@ -66,7 +66,7 @@ def forward(q, k, v, scale: float, causal: bool, key_mask=None):
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, scale: float, causal: bool, key_mask=None):
+def backward(dout, q, k, v, out, lse, scale: float, causal: bool, key_mask=None, q_offset: int = 0):
     """Gradients of one block against the merged (out, lse) of its rows.
 
     dout, q, out: (b, S, c, h, d); k, v: (b, S, ck, h, d); lse: (b, S, c, h); key_mask (b, S, ck) or None.
@@ -83,7 +83,7 @@ def backward(dout, q, k, v, out, lse, scale: float, causal: bool, key_mask=None)
         delta = (doc * out[:, ss, qs].to(acc)).sum(-1).transpose(-1, -2)  # (b, s, h, q)
         mask = None if key_mask is None else key_mask[:, ss]
         row_lse = _finite(lse[:, ss, qs].to(acc)).transpose(-1, -2).unsqueeze(-1)
-        p = torch.exp(_scores(qc, kc, scale, causal, qs.start, mask) - row_lse)
+        p = torch.exp(_scores(qc, kc, scale, causal, qs.start + q_offset, mask) - row_lse)
         dv[:, ss] += torch.einsum("bshqk,bsqhd->bskhd", p, doc)
         ds = p * (torch.einsum("bsqhd,bskhd->bshqk", doc, vc) - delta.unsqueeze(-1))
         dq[:, ss, qs] = torch.einsum("bshqk,bskhd->bsqhd", ds, kc) * scale
@@ -97,8 +97,8 @@ class Math(BlockBackend):
     def not_supported_reasons(self, q: torch.Tensor, masked: bool = False) -> list[str]:
         return []
 
-    def block_forward(self, q, k, v, scale: float, causal: bool, key_mask=None):
-        return forward(q, k, v, scale, causal, key_mask)
+    def block_forward(self, q, k, v, scale: float, causal: bool, key_mask=None, q_offset: int = 0):
+        return forward(q, k, v, scale, causal, key_mask, q_offset)
 
-    def block_backward(self, dout, q, k, v, out, lse, scale: float, causal: bool, key_mask=None):
-        return backward(dout, q, k, v, out, lse, scale, causal, key_mask)
+    def block_backward(self, dout, q, k, v, out, lse, scale: float, causal: bool, key_mask=None, q_offset: int = 0):
+        return backward(dout, q, k, v, out, lse, scale, causal, key_mask, q_offset)

@@ -7,7 +7,9 @@ take the merged (out, lse), which makes each block's gradient exact for Eq. 10.
 
 Blocks are laid out (b, S, c, h, d) and handed to the kernels as (b*S, h, c, d). The CPU
 kernel returns zeros instead of NaN for some blocks with a NaN input (single-row blocks), so
-CPU blocks holding a non-finite value are computed by the portable math backend instead.
+CPU blocks holding a non-finite value are computed by the portable math backend instead, as
+are causal blocks whose queries are the last rows of their keys (the kernels align causal
+masks top-left): the one partly queried segment when q is shorter than k.
 """
 
 from __future__ import annotations
@@ -101,15 +103,15 @@ class Sdpa(BlockBackend):
             return [] if d % 4 == 0 else [f"CUDA float32 needs head_dim a multiple of 4, got {d}"]
         return [f"CUDA takes float16, bfloat16 or float32, not {q.dtype}"]
 
-    def block_forward(self, q, k, v, scale: float, causal: bool, key_mask=None):
-        if q.device.type == "cpu" and not _finite(q, k, v):
-            return math.forward(q, k, v, scale, causal)
+    def block_forward(self, q, k, v, scale: float, causal: bool, key_mask=None, q_offset: int = 0):
+        if (causal and q_offset) or (q.device.type == "cpu" and not _finite(q, k, v)):
+            return math.forward(q, k, v, scale, causal, q_offset=q_offset)  # bottom-right causal block, or NaN rows
         parts = [forward(*t, scale, causal) for t in _segment_chunks(q, k, v)]
         return tuple(torch.cat(p, dim=1) for p in zip(*parts)) if len(parts) > 1 else parts[0]
 
-    def block_backward(self, dout, q, k, v, out, lse, scale: float, causal: bool, key_mask=None):
-        if q.device.type == "cpu" and not _finite(q, k, v, dout):
-            return math.backward(dout, q, k, v, out, lse, scale, causal)
+    def block_backward(self, dout, q, k, v, out, lse, scale: float, causal: bool, key_mask=None, q_offset: int = 0):
+        if (causal and q_offset) or (q.device.type == "cpu" and not _finite(q, k, v, dout)):
+            return math.backward(dout, q, k, v, out, lse, scale, causal, q_offset=q_offset)
         parts = [backward(*t, scale, causal) for t in _segment_chunks(dout, q, k, v, out, lse)]
         return tuple(torch.cat(p, dim=1) for p in zip(*parts)) if len(parts) > 1 else parts[0]
 

@@ -123,21 +123,23 @@ if triton is not None:
         return tl.load(ptr + offs, mask=ok[:, None], other=0.0)
 
     @triton.jit
-    def _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_keep, qk_scale, do_scale, IS_CAUSAL: tl.constexpr):
+    def _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_keep, qk_scale, do_scale, Q_SHIFT,
+               IS_CAUSAL: tl.constexpr):
         """P against the merged lse (log2 units) and dS of one (query block, key block) tile.
 
-        col_keep: visible keys; do_scale: the output's factor (1/m in head_groups mode), which scales dO."""
+        col_keep: visible keys; do_scale: the output's factor (1/m in head_groups mode), which scales
+        dO; causal: query row i sees key rows <= i + Q_SHIFT."""
         s = tl.dot(q, tl.trans(k)) * qk_scale
         keep = row_ok[:, None] & col_keep[None, :]
         if IS_CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None])
+            keep = keep & (cols[None, :] <= rows[:, None] + Q_SHIFT)
         p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v)) * do_scale
         return p, p * (dp - delta[:, None])
 
     @triton.jit
     def _fwd(Q, K, V, O, L, KM, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
-             MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, qk_scale, out_scale,
+             MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, Q_SHIFT, qk_scale, out_scale,
              IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr, HAS_MASK: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(
@@ -155,7 +157,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         hi = k_count
         if IS_CAUSAL:
-            hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M)
+            hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + Q_SHIFT)
         for start in range(0, hi, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             col_ok = cols < k_count
@@ -164,7 +166,7 @@ if triton is not None:
             s = tl.dot(q, tl.trans(k)) * qk_scale
             keep = _visible(KM, m_base, cols, col_ok, RATE, mu, HAS_MASK)[None, :]
             if IS_CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None])
+                keep = keep & (cols[None, :] <= rows[:, None] + Q_SHIFT)
             s = tl.where(keep, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))  # without a mask, finite: every block starts with a kept key
             if HAS_MASK:  # rows that have seen no visible key yet
@@ -200,7 +202,7 @@ if triton is not None:
     @triton.jit
     def _bwd_dkdv(Q, K, V, DO, L, D, KM, DK, DV, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
                   gb, gs, gh, gu, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
-                  qk_scale, scale, do_scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                  Q_SHIFT, qk_scale, scale, do_scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_n, q_count, k_count, q_base, k_base, l_base = _program(
             BLOCK_N, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
@@ -218,14 +220,14 @@ if triton is not None:
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         lo = 0
         if IS_CAUSAL:
-            lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
+            lo = tl.maximum(pid_n * BLOCK_N - Q_SHIFT, 0) // BLOCK_M * BLOCK_M
         for start in range(lo, q_count, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
             row_ok = rows < q_count
             q = _tile(Q, q_base, rows, row_ok, RATE, qu, dims)
             do = _tile(DO, q_base, rows, row_ok, RATE, qu, dims)
             lse, delta = _row_stats(L, D, l_base, rows, row_ok, RATE, lu)
-            p, ds = _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_keep, qk_scale, do_scale, IS_CAUSAL)
+            p, ds = _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_keep, qk_scale, do_scale, Q_SHIFT, IS_CAUSAL)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
         # dK, dV of this query head's view of the keys (per query head: no two programs share rows)
@@ -235,7 +237,7 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dq(Q, K, V, DO, L, D, KM, DQ, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
-                MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, qk_scale, scale, do_scale,
+                MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, Q_SHIFT, qk_scale, scale, do_scale,
                 IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(
@@ -253,14 +255,14 @@ if triton is not None:
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         hi = k_count
         if IS_CAUSAL:
-            hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M)
+            hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + Q_SHIFT)
         for start in range(0, hi, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             col_ok = cols < k_count
             k = _tile(K, k_base, cols, col_ok, RATE, ku, dims)
             v = _tile(V, k_base, cols, col_ok, RATE, ku, dims)
             col_keep = _visible(KM, m_base, cols, col_ok, RATE, mu, HAS_MASK)
-            p, ds = _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_keep, qk_scale, do_scale, IS_CAUSAL)
+            p, ds = _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_keep, qk_scale, do_scale, Q_SHIFT, IS_CAUSAL)
             dq += tl.dot(ds.to(k.dtype), k)
         _add_tile(DQ, q_base, rows, row_ok, RATE, qu, dims, dq * scale)
 
@@ -284,11 +286,11 @@ class _Launch:
     mapping; grid."""
 
     def __init__(self, q_strides, k_strides, l_strides, m_strides, g_strides, nq, segq, nk, segk, rate, offset, batch,
-                 nheads, head_base=0, kv_head0=0, kv_group=1):
+                 nheads, head_base=0, kv_head0=0, kv_group=1, q_shift=0):
         self.rows = max(-(-segq // rate), -(-segk // rate))
         self.strides = (*q_strides, *k_strides, *l_strides, *m_strides)
         self.grad_strides = g_strides
-        self.sizes = (self.rows, nq, segq, nk, segk, rate, offset, head_base, kv_head0, kv_group)
+        self.sizes = (self.rows, nq, segq, nk, segk, rate, offset, head_base, kv_head0, kv_group, q_shift)
         self.batch, self.nheads = batch, nheads
         self.segments = -(-nq // segq)
 
@@ -313,15 +315,15 @@ def _branch_launch(q, k, lse, mask, grad, branch: Branch) -> _Launch:
                    branch.kv_group)
 
 
-def _view_launch(q, k, lse, mask, grad) -> _Launch:
+def _view_launch(q, k, lse, mask, grad, q_offset: int = 0) -> _Launch:
     """One block of (b, S, c, h, d) views, k/v with h or 1 heads, the key mask (b, S, c_k) or None:
-    every row of every segment."""
+    every row of every segment; causal query row i sees key rows <= i + q_offset."""
     b, segments, cq, heads = q.shape[:4]
     ck = k.shape[2]
     side = lambda t: (t.stride(0), t.stride(1), t.stride(3), t.stride(2))  # noqa: E731
     m_strides = (mask.stride(0), mask.stride(1), 0, mask.stride(2)) if mask is not None else (0, 0, 0, 0)
     return _Launch(side(q), side(k), side(lse), m_strides, side(grad), segments * cq, cq, segments * ck, ck, 1, 0, b,
-                   heads, kv_group=heads // k.shape[3])
+                   heads, kv_group=heads // k.shape[3], q_shift=q_offset)
 
 
 def _mask_arg(mask, like):
@@ -402,21 +404,27 @@ class Triton(Backend):
         """One launch per branch, merging into ``out`` itself (fp32 in registers, one rounding to
         q.dtype per branch): the only extra memory is the fp32 lse. ``out_scale`` (1/m in
         head_groups mode) is applied as each launch stores, which needs branches over disjoint heads.
+        Queries shorter than the keys run block by block (``Backend.forward_plan``) on the same kernels.
         """
+        if q.shape[1] != k.shape[1]:
+            return super().forward_plan(q, k, v, plan, scale, causal, out_scale, key_mask)
         q, k, v = (t.contiguous() for t in (q, k, v))
         b, n, h, d = q.shape
         out = torch.zeros_like(q)
         lse = torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
-        written = set()  # heads a launch has written: a launch over fresh heads only reads nothing
+        written = set()  # (document, head) a launch has written: a launch over fresh ones only reads nothing
         for branch in plan:
-            heads = slice(branch.head_start, branch.head_stop)
-            first = written.isdisjoint(range(heads.start, heads.stop))
-            written.update(range(heads.start, heads.stop))
+            heads, rows = slice(branch.head_start, branch.head_stop), branch.rows
+            fresh = {(branch.row_start, j) for j in range(heads.start, heads.stop)}
+            first = written.isdisjoint(fresh)
+            written |= fresh
             if out_scale != 1.0 and not first:
                 raise ValueError("triton backend: out_scale needs branches over disjoint heads (head_groups)")
-            launch = _branch_launch(q[:, :, heads], k, lse[:, :, heads], key_mask, q[:, :, heads], branch)
-            _run_forward(q[:, :, heads], k, v, out[:, :, heads], lse[:, :, heads], key_mask, launch, scale, causal,
-                         first, out_scale)
+            qv, ov, lv = q[:, rows, heads], out[:, rows, heads], lse[:, rows, heads]
+            kv, vv = k[:, rows], v[:, rows]
+            mv = None if key_mask is None else key_mask[:, rows]
+            _run_forward(qv, kv, vv, ov, lv, mv, _branch_launch(qv, kv, lv, mv, qv, branch), scale, causal, first,
+                         out_scale)
         return out, lse
 
     def backward_plan(self, dout, q, k, v, out, lse, plan: Plan, scale: float, causal: bool, out_scale: float,
@@ -424,28 +432,33 @@ class Triton(Backend):
         """Gradients against the merged (out, lse), summed in place branch by branch; the kernels
         scale dO by ``out_scale`` (``out`` is what ``forward_plan`` returned, scaled). With GQA,
         dK and dV are summed per query head in float32, then over each k/v head's query heads."""
+        if q.shape[1] != k.shape[1]:
+            return super().backward_plan(dout, q, k, v, out, lse, plan, scale, causal, out_scale, key_mask)
         q, k, v, dout, lse = (t.contiguous() for t in (q, k, v, dout.to(q.dtype), lse))
         delta = _row_dot(dout, out, lse)  # rowsum(dO' O) for dO' = s dout, O = out / s
         gqa = k.shape[2] != q.shape[2]
         dq = torch.zeros_like(q)
         dk, dv = (torch.zeros(q.shape, dtype=torch.float32 if gqa else q.dtype, device=q.device) for _ in range(2))
         for branch in plan:
-            h = slice(branch.head_start, branch.head_stop)
-            launch = _branch_launch(q[:, :, h], k, lse[:, :, h], key_mask, dk[:, :, h], branch)
-            _run_backward(dout[:, :, h], q[:, :, h], k, v, lse[:, :, h], delta[:, :, h], key_mask, dq[:, :, h],
-                          dk[:, :, h], dv[:, :, h], launch, scale, causal, out_scale)
+            h, rows = slice(branch.head_start, branch.head_stop), branch.rows
+            qv, lv, dkv = q[:, rows, h], lse[:, rows, h], dk[:, rows, h]
+            kv, vv = k[:, rows], v[:, rows]
+            mv = None if key_mask is None else key_mask[:, rows]
+            _run_backward(dout[:, rows, h], qv, kv, vv, lv, delta[:, rows, h], mv, dq[:, rows, h], dkv,
+                          dv[:, rows, h], _branch_launch(qv, kv, lv, mv, dkv, branch), scale, causal, out_scale)
         if gqa:
             dk, dv = (g.unflatten(2, (k.shape[2], -1)).sum(3).to(q.dtype) for g in (dk, dv))
         return dq, dk, dv
 
-    def attend_(self, out, lse, q, k, v, scale: float, causal: bool, key_mask=None) -> None:
+    def attend_(self, out, lse, q, k, v, scale: float, causal: bool, key_mask=None, q_offset: int = 0) -> None:
         """``out`` may be any float dtype (the ring keeps fp32)."""
         _same_strides("q and out", q, out)
         _same_strides("k and v", k, v)
-        _run_forward(q, k, v, out, lse, key_mask, _view_launch(q, k, lse, key_mask, q), scale, causal, first=False)
+        launch = _view_launch(q, k, lse, key_mask, q, q_offset)
+        _run_forward(q, k, v, out, lse, key_mask, launch, scale, causal, first=False)
 
     def attend_backward_(self, dq, dk, dv, dout, q, k, v, out, lse, scale: float, causal: bool,
-                         key_mask=None) -> None:
+                         key_mask=None, q_offset: int = 0) -> None:
         _same_strides("q, dout and dq", q, dout, dq)
         _same_strides("k, v, dk and dv", k, v, dk, dv)
         lse = lse.contiguous()
@@ -453,7 +466,7 @@ class Triton(Backend):
         shared = k.shape[3] != q.shape[3]  # one k/v head for every query head: per-head sums, then added
         gk, gv = (torch.zeros((*k.shape[:3], q.shape[3], k.shape[4]), dtype=torch.float32, device=q.device)
                   for _ in range(2)) if shared else (dk, dv)
-        launch = _view_launch(q, k, lse, key_mask, gk)
+        launch = _view_launch(q, k, lse, key_mask, gk, q_offset)
         _run_backward(dout, q, k, v, lse, delta, key_mask, dq, gk, gv, launch, scale, causal)
         if shared:
             dk.add_(gk.sum(3, keepdim=True))
