@@ -1,5 +1,6 @@
 """Model features beside the plain op on one GPU: GQA and key padding masks, forward and forward+backward,
-and one decoding step (a single query against the cache).
+packed documents (cu_seqlens, documents of 64K and 8K tokens), and one decoding step (a single
+query against the cache).
 
     python benchmarks/features.py --json OUT.json      # CUDA; bf16, h = 12, d = 64, LongNet schedule
 
@@ -29,15 +30,16 @@ def timed(fn):
     return do_bench(fn, warmup=50, rep=500, return_mode="median")
 
 
-def case(n, h_kv, masked, causal, backward, h=12, d=64):
+def case(n, h_kv, masked, causal, backward, h=12, d=64, doc_len=None):
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=backward)
     k, v = (torch.randn(1, n, h_kv, d, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=backward)
             for _ in range(2))
     mask = (torch.rand(1, n, device="cuda", generator=g) < 0.1) if masked else None
+    docs = None if doc_len is None else torch.arange(0, n + 1, doc_len, dtype=torch.int32, device="cuda")
 
     def fwd():
-        return dilated_attention(q, k, v, SEGS, RATES, is_causal=causal, key_padding_mask=mask)
+        return dilated_attention(q, k, v, SEGS, RATES, is_causal=causal, key_padding_mask=mask, cu_seqlens=docs)
 
     if not backward:
         return timed(fwd)
@@ -58,17 +60,22 @@ def main():
     p.add_argument("--json", default=None)
     args = p.parse_args()
     rows = []
-    print(f"{'n':>8} {'causal':>6} {'pass':>8} {'plain ms':>9} {'GQA h/4':>9} {'ratio':>6} {'padding':>9} {'ratio':>6}")
+    print(f"{'n':>8} {'causal':>6} {'pass':>8} {'plain ms':>9} {'GQA h/4':>9} {'ratio':>6} {'padding':>9} {'ratio':>6} "
+          f"{'docs 64K':>9} {'ratio':>6} {'docs 8K':>9} {'ratio':>6}")
     for n in args.seq_lens:
         for causal in (False, True):
             for backward in (False, True):
                 plain = case(n, 12, False, causal, backward)
                 gqa = case(n, 3, False, causal, backward)
                 padded = case(n, 12, True, causal, backward)
-                row = dict(n=n, causal=causal, backward=backward, plain_ms=plain, gqa_ms=gqa, padding_ms=padded)
+                docs64k = case(n, 12, False, causal, backward, doc_len=1 << 16)
+                docs8k = case(n, 12, False, causal, backward, doc_len=1 << 13)
+                row = dict(n=n, causal=causal, backward=backward, plain_ms=plain, gqa_ms=gqa, padding_ms=padded,
+                           docs_64k_ms=docs64k, docs_8k_ms=docs8k)
                 rows.append(row)
                 print(f"{n:>8} {causal!s:>6} {'fwd+bwd' if backward else 'fwd':>8} {plain:>9.2f} {gqa:>9.2f} "
-                      f"{gqa / plain:>6.2f} {padded:>9.2f} {padded / plain:>6.2f}", flush=True)
+                      f"{gqa / plain:>6.2f} {padded:>9.2f} {padded / plain:>6.2f} {docs64k:>9.2f} {docs64k / plain:>6.2f} "
+                      f"{docs8k:>9.2f} {docs8k / plain:>6.2f}", flush=True)
     decode = {n: decode_step_ms(n) for n in args.seq_lens}
     decode_gqa = {n: decode_step_ms(n, h_kv=3) for n in args.seq_lens}
     for n in args.seq_lens:
