@@ -43,7 +43,8 @@ def test_bad_arguments(kwargs, error, match):
     [
         (X.tolist(), X, X, TypeError, "q must be a torch.Tensor"),
         (X[0], X[0], X[0], ValueError, r"q must have shape \(batch, seq, heads, head_dim\)"),
-        (X, X[:, :8], X, ValueError, "k must have q's batch, seq and head_dim"),
+        (X, X[:, :8], X[:, :8], ValueError, "q has more rows"),
+        (X, X[..., :4], X[..., :4], ValueError, "k must have q's batch and head_dim"),
         (X.repeat(1, 1, 3, 1), X.repeat(1, 1, 2, 1), X.repeat(1, 1, 2, 1), ValueError, "k has 4 heads, which must divide"),
         (X, X, X[:, :, :1], ValueError, "v must have the shape of k"),
         (X, X, X.double(), TypeError, "v must have the dtype of q"),

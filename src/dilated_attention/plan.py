@@ -206,8 +206,9 @@ def check_head_slice(num_heads: int, head_start: int, total_heads: int | None, k
     return total
 
 
+@functools.lru_cache(maxsize=256)
 def plan_items(plan: Plan) -> tuple[WorkItem, ...]:
-    """Every ``(branch, offset, heads)`` work item of the plan, branch by branch."""
+    """Every ``(branch, offset, heads)`` work item of the plan, branch by branch (derived once per plan)."""
     return tuple(item for branch in plan for item in branch.items())
 
 
