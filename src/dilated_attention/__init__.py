@@ -4,6 +4,7 @@ from .decoding import DilatedKVCache
 from .functional import dilated_attention
 from .modules import DilatedAttention, MultiheadDilatedAttention
 from .pattern_cache import PatternCache, clear_global_pattern_cache, get_global_pattern_cache
+from .model import LongNetDecoderLayer, LongNetLM
 from .mesh import RingDistributedDilatedAttention, RingDistributedMultiheadDilatedAttention
 from .ring import RingDilatedAttention, RingMultiheadDilatedAttention
 
@@ -16,6 +17,8 @@ __all__ = [
     "RingDistributedDilatedAttention",
     "RingDistributedMultiheadDilatedAttention",
     "DilatedKVCache",
+    "LongNetLM",
+    "LongNetDecoderLayer",
     "PatternCache",
     "get_global_pattern_cache",
     "clear_global_pattern_cache",

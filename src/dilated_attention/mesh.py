@@ -17,7 +17,6 @@ mean over each rank's own tokens), and the gradients are the whole batch's.
 
 from __future__ import annotations
 
-from itertools import chain
 from typing import Sequence
 
 import torch
@@ -28,8 +27,8 @@ from .checks import check_dropout, check_key_padding_mask, check_qkv, check_same
 from .functional import dilated_attention
 from .modules import MultiheadDilatedAttention, UsesPatternCache
 from .plan import check_schedule
-from .ring import RingDilatedAttention
-from .ring_comm import HeadsToSeq, SeqToHeads, agreement_problem, broadcast_from_first, fingerprint, gather_rows
+from .ring import RingDilatedAttention, SyncsParameters
+from .ring_comm import AllToAll, agreement_problem, fingerprint, gather_rows
 from .ring_plan import LAYOUTS, chunk_length, shard_rows
 
 MESH_DIMS = ("ring", "heads")
@@ -134,7 +133,7 @@ class RingDistributedDilatedAttention(UsesPatternCache, nn.Module):
             raise ValueError(f"dilated attention: {problem}")
         h = q.shape[2]
         heads = h // heads_size
-        q, k, v = (SeqToHeads.apply(t, self.heads_group, self._heads_bytes) for t in (q, k, v))
+        q, k, v = (AllToAll.apply(t, self.heads_group, self._heads_bytes, True) for t in (q, k, v))
         if key_padding_mask is not None:  # the ring shard's mask: every heads rank's rows
             key_padding_mask = gather_rows(key_padding_mask.to(torch.uint8), self.heads_group).bool()
         kwargs = dict(head_start=heads_rank * heads, total_heads=h, key_padding_mask=key_padding_mask,
@@ -145,7 +144,7 @@ class RingDistributedDilatedAttention(UsesPatternCache, nn.Module):
             out = dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal,
                                     scale=self.scale, mode=self.mode, backend=self.backend,
                                     pattern_cache=self.pattern_cache, **kwargs)
-        return HeadsToSeq.apply(out, self.heads_group, self._heads_bytes)
+        return AllToAll.apply(out, self.heads_group, self._heads_bytes, False)
 
     def _rows(self, n: int) -> list[tuple[int, int]]:
         """Global row intervals this rank holds, in local order."""
@@ -189,7 +188,7 @@ class RingDistributedDilatedAttention(UsesPatternCache, nn.Module):
                 f"layout={self.layout!r}, mesh=({dims})")
 
 
-class RingDistributedMultiheadDilatedAttention(MultiheadDilatedAttention):
+class RingDistributedMultiheadDilatedAttention(SyncsParameters, MultiheadDilatedAttention):
     """``MultiheadDilatedAttention`` over this rank's shard (b, n/P, embed_dim), on a DeviceMesh.
 
     The first forward broadcasts parameters and buffers from the mesh's first rank. Reduce
@@ -198,21 +197,15 @@ class RingDistributedMultiheadDilatedAttention(MultiheadDilatedAttention):
 
     def __init__(self, embed_dim: int, num_heads: int, segment_lengths: Sequence[int],
                  dilation_rates: Sequence[int], *, device_mesh, layout: str = "contiguous", **kwargs) -> None:
+        if kwargs.get("rotary_base") is not None:
+            raise ValueError(f"{type(self).__name__} takes no rotary_base: its ranks hold sharded positions; "
+                             "apply rotary embeddings with global positions before the layer")
         self._mesh_options = dict(device_mesh=device_mesh, layout=layout)
         super().__init__(embed_dim, num_heads, segment_lengths, dilation_rates, **kwargs)
-        self._parameters_synced = False
 
     def _make_attention(self, segment_lengths, dilation_rates, mode, dropout, use_pattern_cache) -> nn.Module:
         return RingDistributedDilatedAttention(segment_lengths, dilation_rates, mode=mode, dropout=dropout,
                                                use_pattern_cache=use_pattern_cache, **self._mesh_options)
 
-    def sync_parameters(self) -> None:
-        """Make parameters and buffers those of the mesh's first rank."""
-        groups = [g for g in (self.attention.ring_group, self.attention.heads_group) if g is not None]
-        broadcast_from_first(list(chain(self.parameters(), self.buffers())), groups)
-        self._parameters_synced = True
-
-    def forward(self, query, key=None, value=None, **kwargs):
-        if not self._parameters_synced:
-            self.sync_parameters()
-        return super().forward(query, key, value, **kwargs)
+    def _sync_groups(self) -> list:
+        return [g for g in (self.attention.ring_group, self.attention.heads_group) if g is not None]

@@ -15,6 +15,16 @@ from .pattern_cache import PatternCache, get_global_pattern_cache
 from .plan import check_schedule
 
 
+def rotary(x: torch.Tensor, start: int, base: float) -> torch.Tensor:
+    """Rotary position embedding of x (b, n, h, d) for positions start .. start + n - 1 (halves rotated)."""
+    n, d = x.shape[1], x.shape[-1]
+    freqs = base ** (-torch.arange(0, d // 2, device=x.device, dtype=torch.float32) / (d // 2))
+    angles = torch.arange(start, start + n, device=x.device, dtype=torch.float32)[:, None] * freqs
+    cos, sin = (f(angles)[None, :, None, :].to(x.dtype) for f in (torch.cos, torch.sin))
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
 class UsesPatternCache:
     """``use_pattern_cache=True``: the process-wide cache; False: a cache of this instance alone."""
 
@@ -74,6 +84,8 @@ class MultiheadDilatedAttention(nn.Module):
 
     q/k/v projections, dilated attention, an optional LayerNorm, then ``out_proj``.
     ``num_kv_heads`` (default ``num_heads``): k/v heads, a divisor of ``num_heads`` (GQA / MQA).
+    ``rotary_base``: rotary position embeddings on q and k with this base (e.g. 10000), or none.
+    (In a ring, positions are local: rotary embeddings there need the global offset; not supported.)
     ``forward(query, key=None, value=None, *, is_causal=False, need_weights=False, key_padding_mask=None)``
     takes (batch, seq, embed_dim) (and a (batch, seq) bool mask, True = ignore the key) and
     returns ``(out (batch, seq, embed_dim), None)``. With ``kv_cache`` (a ``DilatedKVCache``),
@@ -96,6 +108,7 @@ class MultiheadDilatedAttention(nn.Module):
         gamma_init: float = 1.0,
         use_pattern_cache: bool = True,
         num_kv_heads: int | None = None,
+        rotary_base: float | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -115,6 +128,7 @@ class MultiheadDilatedAttention(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps, device=device, dtype=dtype) if layer_norm else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, **kw)
         self.gamma_init = gamma_init
+        self.rotary_base = rotary_base
         self._reset_parameters()
 
     def _make_attention(self, segment_lengths, dilation_rates, mode, dropout, use_pattern_cache) -> nn.Module:
@@ -158,6 +172,9 @@ class MultiheadDilatedAttention(nn.Module):
         q = self.q_proj(query).unflatten(-1, (self.num_heads, self.head_dim))
         k = self.k_proj(key).unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = self.v_proj(value).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if self.rotary_base is not None:  # positions continue after what the cache already holds
+            start = 0 if kv_cache is None else len(kv_cache)
+            q, k = (rotary(t, start, self.rotary_base) for t in (q, k))
         if kv_cache is not None:  # decoding: these tokens are the latest; attend to every cached one
             k, v = kv_cache.append(k, v)
         x = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask,

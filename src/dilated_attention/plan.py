@@ -253,6 +253,8 @@ def block_views(item: WorkItem, q_side, k_side, key_mask=None) -> list[tuple[lis
         k_side = [t[:, item.rows] for t in k_side]
         key_mask = None if key_mask is None else key_mask[:, item.rows]
     m, n = q_side[0].shape[1], k_side[0].shape[1]
+    if m == 1 and (n - 1) % item.segment % item.rate != item.offset:
+        return []  # one query (a decoding step) lies in one residue class per branch
     masks = [] if key_mask is None else [key_mask.unsqueeze(-1)]
 
     def split(q_views, k_views):

@@ -337,7 +337,27 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
                 f"mode={self.mode!r}, layout={self.layout!r}")
 
 
-class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
+class SyncsParameters:
+    """A multihead layer over several ranks: its first forward makes every rank's parameters and
+    buffers those of the first rank (of each group in ``_sync_groups()``, in turn)."""
+
+    _parameters_synced = False
+
+    def _sync_groups(self) -> list:
+        raise NotImplementedError
+
+    def sync_parameters(self) -> None:
+        """Broadcast parameters and buffers from the first rank to the others."""
+        broadcast_from_first(list(chain(self.parameters(), self.buffers())), self._sync_groups())
+        self._parameters_synced = True
+
+    def forward(self, query, key=None, value=None, **kwargs):
+        if not self._parameters_synced:
+            self.sync_parameters()
+        return super().forward(query, key, value, **kwargs)
+
+
+class RingMultiheadDilatedAttention(SyncsParameters, MultiheadDilatedAttention):
     """``MultiheadDilatedAttention`` over this rank's shard (b, n/P, embed_dim) of the sequence.
 
     The ranks of the ring must hold the same parameters: the first forward broadcasts them
@@ -348,22 +368,16 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
 
     def __init__(self, embed_dim: int, num_heads: int, segment_lengths: Sequence[int],
                  dilation_rates: Sequence[int], *, process_group=None, layout: str = "contiguous", **kwargs) -> None:
+        if kwargs.get("rotary_base") is not None:
+            raise ValueError(f"{type(self).__name__} takes no rotary_base: its ranks hold sharded positions; "
+                             "apply rotary embeddings with global positions before the layer")
         self._ring_options = dict(process_group=process_group, layout=layout)
         super().__init__(embed_dim, num_heads, segment_lengths, dilation_rates, **kwargs)
-        self._parameters_synced = False
 
     def _make_attention(self, segment_lengths, dilation_rates, mode, dropout, use_pattern_cache) -> nn.Module:
         return RingDilatedAttention(segment_lengths, dilation_rates, mode=mode, dropout=dropout,
                                     use_pattern_cache=use_pattern_cache, **self._ring_options)
 
-    def sync_parameters(self) -> None:
-        """Broadcast parameters and buffers from the group's first rank to the others."""
+    def _sync_groups(self) -> list:
         group, _, world = self.attention._group()
-        if world > 1:
-            broadcast_from_first(list(chain(self.parameters(), self.buffers())), [group])
-        self._parameters_synced = True
-
-    def forward(self, query, key=None, value=None, **kwargs):
-        if not self._parameters_synced:
-            self.sync_parameters()
-        return super().forward(query, key, value, **kwargs)
+        return [group] if world > 1 else []

@@ -126,30 +126,20 @@ def _heads_to_seq(y: torch.Tensor, group, stats, phase) -> torch.Tensor:
     return _all_to_all(send, group, stats, phase).permute(1, 2, 0, 3, 4).flatten(2, 3)
 
 
-class SeqToHeads(torch.autograd.Function):
-    """All-to-all from sequence shards (b, m, h, d) to head shards (b, P*m, h/P, d); backward the inverse."""
+class AllToAll(torch.autograd.Function):
+    """Sequence shards (b, m, h, d) <-> head shards (b, P*m, h/P, d) over a group; backward the inverse.
+
+    ``AllToAll.apply(x, group, stats, True)``: to head shards; ``False``: back to sequence shards."""
 
     @staticmethod
-    def forward(ctx, x, group, stats):
-        ctx.group, ctx.stats = group, stats
-        return _seq_to_heads(x, group, stats, "forward")
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _heads_to_seq(grad.contiguous(), ctx.group, ctx.stats, "backward"), None, None
-
-
-class HeadsToSeq(torch.autograd.Function):
-    """All-to-all from head shards (b, P*m, h/P, d) back to sequence shards (b, m, h, d)."""
-
-    @staticmethod
-    def forward(ctx, y, group, stats):
-        ctx.group, ctx.stats = group, stats
-        return _heads_to_seq(y, group, stats, "forward")
+    def forward(ctx, x, group, stats, to_heads: bool):
+        ctx.group, ctx.stats, ctx.to_heads = group, stats, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, group, stats, "forward")
 
     @staticmethod
     def backward(ctx, grad):
-        return _seq_to_heads(grad.contiguous(), ctx.group, ctx.stats, "backward"), None, None
+        inverse = _heads_to_seq if ctx.to_heads else _seq_to_heads
+        return inverse(grad.contiguous(), ctx.group, ctx.stats, "backward"), None, None, None
 
 
 def gather_rows(x: torch.Tensor, group) -> torch.Tensor:
