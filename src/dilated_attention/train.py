@@ -99,7 +99,7 @@ def run(args) -> list[dict]:
     if args.resume:
         if not checkpoint.exists():
             raise ValueError(f"--resume: no checkpoint at {checkpoint}")
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)  # loading moves tensors to the model
         if state["config"] != model.config:
             raise ValueError(f"--resume: the checkpoint's model {state['config']} differs from the options' {model.config}")
         model.load_state_dict(state["model"])
