@@ -46,8 +46,9 @@ def batch(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Ge
     return windows[:, :-1], windows[:, 1:]
 
 
-def loss_of(model, inputs, targets) -> torch.Tensor:
-    logits = model(inputs)
+def loss_of(model, inputs, targets, bf16: bool = False) -> torch.Tensor:
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(inputs)
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
@@ -55,7 +56,7 @@ def loss_of(model, inputs, targets) -> torch.Tensor:
 def evaluate(model, data, args, device) -> float:
     model.eval()
     g = torch.Generator().manual_seed(1234)  # the same held-out windows every time
-    losses = [loss_of(model, *(t.to(device) for t in batch(data, args.batch_size, args.seq_len, g))).item()
+    losses = [loss_of(model, *(t.to(device) for t in batch(data, args.batch_size, args.seq_len, g)), args.bf16).item()
               for _ in range(args.eval_batches)]
     model.train()
     return sum(losses) / len(losses)
@@ -119,7 +120,7 @@ def run(args) -> list[dict]:
         for group in opt.param_groups:
             group["lr"] = lr
         inputs, targets = (t.to(device) for t in batch(train, args.batch_size, args.seq_len, generator))
-        loss = loss_of(model, inputs, targets)
+        loss = loss_of(model, inputs, targets, args.bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -164,3 +165,4 @@ def add_arguments(p) -> None:
     p.add_argument("--eval-every", type=int, default=25, help="steps between evaluations and checkpoints")
     p.add_argument("--eval-batches", type=int, default=4, help="held-out batches per evaluation")
     p.add_argument("--seed", type=int, default=0, help="seed of the model and the data order")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA: the fused Triton kernels)")
