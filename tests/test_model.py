@@ -52,3 +52,9 @@ def test_bad_options_give_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--resume", "--out", str(tmp_path / "nothing")])
     assert e.value.code == 2 and "no checkpoint" in capsys.readouterr().err
+
+
+def test_verify_command_passes_on_this_installation(capsys):
+    assert main(["verify"]) == 0
+    out = capsys.readouterr().out
+    assert "all checks passed" in out and "FAIL" not in out and out.count("PASS") >= 4

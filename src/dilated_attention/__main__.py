@@ -1,4 +1,4 @@
-"""``python -m dilated_attention`` / ``dilated-attention``: train, demo and bench from one command line."""
+"""``python -m dilated_attention`` / ``dilated-attention``: train, verify, demo and bench from one command line."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import sys
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="dilated-attention", description="Exact dilated attention (LongNet) for PyTorch.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,demo,bench}")
-    from . import train
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,verify,demo,bench}")
+    from . import train, verify
 
     train.add_arguments(sub.add_parser("train", help="train a byte-level LongNetLM on the standard library's sources",
                                        description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    sub.add_parser("verify", help="check this installation against float64 (CPU, GPU if present, a 2-process ring)",
+                   description=verify.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.add_parser("demo", help="the README's main job: dilated attention over 64K tokens, checked against float64",
                    add_help=False)
     sub.add_parser("bench", help="time and memory against dense attention (table and JSON)", add_help=False)
@@ -22,6 +24,8 @@ def main(argv=None) -> int:
         module.main(argv[1:])
         return 0
     args = p.parse_args(argv)
+    if args.command == "verify":
+        return 0 if verify.run() else 1
     try:
         metrics = train.run(args)
     except (ValueError, TypeError, RuntimeError) as e:

@@ -26,9 +26,13 @@ from .ring import RingDilatedAttention
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
-def dense_rows(q, k, v, rows, segment_lengths, dilation_rates, scale, causal):
-    """Eq. 10 in float64 for the query rows ``rows`` of batch 0: (len(rows), h, d)."""
+def dense_rows(q, k, v, rows, segment_lengths, dilation_rates, scale, causal, key_mask=None):
+    """Eq. 10 in float64 for the query rows ``rows`` of batch 0: (len(rows), h, d).
+
+    k, v may have fewer heads (GQA: query head j reads k/v head j // (h / h_kv)); key_mask: (n,)
+    bool of batch 0, True = ignore the key."""
     n, h = q.shape[1], q.shape[2]
+    group = h // k.shape[2]
     out = torch.zeros(len(rows), h, v.shape[-1], dtype=torch.float64)
     for a, i in enumerate(rows):
         for j in range(h):
@@ -40,11 +44,13 @@ def dense_rows(q, k, v, rows, segment_lengths, dilation_rates, scale, causal):
                     continue
                 stop = i + 1 if causal else min(start + seg, n)
                 keys.append(torch.arange(start + o, stop, r))
-            if not keys:
+            t = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.long)
+            if key_mask is not None:
+                t = t[~key_mask[t]]
+            if len(t) == 0:
                 continue
-            t = torch.cat(keys)
-            logits = (k[0, t, j].double() @ q[0, i, j].double()) * scale
-            out[a, j] = torch.softmax(logits, 0) @ v[0, t, j].double()
+            logits = (k[0, t, j // group].double() @ q[0, i, j].double()) * scale
+            out[a, j] = torch.softmax(logits, 0) @ v[0, t, j // group].double()
     return out
 
 
