@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import backends
 from .checks import check_dropout, check_key_padding_mask, check_qkv, check_same_length, refuse_dropout
 from .functional import dilated_attention
 from .modules import MultiheadDilatedAttention, UsesPatternCache
@@ -73,6 +74,7 @@ class RingDistributedDilatedAttention(UsesPatternCache, nn.Module):
     ) -> None:
         super().__init__()
         check_schedule(segment_lengths, dilation_rates, mode)
+        backends.check_name(backend)
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.ring_group, self.heads_group = _mesh_groups(device_mesh)
