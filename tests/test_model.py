@@ -58,3 +58,12 @@ def test_verify_command_passes_on_this_installation(capsys):
     assert main(["verify"]) == 0
     out = capsys.readouterr().out
     assert "all checks passed" in out and "FAIL" not in out and out.count("PASS") >= 4
+
+
+def test_bench_command_writes_table_json_and_plot(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--seq-lens", "256", "512", "--heads", "2", "--head-dim", "16", "--segment-lengths", "64",
+                 "128", "--dilation-rates", "1", "2", "--budget-s", "0.01", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["results"]
+    assert {r["method"] for r in rows} == {"paper", "dense"} and {r["n"] for r in rows} == {256, 512}
+    assert (tmp_path / "bench.png").stat().st_size > 0 and "tokens/s" in capsys.readouterr().out

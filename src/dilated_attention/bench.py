@@ -157,6 +157,34 @@ def print_row(r: dict) -> None:
           f"{r['extra_peak_gib']:>10.3f} {r['peak_over_io']:>8.2f}", flush=True)
 
 
+def plot(results: list[dict], path: str, title: str) -> bool:
+    """Time and extra peak memory against n, one line per method (log-log); False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for method in dict.fromkeys(r["method"] for r in results):
+        rows = [r for r in results if r["method"] == method and not r.get("oom")]
+        left.plot([r["n"] for r in rows], [r["ms"] for r in rows], "-o", label=method)
+        right.plot([r["n"] for r in rows], [r["extra_peak_gib"] for r in rows], "-o", label=method)
+    for ax, label in ((left, "time (ms)"), (right, "extra peak memory (GiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length n")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    left.legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> None:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,6 +203,7 @@ def main(argv=None) -> None:
     p.add_argument("--budget-s", type=float, default=2.0, help="timing budget per measurement")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--json", default=None, help="output path (default bench-results/bench-DEVICE.json)")
+    p.add_argument("--plot", default=None, help="PNG of time and memory against n (default: beside the JSON)")
     args = p.parse_args(argv)
     on_cuda = args.device.startswith("cuda")
     cfg = {
@@ -198,6 +227,10 @@ def main(argv=None) -> None:
     with open(path, "w") as f:
         json.dump({"device": name, "torch": torch.__version__, "config": cfg, "results": results}, f, indent=1)
     print(f"wrote {path}")
+    png = args.plot or os.path.splitext(path)[0] + ".png"
+    if plot(results, png, f"{name}, {cfg['dtype']}, h={cfg['heads']} d={cfg['head_dim']}, "
+                          f"{'fwd+bwd' if cfg['backward'] else 'fwd'}{', causal' if cfg['causal'] else ''}"):
+        print(f"wrote {png}")
 
 
 if __name__ == "__main__":
