@@ -67,3 +67,46 @@ def test_bench_command_writes_table_json_and_plot(tmp_path, capsys):
     rows = json.loads(path.read_text())["results"]
     assert {r["method"] for r in rows} == {"paper", "dense"} and {r["n"] for r in rows} == {256, 512}
     assert (tmp_path / "bench.png").stat().st_size > 0 and "tokens/s" in capsys.readouterr().out
+
+
+def _model_ring_worker(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ring",))
+    kw = dict(num_kv_heads=2, layout="zigzag")
+    torch.manual_seed(0)
+    single = LongNetLM(256, 32, 2, 4, [8, 16, 64], [1, 2, 4], **kw).double()
+    model = LongNetLM(256, 32, 2, 4, [8, 16, 64], [1, 2, 4], device_mesh=mesh, **kw).double()
+    model.load_state_dict(single.state_dict())
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 256, (2, 48), generator=g)
+    weights = torch.randn(2, 48, 256, generator=g, dtype=torch.float64)
+    expected = single(tokens)
+    (expected * weights).sum().backward()
+    logits = model(model.shard(tokens))
+    torch.testing.assert_close(logits, model.shard(expected), rtol=1e-10, atol=1e-10)
+    (logits * model.shard(weights)).sum().backward()
+    for name, p in model.named_parameters():  # each rank's partial gradients sum to the whole sequence's
+        torch.distributed.all_reduce(p.grad)
+        torch.testing.assert_close(p.grad, dict(single.named_parameters())[name].grad, rtol=1e-9, atol=1e-9)
+
+
+def test_model_over_a_ring_matches_one_process():
+    from distributed import run_world
+
+    run_world(2, _model_ring_worker)
+
+
+def test_model_compiles():
+    torch.manual_seed(0)
+    model = LongNetLM(256, 32, 2, 4, [8, 16, 32], [1, 2, 4], num_kv_heads=2)
+    tokens = torch.randint(0, 256, (2, 40))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(tokens), model(tokens))
+
+
+def test_demo_and_bench_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--segment-lengths", "8", "--dilation-rates", "16", "--seq-lens", "64"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "dilation_rates[0] = 16 exceeds segment_lengths[0] = 8" in err and "Traceback" not in err

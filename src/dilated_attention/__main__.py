@@ -19,16 +19,15 @@ def main(argv=None) -> int:
                    add_help=False)
     sub.add_parser("bench", help="time and memory against dense attention (table and JSON)", add_help=False)
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("demo", "bench"):  # these keep their own options
-        module = __import__(f"dilated_attention.{argv[0]}", fromlist=["main"])
-        module.main(argv[1:])
-        return 0
-    args = p.parse_args(argv)
-    if args.command == "verify":
-        return 0 if verify.run() else 1
     try:
+        if argv and argv[0] in ("demo", "bench"):  # these keep their own options
+            __import__(f"dilated_attention.{argv[0]}", fromlist=["main"]).main(argv[1:])
+            return 0
+        args = p.parse_args(argv)
+        if args.command == "verify":
+            return 0 if verify.run() else 1
         metrics = train.run(args)
-    except (ValueError, TypeError, RuntimeError) as e:
+    except (ValueError, TypeError, RuntimeError) as e:  # a user's mistake: one line, no traceback
         p.exit(2, f"dilated-attention: error: {e}\n")
     last = metrics[-1] if metrics else None
     if last:

@@ -188,20 +188,23 @@ def plot(results: list[dict], path: str, title: str) -> bool:
 def main(argv=None) -> None:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--seq-lens", type=int, nargs="+", default=None)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--dtype", choices=DTYPES, default=None)
-    p.add_argument("--segment-lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
-    p.add_argument("--dilation-rates", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--device", default="cuda" if cuda else "cpu", help="torch device")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=None,
+                   help="sequence lengths (default: 4K, 16K, 64K on CPU; 32K to 1M on CUDA)")
+    p.add_argument("--heads", type=int, default=12, help="attention heads")
+    p.add_argument("--head-dim", type=int, default=64, help="channels per head")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--segment-lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768],
+                   help="one segment length w per branch")
+    p.add_argument("--dilation-rates", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                   help="one dilation rate r per branch (r <= w)")
     p.add_argument("--modes", nargs="+", default=["paper"],
                    help="paper, head_groups, or MODE:BACKEND (e.g. paper:sdpa) to force a backend")
-    p.add_argument("--causal", action="store_true")
+    p.add_argument("--causal", action="store_true", help="causal attention")
     p.add_argument("--backward", action="store_true", help="time forward+backward")
     p.add_argument("--dense-max-n", type=int, default=None, help="skip dense SDPA above this n")
     p.add_argument("--budget-s", type=float, default=2.0, help="timing budget per measurement")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
     p.add_argument("--json", default=None, help="output path (default bench-results/bench-DEVICE.json)")
     p.add_argument("--plot", default=None, help="PNG of time and memory against n (default: beside the JSON)")
     args = p.parse_args(argv)

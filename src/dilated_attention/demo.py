@@ -56,15 +56,17 @@ def dense_rows(q, k, v, rows, segment_lengths, dilation_rates, scale, causal, ke
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-len", type=int, default=65536)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--segment-lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
-    p.add_argument("--dilation-rates", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--causal", action="store_true")
-    p.add_argument("--check-rows", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=65536, help="tokens in the sequence (default 65536)")
+    p.add_argument("--heads", type=int, default=8, help="attention heads")
+    p.add_argument("--head-dim", type=int, default=64, help="channels per head")
+    p.add_argument("--segment-lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192],
+                   help="one segment length w per branch")
+    p.add_argument("--dilation-rates", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                   help="one dilation rate r per branch (r <= w)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of q, k, v")
+    p.add_argument("--device", default="cpu", help="torch device (under torchrun: each rank's GPU)")
+    p.add_argument("--causal", action="store_true", help="causal attention")
+    p.add_argument("--check-rows", type=int, default=16, help="query rows recomputed in float64 for the check")
     args = p.parse_args(argv)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -199,9 +199,6 @@ class RingDistributedMultiheadDilatedAttention(SyncsParameters, MultiheadDilated
 
     def __init__(self, embed_dim: int, num_heads: int, segment_lengths: Sequence[int],
                  dilation_rates: Sequence[int], *, device_mesh, layout: str = "contiguous", **kwargs) -> None:
-        if kwargs.get("rotary_base") is not None:
-            raise ValueError(f"{type(self).__name__} takes no rotary_base: its ranks hold sharded positions; "
-                             "apply rotary embeddings with global positions before the layer")
         self._mesh_options = dict(device_mesh=device_mesh, layout=layout)
         super().__init__(embed_dim, num_heads, segment_lengths, dilation_rates, **kwargs)
 
@@ -211,3 +208,11 @@ class RingDistributedMultiheadDilatedAttention(SyncsParameters, MultiheadDilated
 
     def _sync_groups(self) -> list:
         return [g for g in (self.attention.ring_group, self.attention.heads_group) if g is not None]
+
+    def _positions(self, m: int, start: int) -> torch.Tensor:
+        """The global positions of this rank's rows."""
+        if start:
+            raise ValueError(f"{type(self).__name__} takes no kv_cache: decoding runs on one device")
+        ring, heads = (dist.get_world_size(g) if g is not None else 1
+                       for g in (self.attention.ring_group, self.attention.heads_group))
+        return torch.cat([torch.arange(a, b) for a, b in self.attention._rows(m * ring * heads)])

@@ -3,6 +3,8 @@
 ``LongNetLM(vocab_size, embed_dim, num_layers, num_heads, segment_lengths, dilation_rates)``
 maps tokens (b, n) to logits (b, n, vocab_size); ``generate`` decodes with a
 ``DilatedKVCache`` per layer, each step reading only the cached rows its token links to.
+With ``device_mesh`` (dimensions "ring" and/or "heads"), every attention layer is sequence
+(and head) parallel: each rank passes its shard of the tokens (``shard``) and gets its logits.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from .decoding import DilatedKVCache
+from .mesh import RingDistributedMultiheadDilatedAttention
 from .modules import MultiheadDilatedAttention
 
 
@@ -24,13 +27,17 @@ class LongNetDecoderLayer(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
                  *, num_kv_heads: int | None = None, mode: str = "paper", ffn_dim: int | None = None,
-                 dropout: float = 0.0, rotary_base: float = 10000.0, gamma_init: float = 1.0) -> None:
+                 dropout: float = 0.0, rotary_base: float = 10000.0, gamma_init: float = 1.0, device_mesh=None,
+                 layout: str = "contiguous") -> None:
         super().__init__()
         ffn_dim = ffn_dim or 4 * embed_dim
         self.attn_norm = nn.LayerNorm(embed_dim)
-        self.attn = MultiheadDilatedAttention(embed_dim, num_heads, segment_lengths, dilation_rates, mode=mode,
-                                              num_kv_heads=num_kv_heads, rotary_base=rotary_base,
-                                              gamma_init=gamma_init)
+        kw = dict(mode=mode, num_kv_heads=num_kv_heads, rotary_base=rotary_base, gamma_init=gamma_init)
+        if device_mesh is None:
+            self.attn = MultiheadDilatedAttention(embed_dim, num_heads, segment_lengths, dilation_rates, **kw)
+        else:  # sequence (and head) parallel: this rank's shard of the sequence
+            self.attn = RingDistributedMultiheadDilatedAttention(embed_dim, num_heads, segment_lengths, dilation_rates,
+                                                                 device_mesh=device_mesh, layout=layout, **kw)
         self.ffn_norm = nn.LayerNorm(embed_dim)
         self.ffn = nn.Sequential(nn.Linear(embed_dim, ffn_dim), nn.GELU(), nn.LayerNorm(ffn_dim),
                                  nn.Linear(ffn_dim, embed_dim))
@@ -50,7 +57,7 @@ class LongNetLM(nn.Module):
     def __init__(self, vocab_size: int, embed_dim: int, num_layers: int, num_heads: int,
                  segment_lengths: Sequence[int], dilation_rates: Sequence[int], *, num_kv_heads: int | None = None,
                  mode: str = "paper", ffn_dim: int | None = None, dropout: float = 0.0,
-                 rotary_base: float = 10000.0) -> None:
+                 rotary_base: float = 10000.0, device_mesh=None, layout: str = "contiguous") -> None:
         super().__init__()
         self.config = dict(vocab_size=vocab_size, embed_dim=embed_dim, num_layers=num_layers, num_heads=num_heads,
                            segment_lengths=list(segment_lengths), dilation_rates=list(dilation_rates),
@@ -61,7 +68,7 @@ class LongNetLM(nn.Module):
         self.layers = nn.ModuleList(
             LongNetDecoderLayer(embed_dim, num_heads, segment_lengths, dilation_rates, num_kv_heads=num_kv_heads,
                                 mode=mode, ffn_dim=ffn_dim, dropout=dropout, rotary_base=rotary_base,
-                                gamma_init=gamma)
+                                gamma_init=gamma, device_mesh=device_mesh, layout=layout)
             for _ in range(num_layers))
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, vocab_size, bias=False)
@@ -74,6 +81,11 @@ class LongNetLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, None if kv_caches is None else kv_caches[i], key_padding_mask)
         return self.head(self.norm(x))
+
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's rows (b, n/P, ...) of a full (b, n, ...) tensor (tokens, targets) with ``device_mesh``."""
+        attention = self.layers[0].attn.attention
+        return attention.shard(x) if hasattr(attention, "shard") else x
 
     def new_caches(self, batch: int, max_len: int) -> list[DilatedKVCache]:
         """One empty ``DilatedKVCache`` per layer, on the model's device and dtype."""

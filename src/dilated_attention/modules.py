@@ -15,11 +15,11 @@ from .pattern_cache import PatternCache, get_global_pattern_cache
 from .plan import check_schedule
 
 
-def rotary(x: torch.Tensor, start: int, base: float) -> torch.Tensor:
-    """Rotary position embedding of x (b, n, h, d) for positions start .. start + n - 1 (halves rotated)."""
-    n, d = x.shape[1], x.shape[-1]
+def rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotary position embedding of x (b, n, h, d) at the global positions (n,) of its rows (halves rotated)."""
+    d = x.shape[-1]
     freqs = base ** (-torch.arange(0, d // 2, device=x.device, dtype=torch.float32) / (d // 2))
-    angles = torch.arange(start, start + n, device=x.device, dtype=torch.float32)[:, None] * freqs
+    angles = positions.to(device=x.device, dtype=torch.float32)[:, None] * freqs
     cos, sin = (f(angles)[None, :, None, :].to(x.dtype) for f in (torch.cos, torch.sin))
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -84,8 +84,8 @@ class MultiheadDilatedAttention(nn.Module):
 
     q/k/v projections, dilated attention, an optional LayerNorm, then ``out_proj``.
     ``num_kv_heads`` (default ``num_heads``): k/v heads, a divisor of ``num_heads`` (GQA / MQA).
-    ``rotary_base``: rotary position embeddings on q and k with this base (e.g. 10000), or none.
-    (In a ring, positions are local: rotary embeddings there need the global offset; not supported.)
+    ``rotary_base``: rotary position embeddings on q and k with this base (e.g. 10000), or none;
+    positions are global (the ring and mesh layers know which rows a rank holds).
     ``forward(query, key=None, value=None, *, is_causal=False, need_weights=False, key_padding_mask=None)``
     takes (batch, seq, embed_dim) (and a (batch, seq) bool mask, True = ignore the key) and
     returns ``(out (batch, seq, embed_dim), None)``. With ``kv_cache`` (a ``DilatedKVCache``),
@@ -136,6 +136,10 @@ class MultiheadDilatedAttention(nn.Module):
             segment_lengths, dilation_rates, mode=mode, dropout=dropout, use_pattern_cache=use_pattern_cache
         )
 
+    def _positions(self, m: int, start: int) -> torch.Tensor:
+        """Global positions (m,) of these rows: start, start + 1, ... (sharded layers override)."""
+        return torch.arange(start, start + m)
+
     def _reset_parameters(self) -> None:
         nn.init.xavier_normal_(self.q_proj.weight)
         nn.init.xavier_normal_(self.k_proj.weight)
@@ -174,7 +178,8 @@ class MultiheadDilatedAttention(nn.Module):
         v = self.v_proj(value).unflatten(-1, (self.num_kv_heads, self.head_dim))
         if self.rotary_base is not None:  # positions continue after what the cache already holds
             start = 0 if kv_cache is None else len(kv_cache)
-            q, k = (rotary(t, start, self.rotary_base) for t in (q, k))
+            positions = self._positions(q.shape[1], start)
+            q, k = (rotary(t, positions, self.rotary_base) for t in (q, k))
         if kv_cache is not None:  # decoding: these tokens are the latest; attend to every cached one
             k, v = kv_cache.append(k, v)
         x = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask,

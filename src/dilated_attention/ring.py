@@ -368,9 +368,6 @@ class RingMultiheadDilatedAttention(SyncsParameters, MultiheadDilatedAttention):
 
     def __init__(self, embed_dim: int, num_heads: int, segment_lengths: Sequence[int],
                  dilation_rates: Sequence[int], *, process_group=None, layout: str = "contiguous", **kwargs) -> None:
-        if kwargs.get("rotary_base") is not None:
-            raise ValueError(f"{type(self).__name__} takes no rotary_base: its ranks hold sharded positions; "
-                             "apply rotary embeddings with global positions before the layer")
         self._ring_options = dict(process_group=process_group, layout=layout)
         super().__init__(embed_dim, num_heads, segment_lengths, dilation_rates, **kwargs)
 
@@ -381,3 +378,10 @@ class RingMultiheadDilatedAttention(SyncsParameters, MultiheadDilatedAttention):
     def _sync_groups(self) -> list:
         group, _, world = self.attention._group()
         return [group] if world > 1 else []
+
+    def _positions(self, m: int, start: int) -> torch.Tensor:
+        """The global positions of this rank's rows (its chunks of the layout)."""
+        if start:
+            raise ValueError(f"{type(self).__name__} takes no kv_cache: decoding runs on one device")
+        _, rank, world = self.attention._group()
+        return torch.cat([torch.arange(a, b) for a, b in shard_rows(m * world, world, rank, self.attention.layout)])
