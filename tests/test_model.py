@@ -89,6 +89,26 @@ def _model_ring_worker(rank, world):
     for name, p in model.named_parameters():  # each rank's partial gradients sum to the whole sequence's
         torch.distributed.all_reduce(p.grad)
         torch.testing.assert_close(p.grad, dict(single.named_parameters())[name].grad, rtol=1e-9, atol=1e-9)
+    # DDP and FSDP2 over the ring's ranks reduce the same gradients (averaged: x world)
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+    for wrap in ("ddp", "fsdp"):
+        fresh = LongNetLM(256, 32, 2, 4, [8, 16, 64], [1, 2, 4], device_mesh=mesh, **kw).double()
+        fresh.load_state_dict(single.state_dict())
+        if wrap == "ddp":
+            wrapped = torch.nn.parallel.DistributedDataParallel(fresh)
+        else:
+            for layer in fresh.layers:
+                layer.attn.sync_parameters()
+                fully_shard(layer, mesh=mesh)
+            wrapped = fully_shard(fresh, mesh=mesh)
+        (wrapped(fresh.shard(tokens)) * fresh.shard(weights)).sum().backward()
+        for name, p in fresh.named_parameters():
+            grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            torch.testing.assert_close(grad * world, dict(single.named_parameters())[name].grad, rtol=1e-9, atol=1e-9,
+                                       msg=lambda m: f"{wrap} {name}: {m}")
 
 
 def test_model_over_a_ring_matches_one_process():
