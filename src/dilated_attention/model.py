@@ -23,7 +23,8 @@ class LongNetDecoderLayer(nn.Module):
     """Pre-LN residual block with MAGNETO's sub-LayerNorms: x + attn(LN(x)), then x + FFN(LN(x)).
 
     The attention normalises before its output projection (``layer_norm=True``), the feed-forward
-    before its second linear; ``dropout`` applies to both residual branches."""
+    before its second linear; ``dropout`` applies inside the feed-forward (after the activation)
+    and to both residual branches."""
 
     def __init__(self, embed_dim: int, num_heads: int, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
                  *, num_kv_heads: int | None = None, mode: str = "paper", ffn_dim: int | None = None,
@@ -39,7 +40,7 @@ class LongNetDecoderLayer(nn.Module):
             self.attn = RingDistributedMultiheadDilatedAttention(embed_dim, num_heads, segment_lengths, dilation_rates,
                                                                  device_mesh=device_mesh, layout=layout, **kw)
         self.ffn_norm = nn.LayerNorm(embed_dim)
-        self.ffn = nn.Sequential(nn.Linear(embed_dim, ffn_dim), nn.GELU(), nn.LayerNorm(ffn_dim),
+        self.ffn = nn.Sequential(nn.Linear(embed_dim, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.LayerNorm(ffn_dim),
                                  nn.Linear(ffn_dim, embed_dim))
         self.dropout = nn.Dropout(dropout)
 
