@@ -109,3 +109,26 @@ def test_packed_documents_equal_each_document_alone(causal, mode, backend):
         dilated_attention(q, k, v, segs, rates, cu_seqlens=bounds[:-1])
     with pytest.raises(TypeError, match="int32 tensor"):
         dilated_attention(q, k, v, segs, rates, cu_seqlens=bounds.float())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_packed_documents_on_triton_within_twice_torch_math(causal):
+    from dilated_attention.backends import triton
+
+    if not triton.available():
+        pytest.skip("needs Triton")
+    segs, rates, h, h_kv, d = [64, 128, 256], [1, 2, 4], 4, 2, 32
+    bounds = torch.tensor([0, 300, 301, 301, 700, 1000], dtype=torch.int32, device="cuda")
+    g = torch.Generator().manual_seed(0)
+    q, dout = (torch.randn(1, 1000, h, d, generator=g) for _ in range(2))
+    k, v = (torch.randn(1, 1000, h_kv, d, generator=g) for _ in range(2))
+    results = {}
+    for name, dtype, backend in (("ref", torch.float64, "math"), ("ours", torch.bfloat16, "triton"),
+                                 ("math", torch.bfloat16, "math")):
+        ins = [t.to("cuda", dtype).requires_grad_() for t in (q, k, v)]
+        out = dilated_attention(*ins, segs, rates, is_causal=causal, backend=backend, cu_seqlens=bounds)
+        results[name] = [out, *torch.autograd.grad(out, ins, dout.to("cuda", dtype))]
+    for i, name in enumerate(["out", "dq", "dk", "dv"]):
+        err = lambda x: ((x.double() - results["ref"][i]).norm() / results["ref"][i].norm()).item()  # noqa: E731
+        assert err(results["ours"][i]) <= 2 * err(results["math"][i]) + 2e-4, name
