@@ -170,7 +170,8 @@ def plot(results: list[dict], path: str, title: str) -> bool:
     for method in dict.fromkeys(r["method"] for r in results):
         rows = [r for r in results if r["method"] == method and not r.get("oom")]
         left.plot([r["n"] for r in rows], [r["ms"] for r in rows], "-o", label=method)
-        right.plot([r["n"] for r in rows], [r["extra_peak_gib"] for r in rows], "-o", label=method)
+        measured = [r for r in rows if r["extra_peak_gib"] > 0]  # a log axis shows no zeros
+        right.plot([r["n"] for r in measured], [r["extra_peak_gib"] for r in measured], "-o", label=method)
     for ax, label in ((left, "time (ms)"), (right, "extra peak memory (GiB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
