@@ -132,3 +132,12 @@ def test_packed_documents_on_triton_within_twice_torch_math(causal):
     for i, name in enumerate(["out", "dq", "dk", "dv"]):
         err = lambda x: ((x.double() - results["ref"][i]).norm() / results["ref"][i].norm()).item()  # noqa: E731
         assert err(results["ours"][i]) <= 2 * err(results["math"][i]) + 2e-4, name
+
+
+def test_sharded_layers_refuse_a_kv_cache():
+    from dilated_attention import RingMultiheadDilatedAttention
+
+    layer = RingMultiheadDilatedAttention(16, 2, [8], [1])
+    cache = DilatedKVCache(batch=1, max_len=8, kv_heads=2, head_dim=8)
+    with pytest.raises(ValueError, match="takes no kv_cache: decoding runs on one device"):
+        layer(torch.randn(1, 4, 16), is_causal=True, kv_cache=cache)

@@ -211,8 +211,6 @@ class RingDistributedMultiheadDilatedAttention(SyncsParameters, MultiheadDilated
 
     def _positions(self, m: int, start: int) -> torch.Tensor:
         """The global positions of this rank's rows."""
-        if start:
-            raise ValueError(f"{type(self).__name__} takes no kv_cache: decoding runs on one device")
         ring, heads = (dist.get_world_size(g) if g is not None else 1
                        for g in (self.attention.ring_group, self.attention.heads_group))
         return torch.cat([torch.arange(a, b) for a, b in self.attention._rows(m * ring * heads)])

@@ -339,7 +339,8 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
 
 class SyncsParameters:
     """A multihead layer over several ranks: its first forward makes every rank's parameters and
-    buffers those of the first rank (of each group in ``_sync_groups()``, in turn)."""
+    buffers those of the first rank (of each group in ``_sync_groups()``, in turn). It takes no
+    ``kv_cache``: decoding runs on one device."""
 
     _parameters_synced = False
 
@@ -352,6 +353,8 @@ class SyncsParameters:
         self._parameters_synced = True
 
     def forward(self, query, key=None, value=None, **kwargs):
+        if kwargs.get("kv_cache") is not None:
+            raise ValueError(f"{type(self).__name__} takes no kv_cache: decoding runs on one device")
         if not self._parameters_synced:
             self.sync_parameters()
         return super().forward(query, key, value, **kwargs)
@@ -381,7 +384,5 @@ class RingMultiheadDilatedAttention(SyncsParameters, MultiheadDilatedAttention):
 
     def _positions(self, m: int, start: int) -> torch.Tensor:
         """The global positions of this rank's rows (its chunks of the layout)."""
-        if start:
-            raise ValueError(f"{type(self).__name__} takes no kv_cache: decoding runs on one device")
         _, rank, world = self.attention._group()
         return torch.cat([torch.arange(a, b) for a, b in shard_rows(m * world, world, rank, self.attention.layout)])
