@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 import torch
 
 from . import backends
-from .merge import acc_dtype
 from .checks import check_cu_seqlens, check_key_padding_mask, check_qkv, output_factor, resolve_scale
+from .merge import acc_dtype
 from .pattern_cache import PatternCache, get_global_pattern_cache
 from .plan import cached_plan, check_head_slice, check_heads, check_schedule, decode_plan, encode_plan
 
@@ -37,8 +37,8 @@ def _forward_op(
     out_scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: (b, n, h, d), k, v: (b, n, h_kv, d), key_mask: (b, n) bool or None
-    -> out_scale * output (b, n, h, d) in q.dtype, merged lse (b, n, h) float32/64.
+    """q: (b, m, h, d), the last m <= n positions; k, v: (b, n, h_kv, d); key_mask: (b, n) bool or None
+    -> out_scale * output (b, m, h, d) in q.dtype, merged lse (b, m, h) float32/64.
 
     plan_code: ``encode_plan`` of the plan (the op holds everything backward needs).
     """
