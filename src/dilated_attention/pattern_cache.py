@@ -1,8 +1,9 @@
 """A bounded, thread-safe, two-tier cache of the patterns dilated and ring attention reuse.
 
 What is cached (see docs/caching.md for the costs):
-- ``("plan", n, h, segment_lengths, dilation_rates, mode)``: the work items of a schedule;
-- ``("ring_schedule", n, P, layout, plan, causal)``: who sends which rows to whom.
+- ``("plan", n, h, segment_lengths, dilation_rates, mode, head_start, total_heads, kv_heads[, cu_seqlens])``:
+  the branches of a schedule;
+- ``("ring_schedule", n, P, layout, items, causal)``: who sends which rows to whom.
 Every backend reads q, k, v through strided views (ragged segments and ``w % r != 0``
 included), so no branch needs an index tensor; the tensor tiers serve patterns that are
 tensors (a user's, or a future kernel's tables) with the same guarantees.

@@ -181,7 +181,7 @@ if triton is not None:
         lse_b = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))  # natural log
         q_offs = _row_offs(q_base, rows, RATE, qu)[:, None] + dims[None, :]
         l_ptr = L + _row_offs(l_base, rows, RATE, lu)
-        if FIRST:  # out_scale != 1 only where every launch is first (forward_all checks)
+        if FIRST:  # out_scale != 1 only where every launch is first (forward_plan checks)
             tl.store(O + q_offs, out_b * out_scale, mask=row_ok[:, None])
             tl.store(l_ptr, lse_b, mask=row_ok)
         else:
