@@ -130,3 +130,11 @@ def test_demo_and_bench_errors_are_one_line(capsys):
         main(["bench", "--segment-lengths", "8", "--dilation-rates", "16", "--seq-lens", "64"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "dilation_rates[0] = 16 exceeds segment_lengths[0] = 8" in err and "Traceback" not in err
+
+
+def test_bench_plot_takes_zero_memory_readings(tmp_path):
+    """A CPU child process can read no extra memory at small n: the plot falls back to a linear axis."""
+    from dilated_attention.bench import plot
+
+    rows = [dict(method=m, n=n, ms=1.0 + n / 256, extra_peak_gib=0.0) for m in ("paper", "dense") for n in (256, 512)]
+    assert plot(rows, str(tmp_path / "p.png"), "zeros") and (tmp_path / "p.png").stat().st_size > 0

@@ -170,11 +170,11 @@ def plot(results: list[dict], path: str, title: str) -> bool:
     for method in dict.fromkeys(r["method"] for r in results):
         rows = [r for r in results if r["method"] == method and not r.get("oom")]
         left.plot([r["n"] for r in rows], [r["ms"] for r in rows], "-o", label=method)
-        measured = [r for r in rows if r["extra_peak_gib"] > 0]  # a log axis shows no zeros
-        right.plot([r["n"] for r in measured], [r["extra_peak_gib"] for r in measured], "-o", label=method)
-    for ax, label in ((left, "time (ms)"), (right, "extra peak memory (GiB)")):
+        right.plot([r["n"] for r in rows], [r["extra_peak_gib"] for r in rows], "-o", label=method)
+    for ax, label, key in ((left, "time (ms)", "ms"), (right, "extra peak memory (GiB)", "extra_peak_gib")):
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        if all(r[key] > 0 for r in results if not r.get("oom")):  # a log axis shows no zeros
+            ax.set_yscale("log")
         ax.set_xlabel("sequence length n")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
