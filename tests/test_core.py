@@ -316,6 +316,31 @@ def test_gqa_on_triton_within_twice_torch_math(causal, mode):
         assert ours <= 2 * theirs + 2e-4, f"{name}: {ours:.3g} vs torch {theirs:.3g}"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or not triton.available(), reason="the Triton kernels on CUDA")
+@pytest.mark.parametrize("h_kv,masked", [(4, False), (2, True)])
+def test_fused_kernels_within_twice_torch_math(h_kv, masked):
+    """The fused all-branch kernels at their full tile size (a ragged last segment, GQA, a key mask)."""
+    from dilated_attention.backends import triton_fused
+    from dilated_attention.plan import build_plan
+
+    b, n, h, d, segs, rates = 1, 4396, 4, 64, [512, 1024, 2048], [1, 2, 4]
+    plan = build_plan(n, h, segs, rates, "paper", kv_heads=h_kv)
+    assert triton_fused.fwd_tile(plan, n, h, d) == 128 and triton_fused.bwd_tiles(plan, n, h, d)
+    g = torch.Generator().manual_seed(h_kv)
+    q, dout = (torch.randn(b, n, h, d, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(b, n, h_kv, d, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = (torch.rand(b, n, generator=g) < 0.2).cuda() if masked else None
+    results = {}
+    for name, dtype, backend in (("ref", torch.float64, "math"), ("ours", torch.bfloat16, "triton"),
+                                 ("torch", torch.bfloat16, "math")):
+        ins = [t.to("cuda", dtype).requires_grad_() for t in (q, k, v)]
+        out = dilated_attention(*ins, segs, rates, backend=backend, key_padding_mask=mask)
+        results[name] = [out, *torch.autograd.grad(out, ins, dout.to("cuda", dtype))]
+    for i, name in enumerate(["out", "dq", "dk", "dv"]):
+        ours, theirs = rel_err(results["ours"][i], results["ref"][i]), rel_err(results["torch"][i], results["ref"][i])
+        assert ours <= 2 * theirs + 2e-4, f"{name}: {ours:.3g} vs torch math {theirs:.3g}"
+
+
 @pytest.mark.parametrize("backend", ["math", None])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

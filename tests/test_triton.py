@@ -56,6 +56,8 @@ def test_kernels_compile_for_hopper():
                 sig[name] = "*bf16"
             elif name == "KM":
                 sig[name] = "*u8"
+            elif name == "T":
+                sig[name] = "*i32"
             else:
                 sig[name] = "i32"
         return sig
@@ -75,6 +77,18 @@ def test_kernels_compile_for_hopper():
                 for fn in (tk._bwd_dkdv, tk._bwd_dq):
                     src = ASTSource(fn, signature(fn, "*fp32", consts), consts)
                     triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
+            bm, bn, warps, stages = tk._config(d)
+        fused = tk.triton_fused
+        kv_keys, kv_queries, dq_rows, dq_keys, warps, stages = fused.bwd_config(d)
+        for has_mask in (False, True):
+            for fn, bm, bn in ((fused._fused_dkdv, kv_queries, kv_keys), (fused._fused_dq, dq_rows, dq_keys)):
+                consts = dict(HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
+                src = ASTSource(fn, signature(fn, "*bf16", consts), consts)
+                triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
+            bm, bn, fwarps, fstages = fused.fwd_config(d)
+            consts = dict(HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
+            src = ASTSource(fused._fused_fwd, signature(fused._fused_fwd, "*bf16", consts), consts)
+            triton.compile(src, target=target, options=dict(num_warps=fwarps, num_stages=fstages))
 
 
 def test_row_dot_in_slices_matches_one_pass():

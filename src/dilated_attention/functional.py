@@ -7,9 +7,11 @@ itself): out(i) is one softmax over the multiset of linked keys (Eq. 10). Backwa
 each branch's attention backward against the merged (out, lse) and sums the
 contributions: the exact gradient, with no detached merge weights.
 
-Both passes are ``torch.library.custom_op`` s with fake implementations, so
-``torch.compile`` sees one opaque node per pass. The plan travels into the ops as a list
-of ints, so autograd holds everything backward needs (no cache that could be gone).
+Under ``torch.compile`` both passes are ``torch.library.custom_op`` s with fake
+implementations, so the graph holds one opaque node per pass; the plan travels into the ops
+as a list of ints, so autograd holds everything backward needs (no cache that could be
+gone). Eager calls run the same two functions through an ``autograd.Function``, which skips
+the custom ops' dispatch (most of a small call's host time).
 """
 
 from __future__ import annotations
@@ -42,9 +44,8 @@ def _forward_op(
 
     plan_code: ``encode_plan`` of the plan (the op holds everything backward needs).
     """
-    plan = decode_plan(tuple(plan_code))
     impl = backends.select(q, backend, masked=key_mask is not None)
-    return impl.forward_plan(q, k, v, plan, scale, is_causal, out_scale, key_mask)
+    return impl.forward_plan(q, k, v, decode_plan(tuple(plan_code)), scale, is_causal, out_scale, key_mask)
 
 
 @_forward_op.register_fake
@@ -72,9 +73,9 @@ def _backward_op(
     out: the forward's output; with its factor s (head_groups), each block sees dO = s dout
     and the merged attention out / s.
     """
-    plan = decode_plan(tuple(plan_code))
     impl = backends.select(q, backend, masked=key_mask is not None)
-    return impl.backward_plan(dout, q, k, v, out, lse, plan, scale, is_causal, out_scale, key_mask)
+    return impl.backward_plan(dout, q, k, v, out, lse, decode_plan(tuple(plan_code)), scale, is_causal, out_scale,
+                              key_mask)
 
 
 @_backward_op.register_fake
@@ -95,6 +96,25 @@ def _backward(ctx, dout, dlse):
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Attention(torch.autograd.Function):
+    """The eager path: the backend's forward_plan / backward_plan, as the custom ops run them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask, plan, is_causal, scale, out_scale, impl):
+        out, lse = impl.forward_plan(q, k, v, plan, scale, is_causal, out_scale, key_mask)
+        ctx.save_for_backward(q, k, v, out, lse, key_mask)
+        ctx.config = (plan, is_causal, scale, out_scale, impl)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, key_mask = ctx.saved_tensors
+        plan, is_causal, scale, out_scale, impl = ctx.config
+        dq, dk, dv = impl.backward_plan(dout, q, k, v, out, lse, plan, scale, is_causal, out_scale, key_mask)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def dilated_attention(
@@ -142,7 +162,7 @@ def dilated_attention(
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     check_key_padding_mask(key_padding_mask, k)
-    backends.select(q, backend, masked=key_padding_mask is not None)  # refuses a backend that cannot, before any work
+    impl = backends.select(q, backend, masked=key_padding_mask is not None)  # refuses a backend that cannot, at once
     cache = pattern_cache if pattern_cache is not None else get_global_pattern_cache()
     total = check_head_slice(q.shape[2], head_start, total_heads, k.shape[2])
     check_heads(total, len(segment_lengths), mode)
@@ -150,8 +170,7 @@ def dilated_attention(
     docs = check_cu_seqlens(cu_seqlens, k.shape[1], q.shape[1])
     plan = cached_plan(cache, k.shape[1], q.shape[2], segment_lengths, dilation_rates, mode, head_start, total_heads,
                        kv_heads, docs)
-    out, _ = _forward_op(
-        q, k, v, key_padding_mask, encode_plan(plan), is_causal, resolve_scale(scale, q.shape[-1]),
-        output_factor(mode, segment_lengths), backend or "",
-    )
-    return out
+    config = (is_causal, resolve_scale(scale, q.shape[-1]), output_factor(mode, segment_lengths))
+    if torch.compiler.is_compiling():
+        return _forward_op(q, k, v, key_padding_mask, encode_plan(plan), *config, backend or "")[0]
+    return _Attention.apply(q, k, v, key_padding_mask, plan, *config, impl)[0]

@@ -106,6 +106,18 @@ Plan = tuple  # tuple[Branch, ...]: one entry per (w, r) of the schedule, in ord
 
 def check_schedule(segment_lengths: Sequence[int], dilation_rates: Sequence[int], mode: str) -> None:
     """Raise a ValueError/TypeError naming the argument when the schedule is malformed."""
+    if (not torch.compiler.is_compiling() and type(segment_lengths) in (list, tuple)
+            and type(dilation_rates) in (list, tuple) and all(type(x) is int for x in (*segment_lengths, *dilation_rates))):
+        return _check_ints(tuple(segment_lengths), tuple(dilation_rates), mode)  # the checks, once per schedule
+    _check_schedule(segment_lengths, dilation_rates, mode)
+
+
+@functools.lru_cache(maxsize=256)
+def _check_ints(segment_lengths: tuple[int, ...], dilation_rates: tuple[int, ...], mode) -> None:
+    _check_schedule(segment_lengths, dilation_rates, mode)
+
+
+def _check_schedule(segment_lengths, dilation_rates, mode) -> None:
     for name, values in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
             raise TypeError(f"{name} must be a list or tuple of positive ints, got {type(values).__name__}")

@@ -27,6 +27,7 @@ import os
 import torch
 
 from ..plan import Branch, Plan
+from . import triton_fused
 from .base import Backend
 
 try:
@@ -44,6 +45,7 @@ def available() -> bool:
 
 
 if triton is not None:
+    from .triton_fused import dq_block, fwd_block, probs
 
     @triton.jit
     def _offset(head, RATE, OFFSET, HEAD_BASE):
@@ -123,21 +125,6 @@ if triton is not None:
         return tl.load(ptr + offs, mask=ok[:, None], other=0.0)
 
     @triton.jit
-    def _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_keep, qk_scale, do_scale, Q_SHIFT,
-               IS_CAUSAL: tl.constexpr):
-        """P against the merged lse (log2 units) and dS of one (query block, key block) tile.
-
-        col_keep: visible keys; do_scale: the output's factor (1/m in head_groups mode), which scales
-        dO; causal: query row i sees key rows <= i + Q_SHIFT."""
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        keep = row_ok[:, None] & col_keep[None, :]
-        if IS_CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None] + Q_SHIFT)
-        p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v)) * do_scale
-        return p, p * (dp - delta[:, None])
-
-    @triton.jit
     def _fwd(Q, K, V, O, L, KM, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
              MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, Q_SHIFT, qk_scale, out_scale,
              IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -156,26 +143,19 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         hi = k_count
+        full = k_count // BLOCK_N * BLOCK_N  # key blocks every row sees in full: no mask work
         if IS_CAUSAL:
             hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + Q_SHIFT)
-        for start in range(0, hi, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            col_ok = cols < k_count
-            k = _tile(K, k_base, cols, col_ok, RATE, ku, dims)
-            v = _tile(V, k_base, cols, col_ok, RATE, ku, dims)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            keep = _visible(KM, m_base, cols, col_ok, RATE, mu, HAS_MASK)[None, :]
-            if IS_CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None] + Q_SHIFT)
-            s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # without a mask, finite: every block starts with a kept key
-            if HAS_MASK:  # rows that have seen no visible key yet
-                m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            full = tl.minimum(full, (pid_m * BLOCK_M + Q_SHIFT + 1) // BLOCK_N * BLOCK_N)
+        if HAS_MASK:
+            full = 0
+        qidx = rows + Q_SHIFT  # causal: the last key row each query row sees
+        for start in range(0, full, BLOCK_N):
+            m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, m_base, 0, RATE, k_count, start, qidx, m_i, l_i, acc,
+                                      ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, False, BLOCK_N)
+        for start in range(full, hi, BLOCK_N):  # without a key mask every masked block starts with a kept key
+            m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, m_base, 0, RATE, k_count, start, qidx, m_i, l_i, acc,
+                                      ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, True, BLOCK_N)
         l_safe = tl.where(row_ok & (l_i > 0), l_i, 1.0)
         out_b = acc / l_safe[:, None]
         lse_b = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))  # natural log
@@ -227,7 +207,7 @@ if triton is not None:
             q = _tile(Q, q_base, rows, row_ok, RATE, qu, dims)
             do = _tile(DO, q_base, rows, row_ok, RATE, qu, dims)
             lse, delta = _row_stats(L, D, l_base, rows, row_ok, RATE, lu)
-            p, ds = _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_keep, qk_scale, do_scale, Q_SHIFT, IS_CAUSAL)
+            p, ds = probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_keep, qk_scale, do_scale, Q_SHIFT, IS_CAUSAL)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
         # dK, dV of this query head's view of the keys (per query head: no two programs share rows)
@@ -254,16 +234,19 @@ if triton is not None:
         m_base = _side_base(BLOCK_M, MAX_ROWS, RATE, OFFSET, HEAD_BASE, mb, ms, mh, mu)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         hi = k_count
+        full = k_count // BLOCK_N * BLOCK_N
         if IS_CAUSAL:
             hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + Q_SHIFT)
-        for start in range(0, hi, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            col_ok = cols < k_count
-            k = _tile(K, k_base, cols, col_ok, RATE, ku, dims)
-            v = _tile(V, k_base, cols, col_ok, RATE, ku, dims)
-            col_keep = _visible(KM, m_base, cols, col_ok, RATE, mu, HAS_MASK)
-            p, ds = _probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_keep, qk_scale, do_scale, Q_SHIFT, IS_CAUSAL)
-            dq += tl.dot(ds.to(k.dtype), k)
+            full = tl.minimum(full, (pid_m * BLOCK_M + Q_SHIFT + 1) // BLOCK_N * BLOCK_N)
+        if HAS_MASK:
+            full = 0
+        qidx = rows + Q_SHIFT
+        for start in range(0, full, BLOCK_N):
+            dq = dq_block(q, do, lse, delta, K, V, KM, k_base, m_base, 0, RATE, k_count, start, qidx, row_ok, dq, ku,
+                          mu, qk_scale, do_scale, dims, IS_CAUSAL, HAS_MASK, False, BLOCK_N)
+        for start in range(full, hi, BLOCK_N):
+            dq = dq_block(q, do, lse, delta, K, V, KM, k_base, m_base, 0, RATE, k_count, start, qidx, row_ok, dq, ku,
+                          mu, qk_scale, do_scale, dims, IS_CAUSAL, HAS_MASK, True, BLOCK_N)
         _add_tile(DQ, q_base, rows, row_ok, RATE, qu, dims, dq * scale)
 
 
@@ -379,9 +362,12 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor, budget: int =
     return out
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as Triton reads it when the kernels are made
+
+
 def _interpreted(q: torch.Tensor) -> bool:
     """Triton's interpreter runs the kernels on CPU tensors (tests of the kernels' logic)."""
-    return q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return _INTERPRET and q.device.type == "cpu"
 
 
 class Triton(Backend):
@@ -410,6 +396,9 @@ class Triton(Backend):
             return super().forward_plan(q, k, v, plan, scale, causal, out_scale, key_mask)
         q, k, v = (t.contiguous() for t in (q, k, v))
         b, n, h, d = q.shape
+        block = triton_fused.fwd_tile(plan, n, h, d) if out_scale == 1.0 and not causal else 0
+        if block:  # causal rows of a residue tile span whole segments: per-branch tiles skip more
+            return triton_fused.forward(q, k, v, plan, scale, key_mask, block)
         out = torch.zeros_like(q)
         lse = torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
         written = set()  # (document, head) a launch has written: a launch over fresh ones only reads nothing
@@ -436,6 +425,9 @@ class Triton(Backend):
             return super().backward_plan(dout, q, k, v, out, lse, plan, scale, causal, out_scale, key_mask)
         q, k, v, dout, lse = (t.contiguous() for t in (q, k, v, dout.to(q.dtype), lse))
         delta = _row_dot(dout, out, lse)  # rowsum(dO' O) for dO' = s dout, O = out / s
+        tiles = triton_fused.bwd_tiles(plan, *q.shape[1:3], q.shape[-1]) if out_scale == 1.0 and not causal else None
+        if tiles:
+            return triton_fused.backward(dout, q, k, v, lse, delta, plan, scale, key_mask, tiles)
         gqa = k.shape[2] != q.shape[2]
         dq = torch.zeros_like(q)
         dk, dv = (torch.zeros(q.shape, dtype=torch.float32 if gqa else q.dtype, device=q.device) for _ in range(2))

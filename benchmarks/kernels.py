@@ -1,0 +1,133 @@
+"""Paper mode on one GPU: the fused all-branch kernels against the per-branch launches and dense SDPA.
+
+    python benchmarks/kernels.py [--seq-lens 131072 1048576] [--head-dim 64] [--sweep]
+
+In one run, on one device: per-branch launches (the fused path switched off in-process),
+the fused kernels, and dense SDPA on b = n / 2048 sequences of 2048 (every LongNet branch
+is 2048 x 2048 attention per segment), forward and forward+backward, causal and not. Useful
+TFLOP/s count linked pairs only (``plan.useful_flops``; forward+backward 3.5x, causal half).
+``--sweep`` also times the fused kernels' block configs (``triton_fused.fwd_config`` /
+``bwd_config``). Also the host time of one
+call at n = 64 against SDPA's. Prints tables; writes $OUT/kernels.json (default
+bench-results/).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from dilated_attention import dilated_attention  # noqa: E402
+from dilated_attention.backends import triton_fused  # noqa: E402
+from dilated_attention.plan import useful_flops  # noqa: E402
+
+SEGS, RATES = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16]
+TILING = triton_fused.tiling
+
+
+def bench(fn):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def timed(fn, backward):
+    if not backward:
+        return bench(fn)
+    out = fn()
+    do = torch.randn_like(out)
+    ins = [t for t in fn.inputs]
+    return bench(lambda: torch.autograd.grad(fn(), ins, do))
+
+
+def call(q, k, v, causal, dense=False):
+    if dense:
+        def f():
+            b = q.shape[1] // 2048
+            qs, ks, vs = (t.view(b, 2048, *t.shape[2:]).transpose(1, 2) for t in (q, k, v))
+            return torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
+    else:
+        def f():
+            return dilated_attention(q, k, v, SEGS, RATES, is_causal=causal)
+    f.inputs = (q, k, v)
+    return f
+
+
+def host_us(fn, reps=200):
+    """Host time per call: wall time of back-to-back calls on a tiny input, no sync inside."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed / reps * 1e6
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[131072, 1048576])
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--sweep", action="store_true")
+    a = p.parse_args()
+    out_dir = os.environ.get("OUT", "bench-results")
+    os.makedirs(out_dir, exist_ok=True)
+    rows, sweep = [], []
+    print(torch.cuda.get_device_name(), torch.__version__)
+    for n in a.seq_lens:
+        for backward in (False, True):
+            for causal in (False, True):
+                q, k, v = (torch.randn(1, n, a.heads, a.head_dim, device="cuda", dtype=torch.bfloat16,
+                                       requires_grad=backward) for _ in range(3))
+                flops = useful_flops(n, a.heads, a.head_dim, SEGS, RATES) * (3.5 if backward else 1) / (2 if causal else 1)
+                dense_flops = 4 * n * 2048 * a.head_dim * a.heads * (3.5 if backward else 1) / (2 if causal else 1)
+                ms = {}
+                triton_fused.tiling = lambda *args: 0
+                ms["per_branch"] = timed(call(q, k, v, causal), backward)
+                triton_fused.tiling = TILING
+                ms["fused"] = timed(call(q, k, v, causal), backward)
+                ms["sdpa"] = timed(call(q, k, v, causal, dense=True), backward)
+                row = dict(n=n, backward=backward, causal=causal, ms=ms,
+                           tflops={m: (dense_flops if m == "sdpa" else flops) / t / 1e9 for m, t in ms.items()})
+                rows.append(row)
+                t = row["tflops"]
+                print(f"n={n:>8} {'fwd+bwd' if backward else 'fwd':>7} causal={causal!s:5} | per-branch "
+                      f"{ms['per_branch']:8.2f} ms {t['per_branch']:5.0f} | fused {ms['fused']:8.2f} ms {t['fused']:5.0f}"
+                      f" | sdpa {t['sdpa']:5.0f} TFLOP/s | fused/sdpa {t['fused'] / t['sdpa']:.2f}", flush=True)
+                if a.sweep and not causal:  # fused configs (causal runs branch by branch)
+                    configs = ([(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)]
+                               if not backward else
+                               [(64, 64, 64, 64, 4, 3), (128, 32, 128, 32, 4, 3), (128, 32, 128, 32, 8, 3),
+                                (128, 64, 128, 64, 8, 3), (128, 32, 64, 32, 4, 4), (64, 32, 64, 32, 4, 3),
+                                (128, 64, 64, 64, 8, 2)])
+                    name = "bwd_config" if backward else "fwd_config"
+                    default = getattr(triton_fused, name)
+                    for cfg in configs:
+                        setattr(triton_fused, name, lambda _d, cfg=cfg: cfg)
+                        try:
+                            t_ms = timed(call(q, k, v, causal), backward)
+                        except Exception as e:  # a config can exceed shared memory
+                            print(f"  config {cfg}: {type(e).__name__}")
+                            continue
+                        sweep.append(dict(n=n, backward=backward, config=cfg, ms=t_ms, tflops=flops / t_ms / 1e9))
+                        print(f"  config {cfg}: {t_ms:.2f} ms {flops / t_ms / 1e9:.0f} TFLOP/s", flush=True)
+                    setattr(triton_fused, name, default)
+                del q, k, v
+    tiny = [torch.randn(1, 64, a.heads, a.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    host = {"ours": host_us(call(*tiny, False)),
+            "sdpa": host_us(lambda: torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in tiny)))}
+    print(f"host time per call at n = 64: ours {host['ours']:.0f} us, sdpa {host['sdpa']:.0f} us")
+    with open(os.path.join(out_dir, "kernels.json"), "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), rows=rows, sweep=sweep, host_us=host), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

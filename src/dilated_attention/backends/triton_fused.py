@@ -1,0 +1,338 @@
+"""Fused all-branch Triton kernels for paper mode: one softmax over every branch's keys.
+
+Paper mode's Eq. 10 output is one softmax over the multiset union of every branch's keys, so
+one program can run all branches of its query rows with one online softmax and write out
+and lse once: no per-branch merge pass, one launch for the whole plan.
+
+Tiling: with ``L = lcm(rates)`` and a span of ``BLOCK * L`` positions that divides every
+segment (or a branch with one segment), a program takes the ``BLOCK`` rows of one residue
+class ``c`` modulo ``L`` inside one span. Those rows share one segment of every branch, and
+in branch ``(w, r)`` they are all active (``c % r == (head) % r``) or all idle; when active,
+their keys are the ``w / r`` rows of that class in the same segment. Backward uses the same
+tiling over keys for dK/dV (one program per k/v head, looping over its query heads: no
+per-query-head buffers with GQA) and over queries for dQ; every program stores its rows
+once. Plans this tiling does not fit (head_groups mode, packed documents, a segment that is
+no multiple of the span) run branch by branch (``triton.Triton``), and so does causal
+attention: a tile's rows spread over its whole span, so a causal tile would skip almost no
+key block where the per-branch tiles of consecutive class rows skip half (benchmarks/NOTES.md).
+
+Positions, not class indices, address every tensor: row ``p`` of head ``j`` is at
+``b*sb + p*su + j*sh``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from ..plan import PER_HEAD, Plan
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+BLOCKS = (128, 64, 32, 16)
+
+
+@functools.lru_cache(maxsize=256)
+def tiling(plan: Plan, n: int, num_heads: int, largest: int) -> int:
+    """The largest tile (rows per program, <= ``largest``) the fused kernels can run ``plan`` at
+    sequence length n with, or 0 when they cannot (then the plan runs branch by branch)."""
+    if not plan or any(b.offset != PER_HEAD or b.head_start != 0 or b.head_stop != num_heads or b.row_start != 0
+                       or b.row_stop >= 0 or (b.head_base, b.kv_group) != (plan[0].head_base, plan[0].kv_group)
+                       for b in plan):
+        return 0
+    lcm = functools.reduce(math.lcm, (b.rate for b in plan))
+    for block in BLOCKS:
+        span = block * lcm
+        if block <= largest and (block == BLOCKS[-1] or span <= n) and all(
+                b.segment >= n or b.segment % span == 0 for b in plan):
+            return block
+    return 0
+
+
+@functools.lru_cache(maxsize=64)
+def _branch_table(plan: Plan, device: torch.device) -> tuple[torch.Tensor, int]:
+    """The branches' (segment, rate) as an int32 device tensor (made once per plan and device), and
+    the rates' least common multiple."""
+    table = torch.tensor([x for b in plan for x in (b.segment, b.rate)], dtype=torch.int32, device=device)
+    return table, math.lcm(*(b.rate for b in plan))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _residue_tile(BLOCK: tl.constexpr, N, LCM):
+        """This program's rows: the span's first position, the residue c, and positions
+        span + c + i * LCM (i < BLOCK) with which of them exist."""
+        tile = tl.program_id(0)
+        span = (tile // LCM) * (BLOCK * LCM)
+        c = tile % LCM
+        pos = span + c + tl.arange(0, BLOCK) * LCM
+        return span, c, pos, pos < N
+
+    @triton.jit
+    def _branch(T, br, span, c, head_g, N):
+        """Branch br's class for a tile: whether its rows are active, the class's first position,
+        its row count in the tile's segment, and the rate."""
+        w = tl.load(T + 2 * br)
+        r = tl.load(T + 2 * br + 1)
+        o = head_g % r
+        seg0 = span // w * w
+        count = (tl.minimum(N - seg0, w) - o + r - 1) // r
+        return c % r == o, seg0 + o, count, r
+
+    @triton.jit
+    def _rows(ptr, base, pos, ok, su, dims):
+        """Rows at positions pos of ptr + base: (len(pos), HEAD_DIM)."""
+        return tl.load(ptr + base + pos.to(tl.int64)[:, None] * su + dims[None, :], mask=ok[:, None], other=0.0)
+
+    @triton.jit
+    def _visible_keys(KM, m_base, kpos, ok, mu, HAS_MASK: tl.constexpr):
+        if HAS_MASK:
+            return ok & (tl.load(KM + m_base + kpos.to(tl.int64) * mu, mask=ok, other=1) == 0)
+        return ok
+
+    @triton.jit
+    def fwd_block(q, K, V, KM, k_base, m_base, key0, r, count, start, qidx, m_i, l_i, acc, ku, mu, qk_scale, dims,
+                   IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One key block of one branch into the running (max, sum, acc); MASKED: check key bounds,
+        the key mask and causality (blocks every row sees in full skip that)."""
+        t = start + tl.arange(0, BLOCK_N)
+        kpos = key0 + t * r
+        ok = t < count
+        if MASKED:
+            k = _rows(K, k_base, kpos, ok, ku, dims)
+            v = _rows(V, k_base, kpos, ok, ku, dims)
+        else:
+            k = tl.load(K + k_base + kpos.to(tl.int64)[:, None] * ku + dims[None, :])
+            v = tl.load(V + k_base + kpos.to(tl.int64)[:, None] * ku + dims[None, :])
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if MASKED:
+            keep = _visible_keys(KM, m_base, kpos, ok, mu, HAS_MASK)[None, :]
+            if IS_CAUSAL:
+                keep = keep & (t[None, :] <= qidx[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if HAS_MASK:  # rows that have seen no visible key yet
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+    @triton.jit
+    def _fused_fwd(Q, K, V, O, L, KM, T, NB, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, N, LCM, HEAD_BASE, KV_GROUP,
+                   qk_scale, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HEAD_DIM: tl.constexpr):
+        span, c, pos, row_ok = _residue_tile(BLOCK_M, N, LCM)
+        if span + c >= N:
+            return
+        head = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        dims = tl.arange(0, HEAD_DIM)
+        q_base = b * qb + head * qh
+        k_base = b * kb + (head // KV_GROUP) * kh
+        q = _rows(Q, q_base, pos, row_ok, qu, dims)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        for br in range(NB):
+            active, key0, count, r = _branch(T, br, span, c, head + HEAD_BASE, N)
+            if active:
+                full = 0 if HAS_MASK else count // BLOCK_N * BLOCK_N
+                for start in range(0, full, BLOCK_N):
+                    m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, b * mb, key0, r, count, start, pos, m_i, l_i,
+                                              acc, ku, mu, qk_scale, dims, False, HAS_MASK, False, BLOCK_N)
+                for start in range(full, count, BLOCK_N):
+                    m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, b * mb, key0, r, count, start, pos, m_i, l_i,
+                                              acc, ku, mu, qk_scale, dims, False, HAS_MASK, True, BLOCK_N)
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        offs = q_base + pos.to(tl.int64)[:, None] * qu + dims[None, :]
+        tl.store(O + offs, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
+        lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))  # natural log
+        tl.store(L + b * lb + head * lh + pos.to(tl.int64) * lu, lse, mask=row_ok)
+
+    @triton.jit
+    def probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_keep, qk_scale, do_scale, Q_SHIFT,
+              IS_CAUSAL: tl.constexpr):
+        """P against the merged lse (log2 units) and dS of one (query block, key block) tile.
+
+        col_keep: visible keys; do_scale: the output's factor (1/m in head_groups mode), which scales
+        dO; causal: query row i sees key rows <= i + Q_SHIFT (rows, cols: class indices)."""
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        keep = row_ok[:, None] & col_keep[None, :]
+        if IS_CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None] + Q_SHIFT)
+        p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v)) * do_scale
+        return p, p * (dp - delta[:, None])
+
+    @triton.jit
+    def _stats(L, D, base, pos, ok, lu):
+        """lse (log2 units) and delta of the rows at these positions."""
+        offs = base + pos.to(tl.int64) * lu
+        return tl.load(L + offs, mask=ok, other=0.0) * 1.4426950408889634, tl.load(D + offs, mask=ok, other=0.0)
+
+    @triton.jit
+    def dq_block(q, do, lse, delta, K, V, KM, k_base, m_base, key0, r, count, start, qidx, row_ok, dq, ku, mu,
+                 qk_scale, do_scale, dims, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+        """dq += dS K over one key block (keys key0 + t*r); MASKED as in ``fwd_block`` (rows that do not
+        exist load zeros, so their dS is 0 either way)."""
+        t = start + tl.arange(0, BLOCK_N)
+        kpos = key0 + t * r
+        ok = t < count
+        if MASKED:
+            k = _rows(K, k_base, kpos, ok, ku, dims)
+            v = _rows(V, k_base, kpos, ok, ku, dims)
+            keep = _visible_keys(KM, m_base, kpos, ok, mu, HAS_MASK)
+            p, ds = probs(q, k, v, do, lse, delta, qidx, t, row_ok, keep, qk_scale, do_scale, 0, IS_CAUSAL)
+        else:
+            k = tl.load(K + k_base + kpos.to(tl.int64)[:, None] * ku + dims[None, :])
+            v = tl.load(V + k_base + kpos.to(tl.int64)[:, None] * ku + dims[None, :])
+            p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+            ds = p * (tl.dot(do, tl.trans(v)) * do_scale - delta[:, None])
+        return dq + tl.dot(ds.to(k.dtype), k)
+
+    @triton.jit
+    def _fused_dq(Q, K, V, DO, L, D, KM, DQ, T, NB, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, N, LCM, HEAD_BASE,
+                  KV_GROUP, qk_scale, scale, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HEAD_DIM: tl.constexpr):
+        span, c, pos, row_ok = _residue_tile(BLOCK_M, N, LCM)
+        if span + c >= N:
+            return
+        head = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        dims = tl.arange(0, HEAD_DIM)
+        q_base = b * qb + head * qh
+        k_base = b * kb + (head // KV_GROUP) * kh
+        q = _rows(Q, q_base, pos, row_ok, qu, dims)
+        do = _rows(DO, q_base, pos, row_ok, qu, dims)
+        lse, delta = _stats(L, D, b * lb + head * lh, pos, row_ok, lu)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        for br in range(NB):
+            active, key0, count, r = _branch(T, br, span, c, head + HEAD_BASE, N)
+            if active:
+                full = 0 if HAS_MASK else count // BLOCK_N * BLOCK_N
+                for start in range(0, full, BLOCK_N):
+                    dq = dq_block(q, do, lse, delta, K, V, KM, k_base, b * mb, key0, r, count, start, pos, row_ok,
+                                  dq, ku, mu, qk_scale, 1.0, dims, False, HAS_MASK, False, BLOCK_N)
+                for start in range(full, count, BLOCK_N):
+                    dq = dq_block(q, do, lse, delta, K, V, KM, k_base, b * mb, key0, r, count, start, pos, row_ok,
+                                  dq, ku, mu, qk_scale, 1.0, dims, False, HAS_MASK, True, BLOCK_N)
+        tl.store(DQ + q_base + pos.to(tl.int64)[:, None] * qu + dims[None, :], (dq * scale).to(DQ.dtype.element_ty),
+                 mask=row_ok[:, None])
+
+    @triton.jit
+    def _fused_dkdv(Q, K, V, DO, L, D, KM, DK, DV, T, NB, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, N, LCM,
+                    HEAD_BASE, KV_GROUP, qk_scale, scale, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """dK, dV of BLOCK_N keys (a residue tile) over query blocks of BLOCK_M. Keys past n and
+        query rows past the class (zeros) add nothing that is stored, so only the key mask masks P."""
+        span, c, kpos, col_ok = _residue_tile(BLOCK_N, N, LCM)
+        if span + c >= N:
+            return
+        kv_head = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        dims = tl.arange(0, HEAD_DIM)
+        k_base = b * kb + kv_head * kh
+        k = _rows(K, k_base, kpos, col_ok, ku, dims)
+        v = _rows(V, k_base, kpos, col_ok, ku, dims)
+        col_keep = _visible_keys(KM, b * mb, kpos, col_ok, mu, HAS_MASK)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        for g in range(KV_GROUP):  # the query heads sharing this k/v head
+            head = kv_head * KV_GROUP + g
+            q_base = b * qb + head * qh
+            l_base = b * lb + head * lh
+            for br in range(NB):
+                active, key0, count, r = _branch(T, br, span, c, head + HEAD_BASE, N)
+                if active:
+                    for start in range(0, count, BLOCK_M):
+                        u = start + tl.arange(0, BLOCK_M)
+                        qpos = key0 + u * r
+                        row_ok = u < count
+                        q = _rows(Q, q_base, qpos, row_ok, qu, dims)
+                        do = _rows(DO, q_base, qpos, row_ok, qu, dims)
+                        lse, delta = _stats(L, D, l_base, qpos, row_ok, lu)
+                        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+                        if HAS_MASK:  # a row whose keys are all masked has lse -inf: P is 0 on its masked keys
+                            p = tl.where(col_keep[None, :], p, 0.0)
+                        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+                        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+                        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        offs = k_base + kpos.to(tl.int64)[:, None] * ku + dims[None, :]
+        tl.store(DK + offs, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+def _strides(q, k, lse, mask):
+    """(batch, head, row) strides of q (also out, dout, dq), k (also v, dk, dv), lse (also delta);
+    (batch, row) of the key mask."""
+    m = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
+    return (q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),
+            lse.stride(0), lse.stride(2), lse.stride(1), *m)
+
+
+def _grid(n: int, lcm: int, block: int, heads: int, batch: int):
+    return (triton.cdiv(n, block * lcm) * lcm, heads, batch)
+
+
+def fwd_config(d: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the fused forward (benchmarks/NOTES.md, v5)."""
+    return 128, 64, 8, 3
+
+
+def bwd_config(d: int):
+    """(dK/dV key tile, its query block, dQ row tile, its key block, num_warps, num_stages)."""
+    return (64, 64, 64, 64, 4, 3) if d <= 64 else (64, 64, 64, 64, 8, 2)
+
+
+def fwd_tile(plan: Plan, n: int, h: int, d: int) -> int:
+    """Rows per program of the fused forward for this plan, or 0: run it branch by branch."""
+    return tiling(plan, n, h, fwd_config(d)[0])
+
+
+def bwd_tiles(plan: Plan, n: int, h: int, d: int) -> tuple[int, int] | None:
+    """(keys per dK/dV program, rows per dQ program) of the fused backward, or None."""
+    cfg = bwd_config(d)
+    tiles = tiling(plan, n, h, cfg[0]), tiling(plan, n, h, cfg[2])
+    return tiles if all(tiles) else None
+
+
+def forward(q, k, v, plan: Plan, scale: float, key_mask, block_m: int):
+    """q: (b, n, h, d), k, v: (b, n, h_kv, d) contiguous; key_mask (b, n) bool or None; block_m from
+    ``fwd_tile`` -> out (b, n, h, d) in q.dtype, lse (b, n, h) float32."""
+    b, n, h, d = q.shape
+    table, lcm = _branch_table(plan, q.device)
+    out = torch.empty_like(q)
+    lse = torch.empty((b, n, h), dtype=torch.float32, device=q.device)
+    _, bn, warps, stages = fwd_config(d)
+    _fused_fwd[_grid(n, lcm, block_m, h, b)](
+        q, k, v, out, lse, q if key_mask is None else key_mask.view(torch.uint8), table, len(plan),
+        *_strides(q, k, lse, key_mask), n, lcm, plan[0].head_base, plan[0].kv_group, scale * 1.4426950408889634,
+        HAS_MASK=key_mask is not None, BLOCK_M=block_m, BLOCK_N=bn, HEAD_DIM=d,
+        num_warps=warps, num_stages=stages)
+    return out, lse
+
+
+def backward(dout, q, k, v, lse, delta, plan: Plan, scale: float, key_mask, tiles: tuple[int, int]):
+    """Gradients of ``forward`` (contiguous inputs; delta = rowsum(dout * out), laid out like lse):
+    dq, dk, dv in q.dtype. ``tiles``: from ``bwd_tiles``."""
+    b, n, h, d = q.shape
+    table, lcm = _branch_table(plan, q.device)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _, kv_queries, _, dq_keys, warps, stages = bwd_config(d)
+    km = q if key_mask is None else key_mask.view(torch.uint8)
+    args = (table, len(plan), *_strides(q, k, lse, key_mask), n, lcm, plan[0].head_base, plan[0].kv_group,
+            scale * 1.4426950408889634, scale)
+    meta = dict(HAS_MASK=key_mask is not None, HEAD_DIM=d, num_warps=warps, num_stages=stages)
+    _fused_dkdv[_grid(n, lcm, tiles[0], k.shape[2], b)](q, k, v, dout, lse, delta, km, dk, dv, *args,
+                                                        BLOCK_M=kv_queries, BLOCK_N=tiles[0], **meta)
+    _fused_dq[_grid(n, lcm, tiles[1], h, b)](q, k, v, dout, lse, delta, km, dq, *args, BLOCK_M=tiles[1],
+                                             BLOCK_N=dq_keys, **meta)
+    return dq, dk, dv
