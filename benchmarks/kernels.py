@@ -2,8 +2,8 @@
 
     python benchmarks/kernels.py [--seq-lens 131072 1048576] [--head-dim 64] [--sweep]
 
-In one run, on one device: per-branch launches (the fused path switched off in-process),
-the fused kernels, and dense SDPA on b = n / 2048 sequences of 2048 (every LongNet branch
+In one run, on one device, in three interleaved rounds (medians): per-branch launches (the
+fused path switched off in-process), the fused kernels, and dense SDPA on b = n / 2048 sequences of 2048 (every LongNet branch
 is 2048 x 2048 attention per segment), forward and forward+backward, causal and not. Useful
 TFLOP/s count linked pairs only (``plan.useful_flops``; forward+backward 3.5x, causal half).
 ``--sweep`` also times the fused kernels' block configs (``triton_fused.fwd_config`` /
@@ -15,6 +15,7 @@ bench-results/).
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -28,12 +29,13 @@ from dilated_attention.plan import useful_flops  # noqa: E402
 
 SEGS, RATES = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16]
 TILING = triton_fused.tiling
+ROUNDS = 3
 
 
 def bench(fn):
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+    return do_bench(fn, warmup=100, rep=1000, return_mode="median")
 
 
 def timed(fn, backward):
@@ -43,6 +45,38 @@ def timed(fn, backward):
     do = torch.randn_like(out)
     ins = [t for t in fn.inputs]
     return bench(lambda: torch.autograd.grad(fn(), ins, do))
+
+
+def variants(n, heads, d):
+    """Fused against per-branch at n, forward and forward+backward, non-causal: plain, GQA h/4, a key
+    padding mask (10% masked), each fused forward config in ``FWD_CONFIGS``."""
+    rows = []
+    for name in ("plain", "gqa", "mask"):
+        for backward in (False, True):
+            h_kv = heads // 4 if name == "gqa" else heads
+            q = torch.randn(1, n, heads, d, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+            k, v = (torch.randn(1, n, h_kv, d, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+                    for _ in range(2))
+            mask = (torch.rand(1, n, device="cuda") < 0.1) if name == "mask" else None
+
+            def f():
+                return dilated_attention(q, k, v, SEGS, RATES, key_padding_mask=mask)
+            f.inputs = (q, k, v)
+            triton_fused.tiling = lambda *args: 0
+            ms = {"per_branch": timed(f, backward)}
+            triton_fused.tiling = TILING
+            default = triton_fused.fwd_config
+            for cfg in FWD_CONFIGS:
+                triton_fused.fwd_config = lambda _d, cfg=cfg: cfg
+                ms[f"fused {cfg}"] = timed(f, backward)
+            triton_fused.fwd_config = default
+            rows.append(dict(n=n, variant=name, backward=backward, ms=ms))
+            print(f"{name:5} {'fwd+bwd' if backward else 'fwd':7} " + " | ".join(f"{m} {t:.2f} ms" for m, t in ms.items()),
+                  flush=True)
+    return rows
+
+
+FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3)]
 
 
 def call(q, k, v, causal, dense=False):
@@ -77,6 +111,7 @@ def main():
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--variants", action="store_true", help="GQA and key-mask rows at the largest n")
     a = p.parse_args()
     out_dir = os.environ.get("OUT", "bench-results")
     os.makedirs(out_dir, exist_ok=True)
@@ -89,12 +124,13 @@ def main():
                                        requires_grad=backward) for _ in range(3))
                 flops = useful_flops(n, a.heads, a.head_dim, SEGS, RATES) * (3.5 if backward else 1) / (2 if causal else 1)
                 dense_flops = 4 * n * 2048 * a.head_dim * a.heads * (3.5 if backward else 1) / (2 if causal else 1)
-                ms = {}
-                triton_fused.tiling = lambda *args: 0
-                ms["per_branch"] = timed(call(q, k, v, causal), backward)
+                times = {"per_branch": [], "fused": [], "sdpa": []}
+                for _ in range(ROUNDS):  # interleaved rounds: clock and thermal drift hit every method alike
+                    for method in times:
+                        triton_fused.tiling = (lambda *args: 0) if method == "per_branch" else TILING
+                        times[method].append(timed(call(q, k, v, causal, dense=method == "sdpa"), backward))
                 triton_fused.tiling = TILING
-                ms["fused"] = timed(call(q, k, v, causal), backward)
-                ms["sdpa"] = timed(call(q, k, v, causal, dense=True), backward)
+                ms = {m: statistics.median(t) for m, t in times.items()}
                 row = dict(n=n, backward=backward, causal=causal, ms=ms,
                            tflops={m: (dense_flops if m == "sdpa" else flops) / t / 1e9 for m, t in ms.items()})
                 rows.append(row)
@@ -103,11 +139,9 @@ def main():
                       f"{ms['per_branch']:8.2f} ms {t['per_branch']:5.0f} | fused {ms['fused']:8.2f} ms {t['fused']:5.0f}"
                       f" | sdpa {t['sdpa']:5.0f} TFLOP/s | fused/sdpa {t['fused'] / t['sdpa']:.2f}", flush=True)
                 if a.sweep and not causal:  # fused configs (causal runs branch by branch)
-                    configs = ([(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)]
-                               if not backward else
-                               [(64, 64, 64, 64, 4, 3), (128, 32, 128, 32, 4, 3), (128, 32, 128, 32, 8, 3),
-                                (128, 64, 128, 64, 8, 3), (128, 32, 64, 32, 4, 4), (64, 32, 64, 32, 4, 3),
-                                (128, 64, 64, 64, 8, 2)])
+                    configs = ([(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4)] if not backward else
+                               [(64, 64, 64, 64, 4, 3), (64, 64, 64, 64, 4, 4), (128, 32, 64, 32, 4, 4),
+                                (64, 32, 64, 64, 4, 3), (64, 64, 128, 64, 8, 3), (128, 64, 128, 64, 8, 3)])
                     name = "bwd_config" if backward else "fwd_config"
                     default = getattr(triton_fused, name)
                     for cfg in configs:
@@ -121,12 +155,14 @@ def main():
                         print(f"  config {cfg}: {t_ms:.2f} ms {flops / t_ms / 1e9:.0f} TFLOP/s", flush=True)
                     setattr(triton_fused, name, default)
                 del q, k, v
+    variant_rows = variants(max(a.seq_lens), a.heads, a.head_dim) if a.variants else []
     tiny = [torch.randn(1, 64, a.heads, a.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
     host = {"ours": host_us(call(*tiny, False)),
             "sdpa": host_us(lambda: torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in tiny)))}
     print(f"host time per call at n = 64: ours {host['ours']:.0f} us, sdpa {host['sdpa']:.0f} us")
     with open(os.path.join(out_dir, "kernels.json"), "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), rows=rows, sweep=sweep, host_us=host), f, indent=1)
+        json.dump(dict(device=torch.cuda.get_device_name(), rows=rows, sweep=sweep, variants=variant_rows,
+                       host_us=host), f, indent=1)
 
 
 if __name__ == "__main__":

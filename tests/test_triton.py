@@ -89,6 +89,10 @@ def test_kernels_compile_for_hopper():
             consts = dict(HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
             src = ASTSource(fused._fused_fwd, signature(fused._fused_fwd, "*bf16", consts), consts)
             triton.compile(src, target=target, options=dict(num_warps=fwarps, num_stages=fstages))
+        consts = dict(D=d, BLOCK=64)
+        src = ASTSource(tk._rowsum_product, dict(A="*bf16", B="*fp32", OUT="*fp32", ROWS="i32", D="constexpr",
+                                                 BLOCK="constexpr"), consts)
+        triton.compile(src, target=target)
 
 
 def test_row_dot_in_slices_matches_one_pass():

@@ -250,6 +250,17 @@ if triton is not None:
         _add_tile(DQ, q_base, rows, row_ok, RATE, qu, dims, dq * scale)
 
 
+    @triton.jit
+    def _rowsum_product(A, B, OUT, ROWS, D: tl.constexpr, BLOCK: tl.constexpr):
+        """OUT[i] = sum_j A[i, j] * B[i, j] in float32 over contiguous rows of D."""
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = rows < ROWS
+        offs = rows.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
+        a = tl.load(A + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+        b = tl.load(B + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+        tl.store(OUT + rows, tl.sum(a * b, 1), mask=ok)
+
+
 def _config(d: int):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel."""
     if d <= 64:
@@ -352,10 +363,15 @@ def _same_strides(names: str, *tensors) -> None:
 def _row_dot(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor, budget: int = 1 << 26) -> torch.Tensor:
     """rowsum(a * b) over the last dim in float32, shaped and strided like ``like`` (the lse).
 
-    a, b: (b, n, ..., d). Done in slices of n so the float32 temporaries stay within ``budget``
-    elements instead of three full-size float32 copies.
+    a, b: (b, n, ..., d). Contiguous inputs take one kernel pass (``_rowsum_product``); others
+    go in slices of n so the float32 temporaries stay within ``budget`` elements instead of
+    three full-size float32 copies.
     """
     out = torch.empty_like(like)
+    if (a.is_cuda or _interpreted(a)) and all(t.is_contiguous() for t in (a, b, out)) and a.shape[:-1] == out.shape:
+        rows, d = out.numel(), a.shape[-1]
+        _rowsum_product[(triton.cdiv(rows, 64),)](a, b, out, rows, D=d, BLOCK=64)
+        return out
     step = max(1, budget // max(1, a[:, :1].numel()))
     for i in range(0, a.shape[1], step):
         out[:, i : i + step] = (a[:, i : i + step].float() * b[:, i : i + step].float()).sum(-1)
