@@ -67,7 +67,7 @@ def variants(n, heads, d):
             triton_fused.tiling = TILING
             default = triton_fused.fwd_config
             for cfg in FWD_CONFIGS:
-                triton_fused.fwd_config = lambda _d, cfg=cfg: cfg
+                triton_fused.fwd_config = lambda _d, plain=True, cfg=cfg: cfg
                 ms[f"fused {cfg}"] = timed(f, backward)
             triton_fused.fwd_config = default
             rows.append(dict(n=n, variant=name, backward=backward, ms=ms))
@@ -145,7 +145,7 @@ def main():
                     name = "bwd_config" if backward else "fwd_config"
                     default = getattr(triton_fused, name)
                     for cfg in configs:
-                        setattr(triton_fused, name, lambda _d, cfg=cfg: cfg)
+                        setattr(triton_fused, name, lambda _d, plain=True, cfg=cfg: cfg)
                         try:
                             t_ms = timed(call(q, k, v, causal), backward)
                         except Exception as e:  # a config can exceed shared memory

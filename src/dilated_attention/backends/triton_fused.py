@@ -282,9 +282,10 @@ def _grid(n: int, lcm: int, block: int, heads: int, batch: int):
     return (triton.cdiv(n, block * lcm) * lcm, heads, batch)
 
 
-def fwd_config(d: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the fused forward (benchmarks/NOTES.md, v5)."""
-    return 128, 64, 8, 3
+def fwd_config(d: int, plain: bool = True):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the fused forward (benchmarks/NOTES.md, v5): 8 warps
+    for plain plans; with GQA or a key mask 8 warps run 1.1-1.6x slower than 4 on the H100."""
+    return (128, 64, 8, 3) if plain else (128, 64, 4, 3)
 
 
 def bwd_config(d: int):
@@ -311,7 +312,7 @@ def forward(q, k, v, plan: Plan, scale: float, key_mask, block_m: int):
     table, lcm = _branch_table(plan, q.device)
     out = torch.empty_like(q)
     lse = torch.empty((b, n, h), dtype=torch.float32, device=q.device)
-    _, bn, warps, stages = fwd_config(d)
+    _, bn, warps, stages = fwd_config(d, plain=key_mask is None and plan[0].kv_group == 1)
     _fused_fwd[_grid(n, lcm, block_m, h, b)](
         q, k, v, out, lse, q if key_mask is None else key_mask.view(torch.uint8), table, len(plan),
         *_strides(q, k, lse, key_mask), n, lcm, plan[0].head_base, plan[0].kv_group, scale * 1.4426950408889634,
