@@ -56,7 +56,7 @@ def test_kernels_compile_for_hopper():
                 sig[name] = "*bf16"
             elif name == "KM":
                 sig[name] = "*u8"
-            elif name == "T":
+            elif name in ("T", "ST"):
                 sig[name] = "*i32"
             else:
                 sig[name] = "i32"
@@ -68,12 +68,14 @@ def test_kernels_compile_for_hopper():
         for causal in (False, True):
             for first in (False, True):
                 for out_dtype, has_mask in (("*bf16", False), ("*fp32", True)):  # plans merge in bf16, the ring in fp32
-                    consts = dict(IS_CAUSAL=causal, FIRST=first, HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
+                    consts = dict(IS_CAUSAL=causal, FIRST=first, HAS_MASK=has_mask, TABLE=has_mask, BLOCK_M=bm,
+                                  BLOCK_N=bn, HEAD_DIM=d)
                     src = ASTSource(tk._fwd, signature(tk._fwd, out_dtype, consts), consts)
                     triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
             bm, bn, warps, stages = tk._bwd_config(d)
             for has_mask in (False, True):
-                consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
+                consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, TABLE=not has_mask, BLOCK_M=bm, BLOCK_N=bn,
+                              HEAD_DIM=d)
                 for fn in (tk._bwd_dkdv, tk._bwd_dq):
                     src = ASTSource(fn, signature(fn, "*fp32", consts), consts)
                     triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))

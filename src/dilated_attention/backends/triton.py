@@ -22,6 +22,7 @@ Addressing: row ``i`` of the class of offset ``o`` in segment ``s`` of head ``j`
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -57,41 +58,58 @@ if triton is not None:
         return o
 
     @triton.jit
-    def _class(seg, head, N, SEG, RATE, OFFSET, HEAD_BASE):
-        """In-segment offset o and row count of this head's residue class in segment seg."""
+    def _segment(seg, N, SEG, ST, TABLE: tl.constexpr):
+        """First row and length of segment seg: ``seg * SEG`` and the rest of N, or (TABLE, packed
+        documents) the table's (start, length) pair, so one launch covers every document's segments."""
+        if TABLE:
+            return tl.load(ST + 2 * seg).to(tl.int64), tl.load(ST + 2 * seg + 1)
+        return seg * SEG, tl.minimum(N - seg * SEG, SEG).to(tl.int32)
+
+    @triton.jit
+    def _class(seg_len, head, RATE, OFFSET, HEAD_BASE):
+        """In-segment offset o and row count of this head's residue class in a segment of seg_len rows."""
         o = _offset(head, RATE, OFFSET, HEAD_BASE)
-        seg_len = tl.minimum(N - seg * SEG, SEG).to(tl.int32)
         return o, (seg_len - o + RATE - 1) // RATE  # 0 when o >= seg_len, since o < RATE
 
     @triton.jit
     def _program(BLOCK: tl.constexpr, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
-                 qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu):
+                 qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE: tl.constexpr):
         """This program's row block, query and key row counts, offsets of row 0 in q, k, lse; its
         head, class offset and segment.
 
         Grid: (row blocks x segments, heads, batch); axis 0 has room for 2**31 programs. Query
-        head ``head`` reads k/v head ``(KV_HEAD0 + head) // KV_GROUP`` (GQA)."""
+        head ``head`` reads k/v head ``(KV_HEAD0 + head) // KV_GROUP`` (GQA). With a segment
+        table, segment s starts at row ``ST[2s]`` of every tensor (the strides ``*s`` are unused)."""
         row_blocks = tl.cdiv(MAX_ROWS, BLOCK)
         pid = tl.program_id(0)
         block = pid % row_blocks
         seg = (pid // row_blocks).to(tl.int64)
         head = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
-        o, q_count = _class(seg, head, NQ, SEGQ, RATE, OFFSET, HEAD_BASE)
-        _, k_count = _class(seg, head, NK, SEGK, RATE, OFFSET, HEAD_BASE)
-        q_base = b * qb + seg * qs + head * qh + o * qu
-        k_base = b * kb + seg * ks + ((KV_HEAD0 + head) // KV_GROUP) * kh + o * ku
-        l_base = b * lb + seg * ls + head * lh + o * lu
+        q_start, q_len = _segment(seg, NQ, SEGQ, ST, TABLE)
+        k_start, k_len = _segment(seg, NK, SEGK, ST, TABLE)
+        o, q_count = _class(q_len, head, RATE, OFFSET, HEAD_BASE)
+        _, k_count = _class(k_len, head, RATE, OFFSET, HEAD_BASE)
+        if TABLE:
+            q_seg, k_seg, l_seg = q_start * qu, k_start * ku, q_start * lu
+        else:
+            q_seg, k_seg, l_seg = seg * qs, seg * ks, seg * ls
+        q_base = b * qb + q_seg + head * qh + o * qu
+        k_base = b * kb + k_seg + ((KV_HEAD0 + head) // KV_GROUP) * kh + o * ku
+        l_base = b * lb + l_seg + head * lh + o * lu
         return block, q_count, k_count, q_base, k_base, l_base
 
     @triton.jit
-    def _side_base(BLOCK: tl.constexpr, MAX_ROWS, RATE, OFFSET, HEAD_BASE, sb, ss, sh, su):
+    def _side_base(BLOCK: tl.constexpr, MAX_ROWS, RATE, OFFSET, HEAD_BASE, sb, ss, sh, su, ST, TABLE: tl.constexpr):
         """Offset of row 0 of this program's class in another tensor with strides (batch, segment,
         head, row): a gradient laid out per query head (dK, dV), or the key mask (head stride 0)."""
         seg = (tl.program_id(0) // tl.cdiv(MAX_ROWS, BLOCK)).to(tl.int64)
         head = tl.program_id(1)
         o = _offset(head, RATE, OFFSET, HEAD_BASE)
-        return tl.program_id(2).to(tl.int64) * sb + seg * ss + head * sh + o * su
+        seg_off = seg * ss
+        if TABLE:
+            seg_off = tl.load(ST + 2 * seg).to(tl.int64) * su
+        return tl.program_id(2).to(tl.int64) * sb + seg_off + head * sh + o * su
 
     @triton.jit
     def _visible(KM, m_base, cols, col_ok, RATE, mu, HAS_MASK: tl.constexpr):
@@ -125,20 +143,20 @@ if triton is not None:
         return tl.load(ptr + offs, mask=ok[:, None], other=0.0)
 
     @triton.jit
-    def _fwd(Q, K, V, O, L, KM, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
+    def _fwd(Q, K, V, O, L, KM, ST, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
              MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, Q_SHIFT, qk_scale, out_scale,
-             IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr, HAS_MASK: tl.constexpr,
+             IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr, HAS_MASK: tl.constexpr, TABLE: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(
             BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
-            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
+            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE)
         if pid_m * BLOCK_M >= q_count:
             return
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, HEAD_DIM)
         row_ok = rows < q_count
         q = _tile(Q, q_base, rows, row_ok, RATE, qu, dims)
-        m_base = _side_base(BLOCK_M, MAX_ROWS, RATE, OFFSET, HEAD_BASE, mb, ms, mh, mu)
+        m_base = _side_base(BLOCK_M, MAX_ROWS, RATE, OFFSET, HEAD_BASE, mb, ms, mh, mu, ST, TABLE)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -180,13 +198,13 @@ if triton is not None:
             tl.store(l_ptr, top + tl.log(total), mask=row_ok)
 
     @triton.jit
-    def _bwd_dkdv(Q, K, V, DO, L, D, KM, DK, DV, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
+    def _bwd_dkdv(Q, K, V, DO, L, D, KM, DK, DV, ST, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
                   gb, gs, gh, gu, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
                   Q_SHIFT, qk_scale, scale, do_scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                  TABLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_n, q_count, k_count, q_base, k_base, l_base = _program(
             BLOCK_N, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
-            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
+            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE)
         if pid_n * BLOCK_N >= k_count:
             return
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -194,8 +212,8 @@ if triton is not None:
         col_ok = cols < k_count
         k = _tile(K, k_base, cols, col_ok, RATE, ku, dims)
         v = _tile(V, k_base, cols, col_ok, RATE, ku, dims)
-        col_keep = _visible(KM, _side_base(BLOCK_N, MAX_ROWS, RATE, OFFSET, HEAD_BASE, mb, ms, mh, mu), cols, col_ok,
-                            RATE, mu, HAS_MASK)
+        col_keep = _visible(KM, _side_base(BLOCK_N, MAX_ROWS, RATE, OFFSET, HEAD_BASE, mb, ms, mh, mu, ST, TABLE),
+                            cols, col_ok, RATE, mu, HAS_MASK)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         lo = 0
@@ -211,18 +229,18 @@ if triton is not None:
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
         # dK, dV of this query head's view of the keys (per query head: no two programs share rows)
-        g_base = _side_base(BLOCK_N, MAX_ROWS, RATE, OFFSET, HEAD_BASE, gb, gs, gh, gu)
+        g_base = _side_base(BLOCK_N, MAX_ROWS, RATE, OFFSET, HEAD_BASE, gb, gs, gh, gu, ST, TABLE)
         _add_tile(DK, g_base, cols, col_ok, RATE, gu, dims, dk * scale)
         _add_tile(DV, g_base, cols, col_ok, RATE, gu, dims, dv * do_scale)
 
     @triton.jit
-    def _bwd_dq(Q, K, V, DO, L, D, KM, DQ, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
+    def _bwd_dq(Q, K, V, DO, L, D, KM, DQ, ST, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
                 MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, Q_SHIFT, qk_scale, scale, do_scale,
-                IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, TABLE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(
             BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
-            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu)
+            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE)
         if pid_m * BLOCK_M >= q_count:
             return
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -231,7 +249,7 @@ if triton is not None:
         q = _tile(Q, q_base, rows, row_ok, RATE, qu, dims)
         do = _tile(DO, q_base, rows, row_ok, RATE, qu, dims)
         lse, delta = _row_stats(L, D, l_base, rows, row_ok, RATE, lu)
-        m_base = _side_base(BLOCK_M, MAX_ROWS, RATE, OFFSET, HEAD_BASE, mb, ms, mh, mu)
+        m_base = _side_base(BLOCK_M, MAX_ROWS, RATE, OFFSET, HEAD_BASE, mb, ms, mh, mu, ST, TABLE)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         hi = k_count
         full = k_count // BLOCK_N * BLOCK_N
@@ -280,13 +298,14 @@ class _Launch:
     mapping; grid."""
 
     def __init__(self, q_strides, k_strides, l_strides, m_strides, g_strides, nq, segq, nk, segk, rate, offset, batch,
-                 nheads, head_base=0, kv_head0=0, kv_group=1, q_shift=0):
+                 nheads, head_base=0, kv_head0=0, kv_group=1, q_shift=0, table=None):
         self.rows = max(-(-segq // rate), -(-segk // rate))
         self.strides = (*q_strides, *k_strides, *l_strides, *m_strides)
         self.grad_strides = g_strides
         self.sizes = (self.rows, nq, segq, nk, segk, rate, offset, head_base, kv_head0, kv_group, q_shift)
         self.batch, self.nheads = batch, nheads
-        self.segments = -(-nq // segq)
+        self.table = table  # packed documents: (start, length) per segment, int32 on the device; segq: the longest
+        self.segments = -(-nq // segq) if table is None else table.numel() // 2
 
     def grid(self, block: int):
         return (triton.cdiv(self.rows, block) * self.segments, self.nheads, self.batch)
@@ -297,16 +316,37 @@ def _flat(t, seg: int):
     return t.stride(0), seg * t.stride(1), t.stride(2), t.stride(1)
 
 
-def _branch_launch(q, k, lse, mask, grad, branch: Branch) -> _Launch:
+def _branch_launch(q, k, lse, mask, grad, branch: Branch, table=None) -> _Launch:
     """A branch over (b, n, h, d) q (sliced to the branch's heads), unsliced k (h_kv heads), the
-    key mask (b, n) or None, and a key gradient laid out like the sliced q; segments of ``branch.segment`` rows."""
+    key mask (b, n) or None, and a key gradient laid out like the sliced q; segments of ``branch.segment`` rows,
+    or those of ``table`` (packed documents; ``branch.segment``: the longest)."""
     b, n = q.shape[:2]
     seg = branch.segment
     nheads = branch.head_stop - branch.head_start
     m_strides = (mask.stride(0), seg * mask.stride(1), 0, mask.stride(1)) if mask is not None else (0, 0, 0, 0)
     return _Launch(_flat(q, seg), _flat(k, seg), _flat(lse, seg), m_strides, _flat(grad, seg), n, seg, n, seg,
                    branch.rate, branch.offset, b, nheads, branch.head_base + branch.head_start, branch.head_start,
-                   branch.kv_group)
+                   branch.kv_group, table=table)
+
+
+@functools.lru_cache(maxsize=64)
+def _launches(plan: Plan, device: torch.device) -> tuple[tuple[Branch, torch.Tensor | None], ...]:
+    """The plan's launches: one per branch, and with packed documents one per schedule entry over
+    every document (the i-th branch of each), its segments in a (start, length) table on the device."""
+    docs: dict[tuple[int, int], list[Branch]] = {}
+    for branch in plan:
+        docs.setdefault((branch.row_start, branch.row_stop), []).append(branch)
+    if len(docs) == 1 and (plan[0].row_start, plan[0].row_stop) == (0, -1):
+        return tuple((branch, None) for branch in plan)
+    launches = []
+    for entry in zip(*docs.values()):  # every document has one branch per schedule entry, in order
+        first = entry[0]
+        table = [x for br in entry for start in range(br.row_start, br.row_stop, br.segment)
+                 for x in (start, min(br.segment, br.row_stop - start))]
+        launch = Branch(max(br.segment for br in entry), first.rate, first.offset, first.head_start, first.head_stop,
+                        first.head_base, first.kv_group)
+        launches.append((launch, torch.tensor(table, dtype=torch.int32, device=device)))
+    return tuple(launches)
 
 
 def _view_launch(q, k, lse, mask, grad, q_offset: int = 0) -> _Launch:
@@ -325,12 +365,17 @@ def _mask_arg(mask, like):
     return like if mask is None else mask.view(torch.uint8)
 
 
+def _table_arg(launch: _Launch, like):
+    """The segment table for the kernels (a placeholder pointer when there is none)."""
+    return like if launch.table is None else launch.table
+
+
 def _run_forward(q, k, v, out, lse, mask, launch: _Launch, scale: float, causal: bool, first: bool,
                  out_scale: float = 1.0) -> None:
     bm, bn, warps, stages = _config(q.shape[-1])
     _fwd[launch.grid(bm)](
-        q, k, v, out, lse, _mask_arg(mask, q), *launch.strides, *launch.sizes, scale * LOG2E, out_scale,
-        IS_CAUSAL=causal, FIRST=first, HAS_MASK=mask is not None, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=q.shape[-1],
+        q, k, v, out, lse, _mask_arg(mask, q), _table_arg(launch, q), *launch.strides, *launch.sizes, scale * LOG2E,
+        out_scale, IS_CAUSAL=causal, FIRST=first, HAS_MASK=mask is not None, TABLE=launch.table is not None, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=q.shape[-1],
         num_warps=warps, num_stages=stages,
     )
 
@@ -340,12 +385,12 @@ def _run_backward(dout, q, k, v, lse, delta, mask, dq, dk, dv, launch: _Launch, 
     """dk, dv: laid out per query head (``launch.grad_strides``)."""
     bm, bn, warps, stages = _bwd_config(q.shape[-1])
     sizes = (*launch.sizes, scale * LOG2E, scale, do_scale)
-    meta = dict(IS_CAUSAL=causal, HAS_MASK=mask is not None, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=q.shape[-1],
-                num_warps=warps, num_stages=stages)
-    km = _mask_arg(mask, q)
-    _bwd_dkdv[launch.grid(bn)](q, k, v, dout, lse, delta, km, dk, dv, *launch.strides, *launch.grad_strides, *sizes,
-                               **meta)
-    _bwd_dq[launch.grid(bm)](q, k, v, dout, lse, delta, km, dq, *launch.strides, *sizes, **meta)
+    meta = dict(IS_CAUSAL=causal, HAS_MASK=mask is not None, TABLE=launch.table is not None, BLOCK_M=bm, BLOCK_N=bn,
+                HEAD_DIM=q.shape[-1], num_warps=warps, num_stages=stages)
+    km, st = _mask_arg(mask, q), _table_arg(launch, q)
+    _bwd_dkdv[launch.grid(bn)](q, k, v, dout, lse, delta, km, dk, dv, st, *launch.strides, *launch.grad_strides,
+                               *sizes, **meta)
+    _bwd_dq[launch.grid(bm)](q, k, v, dout, lse, delta, km, dq, st, *launch.strides, *sizes, **meta)
 
 
 def _same_strides(names: str, *tensors) -> None:
@@ -417,19 +462,17 @@ class Triton(Backend):
             return triton_fused.forward(q, k, v, plan, scale, key_mask, block)
         out = torch.zeros_like(q)
         lse = torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
-        written = set()  # (document, head) a launch has written: a launch over fresh ones only reads nothing
-        for branch in plan:
-            heads, rows = slice(branch.head_start, branch.head_stop), branch.rows
-            fresh = {(branch.row_start, j) for j in range(heads.start, heads.stop)}
+        written = set()  # heads a launch has written: a launch over fresh ones only reads nothing
+        for branch, table in _launches(plan, q.device):
+            heads = slice(branch.head_start, branch.head_stop)
+            fresh = set(range(heads.start, heads.stop))
             first = written.isdisjoint(fresh)
             written |= fresh
             if out_scale != 1.0 and not first:
                 raise ValueError("triton backend: out_scale needs branches over disjoint heads (head_groups)")
-            qv, ov, lv = q[:, rows, heads], out[:, rows, heads], lse[:, rows, heads]
-            kv, vv = k[:, rows], v[:, rows]
-            mv = None if key_mask is None else key_mask[:, rows]
-            _run_forward(qv, kv, vv, ov, lv, mv, _branch_launch(qv, kv, lv, mv, qv, branch), scale, causal, first,
-                         out_scale)
+            qv, ov, lv = q[:, :, heads], out[:, :, heads], lse[:, :, heads]
+            _run_forward(qv, k, v, ov, lv, key_mask, _branch_launch(qv, k, lv, key_mask, qv, branch, table), scale,
+                         causal, first, out_scale)
         return out, lse
 
     def backward_plan(self, dout, q, k, v, out, lse, plan: Plan, scale: float, causal: bool, out_scale: float,
@@ -447,13 +490,11 @@ class Triton(Backend):
         gqa = k.shape[2] != q.shape[2]
         dq = torch.zeros_like(q)
         dk, dv = (torch.zeros(q.shape, dtype=torch.float32 if gqa else q.dtype, device=q.device) for _ in range(2))
-        for branch in plan:
-            h, rows = slice(branch.head_start, branch.head_stop), branch.rows
-            qv, lv, dkv = q[:, rows, h], lse[:, rows, h], dk[:, rows, h]
-            kv, vv = k[:, rows], v[:, rows]
-            mv = None if key_mask is None else key_mask[:, rows]
-            _run_backward(dout[:, rows, h], qv, kv, vv, lv, delta[:, rows, h], mv, dq[:, rows, h], dkv,
-                          dv[:, rows, h], _branch_launch(qv, kv, lv, mv, dkv, branch), scale, causal, out_scale)
+        for branch, table in _launches(plan, q.device):
+            h = slice(branch.head_start, branch.head_stop)
+            qv, lv, dkv = q[:, :, h], lse[:, :, h], dk[:, :, h]
+            _run_backward(dout[:, :, h], qv, k, v, lv, delta[:, :, h], key_mask, dq[:, :, h], dkv, dv[:, :, h],
+                          _branch_launch(qv, k, lv, key_mask, dkv, branch, table), scale, causal, out_scale)
         if gqa:
             dk, dv = (g.unflatten(2, (k.shape[2], -1)).sum(3).to(q.dtype) for g in (dk, dv))
         return dq, dk, dv
