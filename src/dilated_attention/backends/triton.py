@@ -1,6 +1,8 @@
 """Fused Triton backend: flash-attention kernels that read q, k, v through the dilated strides.
 
-One kernel family serves every caller. A launch is a set of segments, each holding one
+Non-causal paper-mode plans whose segments fit its tiling run on ``triton_fused`` (every
+branch in one launch, one softmax). Every other plan, and the ring, use the per-branch
+kernel family here. A launch is a set of segments, each holding one
 residue class of rows per head: program (m and s, head, batch) takes query rows ``m*BLOCK_M...`` of
 segment ``s``'s class, runs flash-attention over the same class's keys, and merges its
 (out, lse) in place into the accumulators through the log-sum-exp (no per-branch output
@@ -9,8 +11,8 @@ key block), one for dQ (program per query block), each adding into gradients tha
 other program of the launch touches, so it is deterministic.
 
 - ``forward_plan`` / ``backward_plan``: a whole plan on (b, n, h, d) tensors, one launch
-  per branch covering every segment (the ragged last one too), every head and head
-  offset; accumulators in the inputs' dtype (merged in fp32 registers), so the extra
+  per branch covering every segment (the ragged last one too; with packed documents, every
+  document's segments through a (start, length) table), every head and head offset; accumulators in the inputs' dtype (merged in fp32 registers), so the extra
   memory is the fp32 lse alone.
 - ``attend_`` / ``attend_backward_``: one block of (b, S, c, h, d) views, as the ring
   attends its pieces (queries of one rank against a visiting K/V block).
