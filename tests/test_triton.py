@@ -56,7 +56,7 @@ def test_kernels_compile_for_hopper():
                 sig[name] = "*bf16"
             elif name == "KM":
                 sig[name] = "*u8"
-            elif name in ("T", "ST"):
+            elif name in ("T", "TS", "ST"):
                 sig[name] = "*i32"
             else:
                 sig[name] = "i32"

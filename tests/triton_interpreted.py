@@ -184,33 +184,38 @@ def _packed_failures():
 
 def _fused_failures():
     """Plans the fused all-branch kernels take (segments multiples of the tile span, or one segment):
-    with GQA, a key mask, rates without r = 1 and a ragged last segment, against the float64 reference."""
+    with GQA, a key mask, rates without r = 1, a ragged last segment and packed documents, against
+    the float64 reference (each document against the document alone)."""
     from dilated_attention.backends import triton_fused
     from dilated_attention.plan import build_plan
 
     failures = []
-    for b, n, h, h_kv, segs, rates, masked in ((2, 200, 5, 5, [64, 128, 256], [1, 2, 4], False),
-                                              (1, 293, 4, 2, [64, 128], [1, 4], True),
-                                              (1, 160, 6, 3, [32, 64], [2, 2], False)):
-        plan = build_plan(n, h, segs, rates, "paper", kv_heads=h_kv)
+    for b, n, h, h_kv, segs, rates, masked, bounds in (
+            (2, 200, 5, 5, [64, 128, 256], [1, 2, 4], False, None),
+            (1, 293, 4, 2, [64, 128], [1, 4], True, None),
+            (1, 160, 6, 3, [32, 64], [2, 2], False, None),
+            (1, 300, 4, 2, [32, 64], [1, 2], True, (0, 64, 192, 300))):
+        docs = None if bounds is None else torch.tensor(bounds, dtype=torch.int32)
+        plan = build_plan(n, h, segs, rates, "paper", kv_heads=h_kv, cu_seqlens=bounds)
         if not (triton_fused.fwd_tile(plan, n, h, 16) and triton_fused.bwd_tiles(plan, n, h, 16)):
-            failures.append(f"fused kernels do not take {segs}, {rates} at n={n}")
+            failures.append(f"fused kernels do not take {segs}, {rates} at n={n}, documents {bounds}")
         g = torch.Generator().manual_seed(n)
         q, do = (torch.randn(b, n, h, 16, dtype=torch.float64, generator=g) for _ in range(2))
         k, v = (torch.randn(b, n, h_kv, 16, dtype=torch.float64, generator=g) for _ in range(2))
         mask = (torch.rand(b, n, generator=g) < 0.3) if masked else None
         ours = [t.float().requires_grad_() for t in (q, k, v)]
-        out = dilated_attention(*ours, segs, rates, backend="triton", key_padding_mask=mask)
+        out = dilated_attention(*ours, segs, rates, backend="triton", key_padding_mask=mask, cu_seqlens=docs)
         grads = torch.autograd.grad(out, ours, do.float())
-        ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
         rep = h // h_kv
-        ref = reference(ref_in[0], *(t.repeat_interleave(rep, 2) for t in ref_in[1:]), segs, rates, False, None,
-                        "paper", key_padding_mask=mask)
-        ref_grads = torch.autograd.grad(ref, ref_in, do)
-        for name, a, r in zip(["out", "dq", "dk", "dv"], (out, *grads), (ref, *ref_grads)):
-            err = _rel(a, r)
-            if not err < 2e-6:
-                failures.append(f"fused {segs} {rates} n={n} h_kv={h_kv} {name}: {err:.2e}")
+        for lo, hi in zip(bounds or (0,), (bounds or (0, n))[1:]):
+            ref_in = [t[:, lo:hi].clone().requires_grad_() for t in (q, k, v)]
+            ref = reference(ref_in[0], *(t.repeat_interleave(rep, 2) for t in ref_in[1:]), segs, rates, False, None,
+                            "paper", key_padding_mask=None if mask is None else mask[:, lo:hi])
+            ref_grads = torch.autograd.grad(ref, ref_in, do[:, lo:hi])
+            for name, a, r in zip(["out", "dq", "dk", "dv"], (out, *grads), (ref, *ref_grads)):
+                err = _rel(a[:, lo:hi], r)
+                if not err < 2e-6:
+                    failures.append(f"fused {segs} {rates} n={n} h_kv={h_kv} rows [{lo}, {hi}) {name}: {err:.2e}")
     return failures
 
 

@@ -11,13 +11,16 @@ in branch ``(w, r)`` they are all active (``c % r == (head) % r``) or all idle; 
 their keys are the ``w / r`` rows of that class in the same segment. Backward uses the same
 tiling over keys for dK/dV (one program per k/v head, looping over its query heads: no
 per-query-head buffers with GQA) and over queries for dQ; every program stores its rows
-once. Plans this tiling does not fit (head_groups mode, packed documents, a segment that is
-no multiple of the span) run branch by branch (``triton.Triton``), and so does causal
+once. Plans this tiling does not fit (head_groups mode, a segment that is no multiple of the span,
+documents shorter than a span) run branch by branch (``triton.Triton``), and so does causal
 attention: a tile's rows spread over its whole span, so a causal tile would skip almost no
 key block where the per-branch tiles of consecutive class rows skip half (benchmarks/NOTES.md).
 
-Positions, not class indices, address every tensor: row ``p`` of head ``j`` is at
-``b*sb + p*su + j*sh``.
+Packed documents (cu_seqlens) are tiled each from its own first row: a table lists every
+span as (document's first row, its length, span start, document index) and the grid's
+first axis runs over spans x residues, so all documents take one launch. Positions, not class
+indices, address every tensor: row ``p`` of a document starting at row ``p0``, head ``j``, is
+at ``b*sb + (p0 + p)*su + j*sh``.
 """
 
 from __future__ import annotations
@@ -38,42 +41,70 @@ except ImportError:
 BLOCKS = (128, 64, 32, 16)
 
 
+def _documents(plan: Plan, n: int) -> dict[tuple[int, int], list]:
+    """The plan's branches by document: (first row, length) -> its branches, in order."""
+    docs: dict[tuple[int, int], list] = {}
+    for b in plan:
+        stop = n if b.row_stop < 0 else b.row_stop
+        docs.setdefault((b.row_start, stop - b.row_start), []).append(b)
+    return docs
+
+
 @functools.lru_cache(maxsize=256)
 def tiling(plan: Plan, n: int, num_heads: int, largest: int) -> int:
     """The largest tile (rows per program, <= ``largest``) the fused kernels can run ``plan`` at
-    sequence length n with, or 0 when they cannot (then the plan runs branch by branch)."""
-    if not plan or any(b.offset != PER_HEAD or b.head_start != 0 or b.head_stop != num_heads or b.row_start != 0
-                       or b.row_stop >= 0 or (b.head_base, b.kv_group) != (plan[0].head_base, plan[0].kv_group)
-                       for b in plan):
+    sequence length n with, or 0 when they cannot (then the plan runs branch by branch).
+
+    Every document (packed with cu_seqlens, or the whole sequence) is tiled from its first row;
+    a tile's span must divide each branch's segment there (or the branch has one segment), and
+    fit the shortest document (a lone sequence may be shorter than the smallest tile)."""
+    if not plan or any(b.offset != PER_HEAD or b.head_start != 0 or b.head_stop != num_heads
+                       or (b.head_base, b.kv_group) != (plan[0].head_base, plan[0].kv_group) for b in plan):
+        return 0
+    docs = _documents(plan, n)
+    per_doc = list(docs.values())
+    if any([b.rate for b in branches] != [b.rate for b in per_doc[0]] for branches in per_doc):
         return 0
     lcm = functools.reduce(math.lcm, (b.rate for b in plan))
+    shortest = min(length for _, length in docs)
     for block in BLOCKS:
         span = block * lcm
-        if block <= largest and (block == BLOCKS[-1] or span <= n) and all(
-                b.segment >= n or b.segment % span == 0 for b in plan):
+        if block <= largest and (span <= shortest or (block == BLOCKS[-1] and len(docs) == 1)) and all(
+                b.segment >= length or b.segment % span == 0 for (_, length), branches in docs.items()
+                for b in branches):
             return block
     return 0
 
 
 @functools.lru_cache(maxsize=64)
-def _branch_table(plan: Plan, device: torch.device) -> tuple[torch.Tensor, int]:
-    """The branches' (segment, rate) as an int32 device tensor (made once per plan and device), and
-    the rates' least common multiple."""
-    table = torch.tensor([x for b in plan for x in (b.segment, b.rate)], dtype=torch.int32, device=device)
-    return table, math.lcm(*(b.rate for b in plan))
+def _tables(plan: Plan, n: int, block: int, device: torch.device):
+    """Device tables (made once per plan, tile and device): each document's branches' (segment,
+    rate); each span's (document's first row, its length, span start in it, document index).
+    Then the number of spans, the rates' least common multiple and the branches per document."""
+    docs = _documents(plan, n)
+    lcm = functools.reduce(math.lcm, (b.rate for b in plan))
+    branches = [x for doc in docs.values() for b in doc for x in (b.segment, b.rate)]
+    spans = [x for i, (start, length) in enumerate(docs) for span in range(0, length, block * lcm)
+             for x in (start, length, span, i)]
+    as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+    return as_tensor(branches), as_tensor(spans), len(spans) // 4, lcm, len(next(iter(docs.values())))
 
 
 if triton is not None:
 
     @triton.jit
-    def _residue_tile(BLOCK: tl.constexpr, N, LCM):
-        """This program's rows: the span's first position, the residue c, and positions
-        span + c + i * LCM (i < BLOCK) with which of them exist."""
+    def _residue_tile(TS, T, NB, BLOCK: tl.constexpr, LCM):
+        """This program's rows: its document's first row, length and branch table, the span's
+        first position and the residue c in the document, and the positions span + c + i * LCM
+        (i < BLOCK) with which of them exist (positions count from the document's first row)."""
         tile = tl.program_id(0)
-        span = (tile // LCM) * (BLOCK * LCM)
+        e = tile // LCM
+        doc0 = tl.load(TS + 4 * e).to(tl.int64)
+        n = tl.load(TS + 4 * e + 1)
+        span = tl.load(TS + 4 * e + 2)
         c = tile % LCM
         pos = span + c + tl.arange(0, BLOCK) * LCM
-        return span, c, pos, pos < N
+        return doc0, n, T + tl.load(TS + 4 * e + 3) * 2 * NB, span, c, pos, pos < n
 
     @triton.jit
     def _branch(T, br, span, c, head_g, N):
@@ -125,17 +156,18 @@ if triton is not None:
         return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
     @triton.jit
-    def _fused_fwd(Q, K, V, O, L, KM, T, NB, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, N, LCM, HEAD_BASE, KV_GROUP,
-                   qk_scale, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _fused_fwd(Q, K, V, O, L, KM, T, TS, NB, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM, HEAD_BASE,
+                   KV_GROUP, qk_scale, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HEAD_DIM: tl.constexpr):
-        span, c, pos, row_ok = _residue_tile(BLOCK_M, N, LCM)
+        doc0, N, T, span, c, pos, row_ok = _residue_tile(TS, T, NB, BLOCK_M, LCM)
         if span + c >= N:
             return
         head = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         dims = tl.arange(0, HEAD_DIM)
-        q_base = b * qb + head * qh
-        k_base = b * kb + (head // KV_GROUP) * kh
+        q_base = b * qb + head * qh + doc0 * qu
+        k_base = b * kb + (head // KV_GROUP) * kh + doc0 * ku
+        m_base = b * mb + doc0 * mu
         q = _rows(Q, q_base, pos, row_ok, qu, dims)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -145,16 +177,16 @@ if triton is not None:
             if active:
                 full = 0 if HAS_MASK else count // BLOCK_N * BLOCK_N
                 for start in range(0, full, BLOCK_N):
-                    m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, b * mb, key0, r, count, start, pos, m_i, l_i,
+                    m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, m_base, key0, r, count, start, pos, m_i, l_i,
                                               acc, ku, mu, qk_scale, dims, False, HAS_MASK, False, BLOCK_N)
                 for start in range(full, count, BLOCK_N):
-                    m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, b * mb, key0, r, count, start, pos, m_i, l_i,
+                    m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, m_base, key0, r, count, start, pos, m_i, l_i,
                                               acc, ku, mu, qk_scale, dims, False, HAS_MASK, True, BLOCK_N)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         offs = q_base + pos.to(tl.int64)[:, None] * qu + dims[None, :]
         tl.store(O + offs, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
         lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))  # natural log
-        tl.store(L + b * lb + head * lh + pos.to(tl.int64) * lu, lse, mask=row_ok)
+        tl.store(L + b * lb + head * lh + (doc0 + pos) * lu, lse, mask=row_ok)
 
     @triton.jit
     def probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_keep, qk_scale, do_scale, Q_SHIFT,
@@ -199,56 +231,57 @@ if triton is not None:
         return dq + tl.dot(ds.to(k.dtype), k)
 
     @triton.jit
-    def _fused_dq(Q, K, V, DO, L, D, KM, DQ, T, NB, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, N, LCM, HEAD_BASE,
+    def _fused_dq(Q, K, V, DO, L, D, KM, DQ, T, TS, NB, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM, HEAD_BASE,
                   KV_GROUP, qk_scale, scale, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   HEAD_DIM: tl.constexpr):
-        span, c, pos, row_ok = _residue_tile(BLOCK_M, N, LCM)
+        doc0, N, T, span, c, pos, row_ok = _residue_tile(TS, T, NB, BLOCK_M, LCM)
         if span + c >= N:
             return
         head = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         dims = tl.arange(0, HEAD_DIM)
-        q_base = b * qb + head * qh
-        k_base = b * kb + (head // KV_GROUP) * kh
+        q_base = b * qb + head * qh + doc0 * qu
+        k_base = b * kb + (head // KV_GROUP) * kh + doc0 * ku
+        m_base = b * mb + doc0 * mu
         q = _rows(Q, q_base, pos, row_ok, qu, dims)
         do = _rows(DO, q_base, pos, row_ok, qu, dims)
-        lse, delta = _stats(L, D, b * lb + head * lh, pos, row_ok, lu)
+        lse, delta = _stats(L, D, b * lb + head * lh + doc0 * lu, pos, row_ok, lu)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         for br in range(NB):
             active, key0, count, r = _branch(T, br, span, c, head + HEAD_BASE, N)
             if active:
                 full = 0 if HAS_MASK else count // BLOCK_N * BLOCK_N
                 for start in range(0, full, BLOCK_N):
-                    dq = dq_block(q, do, lse, delta, K, V, KM, k_base, b * mb, key0, r, count, start, pos, row_ok,
+                    dq = dq_block(q, do, lse, delta, K, V, KM, k_base, m_base, key0, r, count, start, pos, row_ok,
                                   dq, ku, mu, qk_scale, 1.0, dims, False, HAS_MASK, False, BLOCK_N)
                 for start in range(full, count, BLOCK_N):
-                    dq = dq_block(q, do, lse, delta, K, V, KM, k_base, b * mb, key0, r, count, start, pos, row_ok,
+                    dq = dq_block(q, do, lse, delta, K, V, KM, k_base, m_base, key0, r, count, start, pos, row_ok,
                                   dq, ku, mu, qk_scale, 1.0, dims, False, HAS_MASK, True, BLOCK_N)
         tl.store(DQ + q_base + pos.to(tl.int64)[:, None] * qu + dims[None, :], (dq * scale).to(DQ.dtype.element_ty),
                  mask=row_ok[:, None])
 
     @triton.jit
-    def _fused_dkdv(Q, K, V, DO, L, D, KM, DK, DV, T, NB, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, N, LCM,
+    def _fused_dkdv(Q, K, V, DO, L, D, KM, DK, DV, T, TS, NB, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM,
                     HEAD_BASE, KV_GROUP, qk_scale, scale, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         """dK, dV of BLOCK_N keys (a residue tile) over query blocks of BLOCK_M. Keys past n and
         query rows past the class (zeros) add nothing that is stored, so only the key mask masks P."""
-        span, c, kpos, col_ok = _residue_tile(BLOCK_N, N, LCM)
+        doc0, N, T, span, c, kpos, col_ok = _residue_tile(TS, T, NB, BLOCK_N, LCM)
         if span + c >= N:
             return
         kv_head = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         dims = tl.arange(0, HEAD_DIM)
-        k_base = b * kb + kv_head * kh
+        k_base = b * kb + kv_head * kh + doc0 * ku
         k = _rows(K, k_base, kpos, col_ok, ku, dims)
         v = _rows(V, k_base, kpos, col_ok, ku, dims)
-        col_keep = _visible_keys(KM, b * mb, kpos, col_ok, mu, HAS_MASK)
+        col_keep = _visible_keys(KM, b * mb + doc0 * mu, kpos, col_ok, mu, HAS_MASK)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         for g in range(KV_GROUP):  # the query heads sharing this k/v head
             head = kv_head * KV_GROUP + g
-            q_base = b * qb + head * qh
-            l_base = b * lb + head * lh
+            q_base = b * qb + head * qh + doc0 * qu
+            l_base = b * lb + head * lh + doc0 * lu
             for br in range(NB):
                 active, key0, count, r = _branch(T, br, span, c, head + HEAD_BASE, N)
                 if active:
@@ -278,8 +311,6 @@ def _strides(q, k, lse, mask):
             lse.stride(0), lse.stride(2), lse.stride(1), *m)
 
 
-def _grid(n: int, lcm: int, block: int, heads: int, batch: int):
-    return (triton.cdiv(n, block * lcm) * lcm, heads, batch)
 
 
 def fwd_config(d: int, plain: bool = True):
@@ -309,13 +340,13 @@ def forward(q, k, v, plan: Plan, scale: float, key_mask, block_m: int):
     """q: (b, n, h, d), k, v: (b, n, h_kv, d) contiguous; key_mask (b, n) bool or None; block_m from
     ``fwd_tile`` -> out (b, n, h, d) in q.dtype, lse (b, n, h) float32."""
     b, n, h, d = q.shape
-    table, lcm = _branch_table(plan, q.device)
+    branches, spans, count, lcm, nb = _tables(plan, n, block_m, q.device)
     out = torch.empty_like(q)
     lse = torch.empty((b, n, h), dtype=torch.float32, device=q.device)
     _, bn, warps, stages = fwd_config(d, plain=key_mask is None and plan[0].kv_group == 1)
-    _fused_fwd[_grid(n, lcm, block_m, h, b)](
-        q, k, v, out, lse, q if key_mask is None else key_mask.view(torch.uint8), table, len(plan),
-        *_strides(q, k, lse, key_mask), n, lcm, plan[0].head_base, plan[0].kv_group, scale * 1.4426950408889634,
+    _fused_fwd[(count * lcm, h, b)](
+        q, k, v, out, lse, q if key_mask is None else key_mask.view(torch.uint8), branches, spans, nb,
+        *_strides(q, k, lse, key_mask), lcm, plan[0].head_base, plan[0].kv_group, scale * 1.4426950408889634,
         HAS_MASK=key_mask is not None, BLOCK_M=block_m, BLOCK_N=bn, HEAD_DIM=d,
         num_warps=warps, num_stages=stages)
     return out, lse
@@ -325,15 +356,20 @@ def backward(dout, q, k, v, lse, delta, plan: Plan, scale: float, key_mask, tile
     """Gradients of ``forward`` (contiguous inputs; delta = rowsum(dout * out), laid out like lse):
     dq, dk, dv in q.dtype. ``tiles``: from ``bwd_tiles``."""
     b, n, h, d = q.shape
-    table, lcm = _branch_table(plan, q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _, kv_queries, _, dq_keys, warps, stages = bwd_config(d)
     km = q if key_mask is None else key_mask.view(torch.uint8)
-    args = (table, len(plan), *_strides(q, k, lse, key_mask), n, lcm, plan[0].head_base, plan[0].kv_group,
-            scale * 1.4426950408889634, scale)
     meta = dict(HAS_MASK=key_mask is not None, HEAD_DIM=d, num_warps=warps, num_stages=stages)
-    _fused_dkdv[_grid(n, lcm, tiles[0], k.shape[2], b)](q, k, v, dout, lse, delta, km, dk, dv, *args,
-                                                        BLOCK_M=kv_queries, BLOCK_N=tiles[0], **meta)
-    _fused_dq[_grid(n, lcm, tiles[1], h, b)](q, k, v, dout, lse, delta, km, dq, *args, BLOCK_M=tiles[1],
-                                             BLOCK_N=dq_keys, **meta)
+
+    def args(block):  # the tables of this tile size, strides, scalars; and the grid's first axis
+        branches, spans, count, lcm, nb = _tables(plan, n, block, q.device)
+        return count * lcm, (branches, spans, nb, *_strides(q, k, lse, key_mask), lcm, plan[0].head_base,
+                             plan[0].kv_group, scale * 1.4426950408889634, scale)
+
+    programs, kv_args = args(tiles[0])
+    _fused_dkdv[(programs, k.shape[2], b)](q, k, v, dout, lse, delta, km, dk, dv, *kv_args, BLOCK_M=kv_queries,
+                                           BLOCK_N=tiles[0], **meta)
+    programs, q_args = args(tiles[1])
+    _fused_dq[(programs, h, b)](q, k, v, dout, lse, delta, km, dq, *q_args, BLOCK_M=tiles[1], BLOCK_N=dq_keys,
+                                **meta)
     return dq, dk, dv
