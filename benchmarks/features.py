@@ -13,6 +13,7 @@ per tile).
 import argparse
 import json
 import os
+import statistics
 import sys
 
 import torch
@@ -58,6 +59,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--seq-lens", type=int, nargs="+", default=[1 << 20])
     p.add_argument("--json", default=None)
+    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds per row (medians)")
+    p.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd", "causal fwd", "causal fwd+bwd"],
+                   help="which rows to time")
     args = p.parse_args()
     rows = []
     print(f"{'n':>8} {'causal':>6} {'pass':>8} {'plain ms':>9} {'GQA h/4':>9} {'ratio':>6} {'padding':>9} {'ratio':>6} "
@@ -65,11 +69,13 @@ def main():
     for n in args.seq_lens:
         for causal in (False, True):
             for backward in (False, True):
-                plain = case(n, 12, False, causal, backward)
-                gqa = case(n, 3, False, causal, backward)
-                padded = case(n, 12, True, causal, backward)
-                docs64k = case(n, 12, False, causal, backward, doc_len=1 << 16)
-                docs8k = case(n, 12, False, causal, backward, doc_len=1 << 13)
+                if ("causal " if causal else "") + ("fwd+bwd" if backward else "fwd") not in args.passes:
+                    continue
+                case(n, 12, False, causal, backward)  # warm-up: the first timing on a fresh GPU runs slow
+                times = [[case(n, 12, False, causal, backward), case(n, 3, False, causal, backward),
+                          case(n, 12, True, causal, backward), case(n, 12, False, causal, backward, doc_len=1 << 16),
+                          case(n, 12, False, causal, backward, doc_len=1 << 13)] for _ in range(args.rounds)]
+                plain, gqa, padded, docs64k, docs8k = (statistics.median(t) for t in zip(*times))
                 row = dict(n=n, causal=causal, backward=backward, plain_ms=plain, gqa_ms=gqa, padding_ms=padded,
                            docs_64k_ms=docs64k, docs_8k_ms=docs8k)
                 rows.append(row)
