@@ -6,8 +6,8 @@ In one run, on one device, in three interleaved rounds (medians): per-branch lau
 fused path switched off in-process), the fused kernels, and dense SDPA on b = n / 2048 sequences of 2048 (every LongNet branch
 is 2048 x 2048 attention per segment), forward and forward+backward, causal and not. Useful
 TFLOP/s count linked pairs only (``plan.useful_flops``; forward+backward 3.5x, causal half).
-``--sweep`` also times the fused kernels' block configs (``triton_fused.fwd_config`` /
-``bwd_config``). Also the host time of one
+``--sweep`` also times the fused kernels' block configs (``triton_fused.fwd_configs`` /
+``bwd_config``); ``--variants`` times each forward candidate and the one picked at run time. Also the host time of one
 call at n = 64 against SDPA's. Prints tables; writes $OUT/kernels.json (default
 bench-results/).
 """
@@ -65,11 +65,12 @@ def variants(n, heads, d):
             triton_fused.tiling = lambda *args: 0
             ms = {"per_branch": timed(f, backward)}
             triton_fused.tiling = TILING
-            default = triton_fused.fwd_config
+            default = triton_fused.fwd_configs
             for cfg in FWD_CONFIGS:
-                triton_fused.fwd_config = lambda _d, plain=True, cfg=cfg: cfg
+                triton_fused.fwd_configs = lambda _d, cfg=cfg: (cfg,)
                 ms[f"fused {cfg}"] = timed(f, backward)
-            triton_fused.fwd_config = default
+            triton_fused.fwd_configs = default
+            ms["fused, picked"] = timed(f, backward)
             rows.append(dict(n=n, variant=name, backward=backward, ms=ms))
             print(f"{name:5} {'fwd+bwd' if backward else 'fwd':7} " + " | ".join(f"{m} {t:.2f} ms" for m, t in ms.items()),
                   flush=True)
@@ -142,10 +143,10 @@ def main():
                     configs = ([(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4)] if not backward else
                                [(64, 64, 64, 64, 4, 3), (64, 64, 64, 64, 4, 4), (128, 32, 64, 32, 4, 4),
                                 (64, 32, 64, 64, 4, 3), (64, 64, 128, 64, 8, 3), (128, 64, 128, 64, 8, 3)])
-                    name = "bwd_config" if backward else "fwd_config"
+                    name = "bwd_config" if backward else "fwd_configs"
                     default = getattr(triton_fused, name)
                     for cfg in configs:
-                        setattr(triton_fused, name, lambda _d, plain=True, cfg=cfg: cfg)
+                        setattr(triton_fused, name, lambda _d, cfg=cfg, one=not backward: (cfg,) if one else cfg)
                         try:
                             t_ms = timed(call(q, k, v, causal), backward)
                         except Exception as e:  # a config can exceed shared memory

@@ -87,10 +87,10 @@ def test_kernels_compile_for_hopper():
                 consts = dict(HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
                 src = ASTSource(fn, signature(fn, "*bf16", consts), consts)
                 triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
-            bm, bn, fwarps, fstages = fused.fwd_config(d, plain=not has_mask)
-            consts = dict(HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
-            src = ASTSource(fused._fused_fwd, signature(fused._fused_fwd, "*bf16", consts), consts)
-            triton.compile(src, target=target, options=dict(num_warps=fwarps, num_stages=fstages))
+            for bm, bn, fwarps, fstages in fused.fwd_configs(d):
+                consts = dict(HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
+                src = ASTSource(fused._fused_fwd, signature(fused._fused_fwd, "*bf16", consts), consts)
+                triton.compile(src, target=target, options=dict(num_warps=fwarps, num_stages=fstages))
         consts = dict(D=d, BLOCK=64)
         src = ASTSource(tk._rowsum_product, dict(A="*bf16", B="*fp32", OUT="*fp32", ROWS="i32", D="constexpr",
                                                  BLOCK="constexpr"), consts)
@@ -116,3 +116,39 @@ def test_grid_keeps_segments_on_the_large_axis():
     lse = torch.empty(2, 4_480_000, 12, device="meta")
     grid = _branch_launch(q, q, lse, None, q, Branch(64, 1, PER_HEAD, 0, 12)).grid(128)
     assert grid == (70_000, 12, 2)
+
+
+def test_fused_forward_picks_the_faster_candidate(monkeypatch):
+    """``_pick`` times each candidate once per key and keeps the fastest; it times nothing while a CUDA
+    graph is captured (CUDA events stand in for a GPU here)."""
+    from dilated_attention.backends import triton_fused
+
+    clock = {"now": 0.0}
+    cost = {"slow": 3.0, "fast": 1.0}
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = clock["now"]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    def launch(cfg):
+        clock["now"] += cost[cfg]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert triton_fused._pick("test-key", ("slow", "fast"), launch) == "slow"  # capturing: the first, untimed
+    assert clock["now"] == 0.0
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert triton_fused._pick("test-key", ("slow", "fast"), launch) == "fast"
+    timed = clock["now"]
+    assert timed == 4 * 3.0 + 4 * 1.0  # one compile launch and three timed ones each
+    assert triton_fused._pick("test-key", ("slow", "fast"), launch) == "fast" and clock["now"] == timed  # cached

@@ -313,10 +313,36 @@ def _strides(q, k, lse, mask):
 
 
 
-def fwd_config(d: int, plain: bool = True):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the fused forward (benchmarks/NOTES.md, v5): 8 warps
-    for plain plans; with GQA or a key mask 8 warps run 1.1-1.6x slower than 4 on the H100."""
-    return (128, 64, 8, 3) if plain else (128, 64, 4, 3)
+def fwd_configs(d: int) -> tuple[tuple[int, int, int, int], ...]:
+    """Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) of the fused forward, timed once per kind of
+    call on the device (``_pick``): with plain plans 8 warps ran 5-7% faster than 4 on some H100
+    hosts and 10-15% slower on another, and 1.1-1.6x slower with GQA or a key mask (NOTES.md, v7)."""
+    return (128, 64, 8, 3), (128, 64, 4, 3)
+
+
+_PICKED: dict = {}
+
+
+def _pick(key, candidates, launch):
+    """The candidate whose ``launch(candidate)`` ran fastest for this key: each is launched once to
+    compile, then timed over three launches with CUDA events, once per key and process. The first
+    candidate, untimed, off CUDA (the interpreter) and while a CUDA graph is being captured."""
+    key = (key, candidates)
+    if key not in _PICKED:
+        if len(candidates) == 1 or not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
+            return candidates[0]
+        times = []
+        for cfg in candidates:
+            launch(cfg)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(3):
+                launch(cfg)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        _PICKED[key] = candidates[times.index(min(times))]
+    return _PICKED[key]
 
 
 def bwd_config(d: int):
@@ -326,7 +352,7 @@ def bwd_config(d: int):
 
 def fwd_tile(plan: Plan, n: int, h: int, d: int) -> int:
     """Rows per program of the fused forward for this plan, or 0: run it branch by branch."""
-    return tiling(plan, n, h, fwd_config(d)[0])
+    return tiling(plan, n, h, min(cfg[0] for cfg in fwd_configs(d)))
 
 
 def bwd_tiles(plan: Plan, n: int, h: int, d: int) -> tuple[int, int] | None:
@@ -343,12 +369,15 @@ def forward(q, k, v, plan: Plan, scale: float, key_mask, block_m: int):
     branches, spans, count, lcm, nb = _tables(plan, n, block_m, q.device)
     out = torch.empty_like(q)
     lse = torch.empty((b, n, h), dtype=torch.float32, device=q.device)
-    _, bn, warps, stages = fwd_config(d, plain=key_mask is None and plan[0].kv_group == 1)
-    _fused_fwd[(count * lcm, h, b)](
-        q, k, v, out, lse, q if key_mask is None else key_mask.view(torch.uint8), branches, spans, nb,
-        *_strides(q, k, lse, key_mask), lcm, plan[0].head_base, plan[0].kv_group, scale * 1.4426950408889634,
-        HAS_MASK=key_mask is not None, BLOCK_M=block_m, BLOCK_N=bn, HEAD_DIM=d,
-        num_warps=warps, num_stages=stages)
+    args = (q, k, v, out, lse, q if key_mask is None else key_mask.view(torch.uint8), branches, spans, nb,
+            *_strides(q, k, lse, key_mask), lcm, plan[0].head_base, plan[0].kv_group, scale * 1.4426950408889634)
+
+    def launch(cfg):
+        _fused_fwd[(count * lcm, h, b)](*args, HAS_MASK=key_mask is not None, BLOCK_M=block_m, BLOCK_N=cfg[1],
+                                        HEAD_DIM=d, num_warps=cfg[2], num_stages=cfg[3])
+
+    key = (d, key_mask is not None, plan[0].kv_group, nb, lcm, block_m, q.dtype, q.device)
+    launch(_pick(key, fwd_configs(d), launch))
     return out, lse
 
 
