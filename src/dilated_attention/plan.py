@@ -106,7 +106,7 @@ Plan = tuple  # tuple[Branch, ...]: one entry per (w, r) of the schedule, in ord
 
 def check_schedule(segment_lengths: Sequence[int], dilation_rates: Sequence[int], mode: str) -> None:
     """Raise a ValueError/TypeError naming the argument when the schedule is malformed."""
-    if (not torch.compiler.is_compiling() and type(segment_lengths) in (list, tuple)
+    if (not torch.compiler.is_compiling() and type(mode) is str and type(segment_lengths) in (list, tuple)
             and type(dilation_rates) in (list, tuple) and all(type(x) is int for x in (*segment_lengths, *dilation_rates))):
         return _check_ints(tuple(segment_lengths), tuple(dilation_rates), mode)  # the checks, once per schedule
     _check_schedule(segment_lengths, dilation_rates, mode)
