@@ -140,6 +140,8 @@ def test_fused_forward_picks_the_faster_candidate(monkeypatch):
             return end.t - self.t
 
     def launch(cfg):
+        if cfg == "too big":
+            raise triton.runtime.errors.OutOfResources(300_000, 232_448, "shared memory")
         clock["now"] += cost[cfg]
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -152,3 +154,4 @@ def test_fused_forward_picks_the_faster_candidate(monkeypatch):
     timed = clock["now"]
     assert timed == 4 * 3.0 + 4 * 1.0  # one compile launch and three timed ones each
     assert triton_fused._pick("test-key", ("slow", "fast"), launch) == "fast" and clock["now"] == timed  # cached
+    assert triton_fused._pick("other-key", ("too big", "slow"), launch) == "slow"  # one that cannot run is passed over

@@ -35,6 +35,7 @@ from ..plan import PER_HEAD, Plan
 try:
     import triton
     import triton.language as tl
+    import triton.runtime.errors
 except ImportError:
     triton = None
 
@@ -325,15 +326,20 @@ _PICKED: dict = {}
 
 def _pick(key, candidates, launch):
     """The candidate whose ``launch(candidate)`` ran fastest for this key: each is launched once to
-    compile, then timed over three launches with CUDA events, once per key and process. The first
-    candidate, untimed, off CUDA (the interpreter) and while a CUDA graph is being captured."""
+    compile, then timed over three launches with CUDA events, once per key and process; one that
+    does not fit the device (shared memory, registers) is passed over. The first candidate,
+    untimed, off CUDA (the interpreter) and while a CUDA graph is being captured."""
     key = (key, candidates)
     if key not in _PICKED:
         if len(candidates) == 1 or not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
             return candidates[0]
         times = []
         for cfg in candidates:
-            launch(cfg)
+            try:
+                launch(cfg)
+            except triton.runtime.errors.OutOfResources:
+                times.append(float("inf"))
+                continue
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(3):
