@@ -218,6 +218,16 @@ def check_head_slice(num_heads: int, head_start: int, total_heads: int | None, k
     return total
 
 
+def documents(plan: Plan, n: int) -> dict[tuple[int, int], list[Branch]]:
+    """The plan's branches by document (cu_seqlens; else the whole sequence): (first row, length)
+    -> its branches, in order. Every document holds one branch per schedule entry."""
+    docs: dict[tuple[int, int], list[Branch]] = {}
+    for b in plan:
+        stop = n if b.row_stop < 0 else b.row_stop
+        docs.setdefault((b.row_start, stop - b.row_start), []).append(b)
+    return docs
+
+
 @functools.lru_cache(maxsize=256)
 def plan_items(plan: Plan) -> tuple[WorkItem, ...]:
     """Every ``(branch, offset, heads)`` work item of the plan, branch by branch (derived once per plan)."""

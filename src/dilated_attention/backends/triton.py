@@ -29,7 +29,7 @@ import os
 
 import torch
 
-from ..plan import Branch, Plan
+from ..plan import Branch, Plan, documents
 from . import triton_fused
 from .base import Backend
 
@@ -48,7 +48,7 @@ def available() -> bool:
 
 
 if triton is not None:
-    from .triton_fused import dq_block, fwd_block, probs
+    from .triton_fused import dq_block, fwd_block, kv_rows, probs, rows_at, visible_keys
 
     @triton.jit
     def _offset(head, RATE, OFFSET, HEAD_BASE):
@@ -114,14 +114,6 @@ if triton is not None:
         return tl.program_id(2).to(tl.int64) * sb + seg_off + head * sh + o * su
 
     @triton.jit
-    def _visible(KM, m_base, cols, col_ok, RATE, mu, HAS_MASK: tl.constexpr):
-        """Which of these key rows exist and are not masked out by the key padding mask."""
-        if HAS_MASK:
-            masked = tl.load(KM + _row_offs(m_base, cols, RATE, mu), mask=col_ok, other=1)
-            return col_ok & (masked == 0)
-        return col_ok
-
-    @triton.jit
     def _row_offs(base, idx, RATE, su):
         """Offsets of rows idx of a class whose row 0 is at base (su: one row of the tensor)."""
         return base + (idx * RATE).to(tl.int64) * su
@@ -139,12 +131,6 @@ if triton is not None:
         tl.store(ptr + offs, tl.load(ptr + offs, mask=ok[:, None]) + value, mask=ok[:, None])
 
     @triton.jit
-    def _tile(ptr, base, idx, ok, RATE, su, dims):
-        """Rows idx of a class starting at ptr + base: (len(idx), HEAD_DIM)."""
-        offs = _row_offs(base, idx, RATE, su)[:, None] + dims[None, :]
-        return tl.load(ptr + offs, mask=ok[:, None], other=0.0)
-
-    @triton.jit
     def _fwd(Q, K, V, O, L, KM, ST, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
              MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, Q_SHIFT, qk_scale, out_scale,
              IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr, HAS_MASK: tl.constexpr, TABLE: tl.constexpr,
@@ -157,7 +143,7 @@ if triton is not None:
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, HEAD_DIM)
         row_ok = rows < q_count
-        q = _tile(Q, q_base, rows, row_ok, RATE, qu, dims)
+        q = rows_at(Q, q_base, rows * RATE, row_ok, qu, dims)
         m_base = _side_base(BLOCK_M, MAX_ROWS, RATE, OFFSET, HEAD_BASE, mb, ms, mh, mu, ST, TABLE)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -212,10 +198,9 @@ if triton is not None:
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, HEAD_DIM)
         col_ok = cols < k_count
-        k = _tile(K, k_base, cols, col_ok, RATE, ku, dims)
-        v = _tile(V, k_base, cols, col_ok, RATE, ku, dims)
-        col_keep = _visible(KM, _side_base(BLOCK_N, MAX_ROWS, RATE, OFFSET, HEAD_BASE, mb, ms, mh, mu, ST, TABLE),
-                            cols, col_ok, RATE, mu, HAS_MASK)
+        k, v = kv_rows(K, V, k_base, cols * RATE, col_ok, ku, dims, True)
+        col_keep = visible_keys(KM, _side_base(BLOCK_N, MAX_ROWS, RATE, OFFSET, HEAD_BASE, mb, ms, mh, mu, ST, TABLE),
+                                 cols * RATE, col_ok, mu, HAS_MASK)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         lo = 0
@@ -224,8 +209,8 @@ if triton is not None:
         for start in range(lo, q_count, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
             row_ok = rows < q_count
-            q = _tile(Q, q_base, rows, row_ok, RATE, qu, dims)
-            do = _tile(DO, q_base, rows, row_ok, RATE, qu, dims)
+            q = rows_at(Q, q_base, rows * RATE, row_ok, qu, dims)
+            do = rows_at(DO, q_base, rows * RATE, row_ok, qu, dims)
             lse, delta = _row_stats(L, D, l_base, rows, row_ok, RATE, lu)
             p, ds = probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_keep, qk_scale, do_scale, Q_SHIFT, IS_CAUSAL)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
@@ -248,8 +233,8 @@ if triton is not None:
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, HEAD_DIM)
         row_ok = rows < q_count
-        q = _tile(Q, q_base, rows, row_ok, RATE, qu, dims)
-        do = _tile(DO, q_base, rows, row_ok, RATE, qu, dims)
+        q = rows_at(Q, q_base, rows * RATE, row_ok, qu, dims)
+        do = rows_at(DO, q_base, rows * RATE, row_ok, qu, dims)
         lse, delta = _row_stats(L, D, l_base, rows, row_ok, RATE, lu)
         m_base = _side_base(BLOCK_M, MAX_ROWS, RATE, OFFSET, HEAD_BASE, mb, ms, mh, mu, ST, TABLE)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -332,16 +317,14 @@ def _branch_launch(q, k, lse, mask, grad, branch: Branch, table=None) -> _Launch
 
 
 @functools.lru_cache(maxsize=64)
-def _launches(plan: Plan, device: torch.device) -> tuple[tuple[Branch, torch.Tensor | None], ...]:
+def _launches(plan: Plan, n: int, device: torch.device) -> tuple[tuple[Branch, torch.Tensor | None], ...]:
     """The plan's launches: one per branch, and with packed documents one per schedule entry over
     every document (the i-th branch of each), its segments in a (start, length) table on the device."""
-    docs: dict[tuple[int, int], list[Branch]] = {}
-    for branch in plan:
-        docs.setdefault((branch.row_start, branch.row_stop), []).append(branch)
-    if len(docs) == 1 and (plan[0].row_start, plan[0].row_stop) == (0, -1):
+    docs = documents(plan, n)
+    if len(docs) == 1:
         return tuple((branch, None) for branch in plan)
     launches = []
-    for entry in zip(*docs.values()):  # every document has one branch per schedule entry, in order
+    for entry in zip(*docs.values()):
         first = entry[0]
         table = [x for br in entry for start in range(br.row_start, br.row_stop, br.segment)
                  for x in (start, min(br.segment, br.row_stop - start))]
@@ -465,7 +448,7 @@ class Triton(Backend):
         out = torch.zeros_like(q)
         lse = torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
         written = set()  # heads a launch has written: a launch over fresh ones only reads nothing
-        for branch, table in _launches(plan, q.device):
+        for branch, table in _launches(plan, q.shape[1], q.device):
             heads = slice(branch.head_start, branch.head_stop)
             fresh = set(range(heads.start, heads.stop))
             first = written.isdisjoint(fresh)
@@ -492,7 +475,7 @@ class Triton(Backend):
         gqa = k.shape[2] != q.shape[2]
         dq = torch.zeros_like(q)
         dk, dv = (torch.zeros(q.shape, dtype=torch.float32 if gqa else q.dtype, device=q.device) for _ in range(2))
-        for branch, table in _launches(plan, q.device):
+        for branch, table in _launches(plan, q.shape[1], q.device):
             h = slice(branch.head_start, branch.head_stop)
             qv, lv, dkv = q[:, :, h], lse[:, :, h], dk[:, :, h]
             _run_backward(dout[:, :, h], qv, k, v, lv, delta[:, :, h], key_mask, dq[:, :, h], dkv, dv[:, :, h],

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from ..plan import PER_HEAD, Plan
+from ..plan import PER_HEAD, Plan, documents
 
 try:
     import triton
@@ -40,15 +40,6 @@ except ImportError:
     triton = None
 
 BLOCKS = (128, 64, 32, 16)
-
-
-def _documents(plan: Plan, n: int) -> dict[tuple[int, int], list]:
-    """The plan's branches by document: (first row, length) -> its branches, in order."""
-    docs: dict[tuple[int, int], list] = {}
-    for b in plan:
-        stop = n if b.row_stop < 0 else b.row_stop
-        docs.setdefault((b.row_start, stop - b.row_start), []).append(b)
-    return docs
 
 
 @functools.lru_cache(maxsize=256)
@@ -62,7 +53,7 @@ def tiling(plan: Plan, n: int, num_heads: int, largest: int) -> int:
     if not plan or any(b.offset != PER_HEAD or b.head_start != 0 or b.head_stop != num_heads
                        or (b.head_base, b.kv_group) != (plan[0].head_base, plan[0].kv_group) for b in plan):
         return 0
-    docs = _documents(plan, n)
+    docs = documents(plan, n)
     per_doc = list(docs.values())
     if any([b.rate for b in branches] != [b.rate for b in per_doc[0]] for branches in per_doc):
         return 0
@@ -82,7 +73,7 @@ def _tables(plan: Plan, n: int, block: int, device: torch.device):
     """Device tables (made once per plan, tile and device): each document's branches' (segment,
     rate); each span's (document's first row, its length, span start in it, document index).
     Then the number of spans, the rates' least common multiple and the branches per document."""
-    docs = _documents(plan, n)
+    docs = documents(plan, n)
     lcm = functools.reduce(math.lcm, (b.rate for b in plan))
     branches = [x for doc in docs.values() for b in doc for x in (b.segment, b.rate)]
     spans = [x for i, (start, length) in enumerate(docs) for span in range(0, length, block * lcm)
@@ -108,6 +99,14 @@ if triton is not None:
         return doc0, n, T + tl.load(TS + 4 * e + 3) * 2 * NB, span, c, pos, pos < n
 
     @triton.jit
+    def _query_side(doc0, KV_GROUP, qb, qh, qu, kb, kh, ku, mb, mu):
+        """A query-tile program's head and batch, and row 0 of its document in q (out, dout, dq),
+        in its k/v head of k (v), and in the key mask."""
+        head = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        return head, b, b * qb + head * qh + doc0 * qu, b * kb + (head // KV_GROUP) * kh + doc0 * ku, b * mb + doc0 * mu
+
+    @triton.jit
     def _branch(T, br, span, c, head_g, N):
         """Branch br's class for a tile: whether its rows are active, the class's first position,
         its row count in the tile's segment, and the rate."""
@@ -119,12 +118,20 @@ if triton is not None:
         return c % r == o, seg0 + o, count, r
 
     @triton.jit
-    def _rows(ptr, base, pos, ok, su, dims):
+    def rows_at(ptr, base, pos, ok, su, dims):
         """Rows at positions pos of ptr + base: (len(pos), HEAD_DIM)."""
         return tl.load(ptr + base + pos.to(tl.int64)[:, None] * su + dims[None, :], mask=ok[:, None], other=0.0)
 
     @triton.jit
-    def _visible_keys(KM, m_base, kpos, ok, mu, HAS_MASK: tl.constexpr):
+    def kv_rows(K, V, base, kpos, ok, ku, dims, MASKED: tl.constexpr):
+        """Key and value rows at positions kpos; MASKED: only those where ok (zeros elsewhere)."""
+        offs = base + kpos.to(tl.int64)[:, None] * ku + dims[None, :]
+        if MASKED:
+            return tl.load(K + offs, mask=ok[:, None], other=0.0), tl.load(V + offs, mask=ok[:, None], other=0.0)
+        return tl.load(K + offs), tl.load(V + offs)
+
+    @triton.jit
+    def visible_keys(KM, m_base, kpos, ok, mu, HAS_MASK: tl.constexpr):
         if HAS_MASK:
             return ok & (tl.load(KM + m_base + kpos.to(tl.int64) * mu, mask=ok, other=1) == 0)
         return ok
@@ -137,15 +144,10 @@ if triton is not None:
         t = start + tl.arange(0, BLOCK_N)
         kpos = key0 + t * r
         ok = t < count
-        if MASKED:
-            k = _rows(K, k_base, kpos, ok, ku, dims)
-            v = _rows(V, k_base, kpos, ok, ku, dims)
-        else:
-            k = tl.load(K + k_base + kpos.to(tl.int64)[:, None] * ku + dims[None, :])
-            v = tl.load(V + k_base + kpos.to(tl.int64)[:, None] * ku + dims[None, :])
+        k, v = kv_rows(K, V, k_base, kpos, ok, ku, dims, MASKED)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if MASKED:
-            keep = _visible_keys(KM, m_base, kpos, ok, mu, HAS_MASK)[None, :]
+            keep = visible_keys(KM, m_base, kpos, ok, mu, HAS_MASK)[None, :]
             if IS_CAUSAL:
                 keep = keep & (t[None, :] <= qidx[:, None])
             s = tl.where(keep, s, float("-inf"))
@@ -163,13 +165,9 @@ if triton is not None:
         doc0, N, T, span, c, pos, row_ok = _residue_tile(TS, T, NB, BLOCK_M, LCM)
         if span + c >= N:
             return
-        head = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
+        head, b, q_base, k_base, m_base = _query_side(doc0, KV_GROUP, qb, qh, qu, kb, kh, ku, mb, mu)
         dims = tl.arange(0, HEAD_DIM)
-        q_base = b * qb + head * qh + doc0 * qu
-        k_base = b * kb + (head // KV_GROUP) * kh + doc0 * ku
-        m_base = b * mb + doc0 * mu
-        q = _rows(Q, q_base, pos, row_ok, qu, dims)
+        q = rows_at(Q, q_base, pos, row_ok, qu, dims)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -219,14 +217,11 @@ if triton is not None:
         t = start + tl.arange(0, BLOCK_N)
         kpos = key0 + t * r
         ok = t < count
+        k, v = kv_rows(K, V, k_base, kpos, ok, ku, dims, MASKED)
         if MASKED:
-            k = _rows(K, k_base, kpos, ok, ku, dims)
-            v = _rows(V, k_base, kpos, ok, ku, dims)
-            keep = _visible_keys(KM, m_base, kpos, ok, mu, HAS_MASK)
+            keep = visible_keys(KM, m_base, kpos, ok, mu, HAS_MASK)
             p, ds = probs(q, k, v, do, lse, delta, qidx, t, row_ok, keep, qk_scale, do_scale, 0, IS_CAUSAL)
         else:
-            k = tl.load(K + k_base + kpos.to(tl.int64)[:, None] * ku + dims[None, :])
-            v = tl.load(V + k_base + kpos.to(tl.int64)[:, None] * ku + dims[None, :])
             p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
             ds = p * (tl.dot(do, tl.trans(v)) * do_scale - delta[:, None])
         return dq + tl.dot(ds.to(k.dtype), k)
@@ -238,14 +233,10 @@ if triton is not None:
         doc0, N, T, span, c, pos, row_ok = _residue_tile(TS, T, NB, BLOCK_M, LCM)
         if span + c >= N:
             return
-        head = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
+        head, b, q_base, k_base, m_base = _query_side(doc0, KV_GROUP, qb, qh, qu, kb, kh, ku, mb, mu)
         dims = tl.arange(0, HEAD_DIM)
-        q_base = b * qb + head * qh + doc0 * qu
-        k_base = b * kb + (head // KV_GROUP) * kh + doc0 * ku
-        m_base = b * mb + doc0 * mu
-        q = _rows(Q, q_base, pos, row_ok, qu, dims)
-        do = _rows(DO, q_base, pos, row_ok, qu, dims)
+        q = rows_at(Q, q_base, pos, row_ok, qu, dims)
+        do = rows_at(DO, q_base, pos, row_ok, qu, dims)
         lse, delta = _stats(L, D, b * lb + head * lh + doc0 * lu, pos, row_ok, lu)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         for br in range(NB):
@@ -274,9 +265,8 @@ if triton is not None:
         b = tl.program_id(2).to(tl.int64)
         dims = tl.arange(0, HEAD_DIM)
         k_base = b * kb + kv_head * kh + doc0 * ku
-        k = _rows(K, k_base, kpos, col_ok, ku, dims)
-        v = _rows(V, k_base, kpos, col_ok, ku, dims)
-        col_keep = _visible_keys(KM, b * mb + doc0 * mu, kpos, col_ok, mu, HAS_MASK)
+        k, v = kv_rows(K, V, k_base, kpos, col_ok, ku, dims, True)
+        col_keep = visible_keys(KM, b * mb + doc0 * mu, kpos, col_ok, mu, HAS_MASK)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         for g in range(KV_GROUP):  # the query heads sharing this k/v head
@@ -290,8 +280,8 @@ if triton is not None:
                         u = start + tl.arange(0, BLOCK_M)
                         qpos = key0 + u * r
                         row_ok = u < count
-                        q = _rows(Q, q_base, qpos, row_ok, qu, dims)
-                        do = _rows(DO, q_base, qpos, row_ok, qu, dims)
+                        q = rows_at(Q, q_base, qpos, row_ok, qu, dims)
+                        do = rows_at(DO, q_base, qpos, row_ok, qu, dims)
                         lse, delta = _stats(L, D, l_base, qpos, row_ok, lu)
                         p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
                         if HAS_MASK:  # a row whose keys are all masked has lse -inf: P is 0 on its masked keys
