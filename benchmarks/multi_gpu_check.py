@@ -35,8 +35,8 @@ def worker(rank, world, port, n):
     full = [torch.randn(1, n, 12, 64, generator=g).cuda() for _ in range(4)]  # q, k, v, dout
     ok = True
     for mode in ("paper", "head_groups"):
-        for causal in (False, True):
-            ring = RingDilatedAttention(SEGS, RATES, mode=mode)
+        for causal, layout in ((False, "contiguous"), (True, "contiguous"), (True, "zigzag")):
+            ring = RingDilatedAttention(SEGS, RATES, mode=mode, layout=layout)
             results = {}
             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
                 ins = [t.to(dtype).requires_grad_() for t in full[:3]]
@@ -51,7 +51,7 @@ def worker(rank, world, port, n):
                 single_err = rel(results["bf16"][i], results["fp32"][i])
                 passed = ring_err <= 2 * single_err + 1e-3
                 ok &= passed
-                print(f"rank {rank} {mode:>11} causal={causal!s:>5} {name}: ring bf16 {ring_err:.2e} "
+                print(f"rank {rank} {mode:>11} causal={causal!s:>5} {layout:>10} {name}: ring bf16 {ring_err:.2e} "
                       f"single-GPU bf16 {single_err:.2e} {'ok' if passed else 'FAIL'}  "
                       f"sent fwd {ring.comm_bytes['forward'] / 2**20:.1f} MiB", flush=True)
     dist.destroy_process_group()

@@ -15,7 +15,22 @@ SCHEDULES = [
     ("no-r1", lambda n: ([6, 45], [2, 5])),
     ("mixed-spans", lambda n: ([5, 10, 30, n // 2 + 3], [1, 2, 3, 7])),
     ("inside-shards", lambda n: ([4, 12], [1, 2])),
+    ("aligned", lambda n: ([6, 12, 48, 2 * n], [1, 5, 4, 3])),  # whole-branch launches (ring_chunks)
 ]
+ALIGNED = ([6, 12, 48], [1, 5, 4])
+
+
+def _counting_chunk_path():
+    """Count the calls that take the whole-branch ring (``ring_chunks``), forward and backward."""
+    from dilated_attention import ring_chunks
+
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        def counted(*args, _run=getattr(ring_chunks, name), _name=name):
+            calls[_name] += 1
+            return _run(*args)
+        setattr(ring_chunks, name, counted)
+    return calls
 
 
 def _compare(rank, world, ring, dtype, segs, rates, mode, causal, n, b=2, h=5, d=8, seed=0, against_reference=False,
@@ -54,13 +69,17 @@ def _compare(rank, world, ring, dtype, segs, rates, mode, causal, n, b=2, h=5, d
 
 def _exactness_worker(rank, world):
     n = 24 * world
+    chunked = _counting_chunk_path()
     for layout in ("contiguous", "zigzag"):
-        for _, schedule in SCHEDULES:
+        for name, schedule in SCHEDULES:
             segs, rates = schedule(n)
             for mode in ("paper", "head_groups"):
                 for causal in (False, True):
                     ring = RingDilatedAttention(segs, rates, mode=mode, layout=layout)
+                    before = dict(chunked)
                     _compare(rank, world, ring, torch.float64, segs, rates, mode, causal, n)
+                    if name == "aligned" and world > 1:
+                        assert chunked == {k: before[k] + 1 for k in chunked}, "the aligned schedule left ring_chunks"
     for causal in (False, True):  # float32 through the fused CPU kernels
         ring = RingDilatedAttention([5, 10, 30], [1, 2, 3])
         _compare(rank, world, ring, torch.float32, [5, 10, 30], [1, 2, 3], "paper", causal, n, seed=1)
@@ -76,11 +95,12 @@ def _exactness_worker(rank, world):
             ring = RingDilatedAttention([5, 12, 2 * n], [1, 2, 3], layout=layout)
             _compare(rank, world, ring, torch.float64, [5, 12, 2 * n], [1, 2, 3], "paper", causal, n, h=4,
                      cu_seqlens=bounds)
-    for causal in (False, True):  # key padding mask (with GQA too), contiguous and zigzag
+    for causal in (False, True):  # key padding mask (with GQA too), contiguous and zigzag, both ring paths
         for layout, h_kv in (("contiguous", None), ("zigzag", 2)):
-            ring = RingDilatedAttention([5, 12, 2 * n], [1, 2, 3], layout=layout)
-            _compare(rank, world, ring, torch.float64, [5, 12, 2 * n], [1, 2, 3], "paper", causal, n, h=4, h_kv=h_kv,
-                     against_reference=True, masked=True)
+            for segs, rates in (([5, 12, 2 * n], [1, 2, 3]), ALIGNED):
+                ring = RingDilatedAttention(segs, rates, layout=layout)
+                _compare(rank, world, ring, torch.float64, segs, rates, "paper", causal, n, h=4, h_kv=h_kv,
+                         against_reference=True, masked=True)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -123,9 +143,17 @@ def _triton_worker(rank, world):
                 # b = 1: shards are views whose batch stride is the full tensor's (any stride fits a size-1 dim)
                 _compare(rank, world, ring, torch.float32, segs, rates, mode, causal, n, b=1, h=5, d=16, seed=2,
                          against_reference=True)
-    ring = RingDilatedAttention([8, 20, 2 * n], [1, 3, 4], backend="triton")  # GQA (6 query heads, 2 k/v) and padding
-    _compare(rank, world, ring, torch.float32, [8, 20, 2 * n], [1, 3, 4], "paper", True, n, b=1, h=6, d=16, seed=3,
-             against_reference=True, h_kv=2, masked=True)
+    chunked = _counting_chunk_path()
+    for segs, rates in (([8, 20, 2 * n], [1, 3, 4]), ALIGNED):  # GQA (6 query heads, 2 k/v) and padding
+        for causal in (False, True) if segs == ALIGNED[0] else (True,):
+            ring = RingDilatedAttention(segs, rates, backend="triton", layout="zigzag" if causal else "contiguous")
+            _compare(rank, world, ring, torch.float32, segs, rates, "paper", causal, n, b=1, h=6, d=16, seed=3,
+                     against_reference=True, h_kv=2, masked=True)
+    segs, rates = [48, 2 * n], [2, 3]  # every segment spans whole chunks: the fused kernels on each chunk's own plan
+    ring = RingDilatedAttention(segs, rates, backend="triton")
+    _compare(rank, world, ring, torch.float32, segs, rates, "paper", False, n, b=1, h=4, d=16, seed=4,
+             against_reference=True)
+    assert chunked["forward"] == chunked["backward"] == 3
     assert backends.select(torch.ones(1, 1, 1, 16), "triton") is backends.BACKENDS["triton"]
 
 

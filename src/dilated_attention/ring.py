@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import backends
+from . import backends, ring_chunks
 from .backends import Backend, block_grad_inputs
 from .checks import (check_cu_seqlens, check_dropout, check_key_padding_mask, check_qkv, check_same_length,
                      output_factor, refuse_dropout, resolve_scale)
@@ -28,13 +28,14 @@ from .merge import acc_dtype, empty_partial
 from .modules import MultiheadDilatedAttention, UsesPatternCache
 from .plan import WorkItem, cached_plan, check_head_slice, check_heads, check_schedule, plan_items
 from .ring_comm import Exchange, broadcast_from_first, check_agreement, fingerprint, pack, unpack
-from .ring_plan import LAYOUTS, FullSegments, Pair, Piece, RingSchedule, build_ring_schedule, shard_rows
+from .ring_plan import (LAYOUTS, ChunkSchedule, FullSegments, Pair, Piece, RingSchedule, build_chunk_schedule,
+                        build_ring_schedule, chunk_length, chunks_align, shard_rows)
 
 
 @dataclass
 class _RingCall:
-    plan: tuple[WorkItem, ...]  # the plan's work items, as the schedule indexes them
-    schedule: RingSchedule
+    plan: tuple[WorkItem, ...]  # the plan's work items, as a RingSchedule indexes them
+    schedule: RingSchedule | ChunkSchedule
     group: object
     rank: int
     scale: float
@@ -200,7 +201,7 @@ def _add_returned(call: _RingCall, returning, dk, dv) -> None:
 class _RingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, call: _RingCall):
-        out, lse = ring_forward(call, q, k, v, mask)
+        out, lse = (ring_chunks.forward if isinstance(call.schedule, ChunkSchedule) else ring_forward)(call, q, k, v, mask)
         ctx.save_for_backward(q, k, v, out, lse, mask)
         ctx.call = call
         return out
@@ -208,7 +209,8 @@ class _RingFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, mask = ctx.saved_tensors
-        return (*ring_backward(ctx.call, dout, q, k, v, out, lse, mask), None, None)
+        run = ring_chunks.backward if isinstance(ctx.call.schedule, ChunkSchedule) else ring_backward
+        return (*run(ctx.call, dout, q, k, v, out, lse, mask), None, None)
 
 
 class RingDilatedAttention(UsesPatternCache, nn.Module):
@@ -300,12 +302,19 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
                                      head_start, total_heads)),
         }, error)
         n = m * world
-        plan = plan_items(cached_plan(self.pattern_cache, n, h, self.segment_lengths, self.dilation_rates, self.mode,
-                                      head_start, total_heads, h_kv if h_kv != h else None, docs))
-        schedule = self.pattern_cache.get_or_create(
-            ("ring_schedule", n, world, self.layout, plan, is_causal),
-            lambda: build_ring_schedule(n, world, self.layout, plan, is_causal),
-        )
+        branches = cached_plan(self.pattern_cache, n, h, self.segment_lengths, self.dilation_rates, self.mode,
+                               head_start, total_heads, h_kv if h_kv != h else None, docs)
+        if chunks_align(branches, chunk_length(n, world, self.layout)):  # whole-branch launches
+            plan = ()
+            schedule = self.pattern_cache.get_or_create(
+                ("ring_chunks", n, world, self.layout, branches, h_kv, is_causal),
+                lambda: build_chunk_schedule(n, world, self.layout, branches, h_kv, is_causal))
+        else:
+            plan = plan_items(branches)
+            schedule = self.pattern_cache.get_or_create(
+                ("ring_schedule", n, world, self.layout, plan, is_causal),
+                lambda: build_ring_schedule(n, world, self.layout, plan, is_causal),
+            )
         call = _RingCall(plan, schedule, group, rank, scale, is_causal, self.comm_bytes, impl,
                          output_factor(self.mode, self.segment_lengths))
         return _RingFunction.apply(*(t.contiguous() for t in (q, k, v)), key_padding_mask, call)

@@ -17,13 +17,22 @@ Two different chunks share at most one segment, so each (item, chunk pair) needs
 one piece exchange. Every rank derives the same schedule from ``(n, P, layout, plan)``.
 With packed documents, an item's segmentation starts at its document's first row and stops
 at its last (``WorkItem.row_start``, ``row_stop``).
+
+When every branch's segments align with the chunks (``w'`` divides the chunk length ``L``, or
+``L`` divides ``w'`` and the rate divides ``L``; no packed documents), the ring runs on whole
+branches instead (``ChunkSchedule``): a chunk's own work is the plan over the chunk as a sequence
+of ``L`` rows (segments clipped to ``L``), and two chunks of one long segment attend to each other
+as branches of one ``L``-row segment, a residue class of rows of one chunk against the same class
+of the other. What travels is, per k/v head, the rows of the classes some branch uses.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import math
+from dataclasses import dataclass, replace
 
-from .plan import WorkItem
+from .plan import Plan, WorkItem
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -171,3 +180,83 @@ def shard_rows(n: int, world: int, rank: int, layout: str) -> list[tuple[int, in
     chunks = rank_chunks(world, layout)
     length = chunk_length(n, world, layout)
     return [(c * length, (c + 1) * length) for c in chunks[rank]]
+
+
+@dataclass(frozen=True)
+class ChunkPair:
+    """Query chunk ``q`` (a position in the receiving rank's local tensor) attends to key chunk ``k``
+    (a position in the sending rank's) through the branches of ``plan``, over ``L``-row sequences;
+    never causal (under causal only earlier key chunks pair with a query chunk)."""
+
+    q: int
+    k: int
+    plan: Plan
+
+
+@dataclass(frozen=True)
+class ChunkSend:
+    """The rows of key chunk ``k`` (a position in the sender's local tensor) that travel: with the
+    chunk seen as (L / period, period, h_kv) rows, the (residue, k/v head) pairs ``slots`` (as
+    ``residue * h_kv + head``) of k and v, and the residues ``residues`` of the key mask."""
+
+    k: int
+    period: int
+    slots: tuple[int, ...]
+    residues: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ChunkSchedule:
+    """The ring on whole branches. ``diagonal``: every chunk's own plan (causal when the call is);
+    ``pairs[src][dst]``: dst's query chunks against src's key chunks (src == dst: one rank's two
+    chunks, zigzag); ``sends[src][dst]``: what src sends dst, in order."""
+
+    world: int
+    chunk_len: int
+    chunks: tuple[tuple[int, ...], ...]
+    diagonal: Plan
+    pairs: tuple[tuple[tuple[ChunkPair, ...], ...], ...]
+    sends: tuple[tuple[tuple[ChunkSend, ...], ...], ...]
+
+
+def chunks_align(plan: Plan, length: int) -> bool:
+    """Whether every branch's segments align with chunks of ``length`` rows (``ChunkSchedule`` applies)."""
+    return all(b.row_start == 0 and b.row_stop < 0 and (
+        length % b.segment == 0 or (b.segment % length == 0 and length % b.rate == 0)) for b in plan)
+
+
+def build_chunk_schedule(n: int, world: int, layout: str, plan: Plan, kv_heads: int, causal: bool) -> ChunkSchedule:
+    chunks = rank_chunks(world, layout)
+    length = chunk_length(n, world, layout)
+    diagonal = tuple(replace(b, segment=min(b.segment, length)) for b in plan)
+
+    def linking(qc: int, kc: int) -> Plan:
+        """The branches whose segments hold both chunks, over one L-row segment."""
+        if qc == kc or (causal and kc > qc):
+            return ()
+        return tuple(replace(b, segment=length) for b in plan
+                     if b.segment > length and qc * length // b.segment == kc * length // b.segment)
+
+    pairs = [[() for _ in range(world)] for _ in range(world)]
+    sends = [[() for _ in range(world)] for _ in range(world)]
+    for src in range(world):
+        for dst in range(world):
+            found = tuple(ChunkPair(qp, kp, p) for qp, qc in enumerate(chunks[dst])
+                          for kp, kc in enumerate(chunks[src]) if (p := linking(qc, kc)))
+            pairs[src][dst] = found
+            if src != dst:
+                sends[src][dst] = tuple(_send(kp, [p for p in found if p.k == kp], kv_heads)
+                                        for kp in sorted({p.k for p in found}))
+    return ChunkSchedule(world, length, chunks, diagonal, tuple(map(tuple, pairs)), tuple(map(tuple, sends)))
+
+
+def _send(kp: int, pairs: list[ChunkPair], kv_heads: int) -> ChunkSend:
+    """The (residue, k/v head) rows of key chunk kp that the pairs' branches read."""
+    items = [item for pair in pairs for branch in pair.plan for item in branch.items()]
+    period = functools.reduce(math.lcm, (item.rate for item in items))
+    slots, residues = set(), set()
+    for item in items:
+        for res in range(item.offset, period, item.rate):
+            residues.add(res)
+            slots.update(res * kv_heads + c for c in range(item.kv_start, item.kv_stop, item.kv_step))
+    return ChunkSend(kp, period, tuple(sorted(slots)), tuple(sorted(residues)))

@@ -43,27 +43,42 @@ class Backend:
         """Add one block's gradients against the merged (out, lse) into dq, dk, dv (views as in ``attend_``)."""
         raise NotImplementedError
 
+    def accumulator_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the running (out, dq, dk, dv) a caller keeps between ``attend_plan_`` calls."""
+        return acc_dtype(dtype)
+
     def forward_plan(self, q, k, v, plan: Plan, scale: float, causal: bool, out_scale: float, key_mask=None):
         """q: (b, m, h, d), the last m <= n positions; k, v: (b, n, h_kv, d); key_mask: (b, n) bool or None
         -> out_scale * out (b, m, h, d) in q.dtype, lse (b, m, h) float32/64."""
         b, m, h, d = q.shape
         out, lse = empty_partial(b, m, h, v.shape[-1], q.dtype, q.device)
+        self.attend_plan_(out, lse, q, k, v, plan, scale, causal, key_mask)
+        return out.mul_(out_scale).to(q.dtype), lse
+
+    def attend_plan_(self, out, lse, q, k, v, plan: Plan, scale: float, causal: bool, key_mask=None) -> None:
+        """Merge a whole plan's attention of q over (k, v) into the accumulators (out, lse) in place
+        (shapes as in ``forward_plan``; out in ``accumulator_dtype``)."""
         for item in plan_items(plan):
             for (ov, lv, qv), (kv, vv), mv, offset in block_views(item, (out, lse, q), (k, v), key_mask):
                 self.attend_(ov, lv, qv, kv, vv, scale, causal, mv, offset)
-        return out.mul_(out_scale).to(q.dtype), lse
 
     def backward_plan(self, dout, q, k, v, out, lse, plan: Plan, scale: float, causal: bool, out_scale: float,
                       key_mask=None):
         """Gradients against the merged (out, lse): dq, dk, dv in q.dtype, shaped like q, k, v."""
         acc = acc_dtype(q.dtype)
         grads = [torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v)]
+        self.attend_plan_backward_(*grads, dout, q, k, v, out, lse, plan, scale, causal, out_scale, key_mask)
+        return tuple(g.to(q.dtype) for g in grads)
+
+    def attend_plan_backward_(self, dq, dk, dv, dout, q, k, v, out, lse, plan: Plan, scale: float, causal: bool,
+                              out_scale: float, key_mask=None) -> None:
+        """Add a whole plan's gradients against the merged (out, lse) into dq, dk, dv (``accumulator_dtype``);
+        out: the final output, ``out_scale`` times the merged attention."""
         dout, out = block_grad_inputs(dout.to(q.dtype), out, out_scale)
         for item in plan_items(plan):
-            blocks = block_views(item, (dout, q, out, lse, grads[0]), (k, v, grads[1], grads[2]), key_mask)
+            blocks = block_views(item, (dout, q, out, lse, dq), (k, v, dk, dv), key_mask)
             for (dov, qv, ov, lv, dqv), (kv, vv, dkv, dvv), mv, offset in blocks:
                 self.attend_backward_(dqv, dkv, dvv, dov, qv, kv, vv, ov, lv, scale, causal, mv, offset)
-        return tuple(g.to(q.dtype) for g in grads)
 
 
 class BlockBackend(Backend):

@@ -432,6 +432,9 @@ class Triton(Backend):
             reasons.append(f"takes head_dim in {HEAD_DIMS}, got {q.shape[-1]}")
         return reasons
 
+    def accumulator_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype  # the kernels merge in float32 registers and store in the inputs' dtype
+
     def forward_plan(self, q, k, v, plan: Plan, scale: float, causal: bool, out_scale: float, key_mask=None):
         """One launch per branch, merging into ``out`` itself (fp32 in registers, one rounding to
         q.dtype per branch): the only extra memory is the fp32 lse. ``out_scale`` (1/m in
@@ -447,18 +450,30 @@ class Triton(Backend):
             return triton_fused.forward(q, k, v, plan, scale, key_mask, block)
         out = torch.zeros_like(q)
         lse = torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
-        written = set()  # heads a launch has written: a launch over fresh ones only reads nothing
+        self._branch_forwards(out, lse, q, k, v, plan, scale, causal, key_mask, out_scale, fresh=True)
+        return out, lse
+
+    def attend_plan_(self, out, lse, q, k, v, plan: Plan, scale: float, causal: bool, key_mask=None) -> None:
+        """One launch per branch over (b, n, ...) tensors of equal length (the ring's chunks); q, out
+        and k, v may be row slices of larger tensors. Shorter queries go block by block."""
+        if q.shape[1] != k.shape[1]:
+            return super().attend_plan_(out, lse, q, k, v, plan, scale, causal, key_mask)
+        _same_strides("q and out", q, out)
+        _same_strides("k and v", k, v)
+        self._branch_forwards(out, lse, q, k, v, plan, scale, causal, key_mask, 1.0, fresh=False)
+
+    def _branch_forwards(self, out, lse, q, k, v, plan, scale, causal, key_mask, out_scale, fresh: bool) -> None:
+        written = set()  # heads a launch has written: a fresh launch over fresh heads reads nothing
         for branch, table in _launches(plan, q.shape[1], q.device):
             heads = slice(branch.head_start, branch.head_stop)
-            fresh = set(range(heads.start, heads.stop))
-            first = written.isdisjoint(fresh)
-            written |= fresh
+            new = set(range(heads.start, heads.stop))
+            first = fresh and written.isdisjoint(new)
+            written |= new
             if out_scale != 1.0 and not first:
                 raise ValueError("triton backend: out_scale needs branches over disjoint heads (head_groups)")
             qv, ov, lv = q[:, :, heads], out[:, :, heads], lse[:, :, heads]
             _run_forward(qv, k, v, ov, lv, key_mask, _branch_launch(qv, k, lv, key_mask, qv, branch, table), scale,
                          causal, first, out_scale)
-        return out, lse
 
     def backward_plan(self, dout, q, k, v, out, lse, plan: Plan, scale: float, causal: bool, out_scale: float,
                       key_mask=None):
@@ -468,21 +483,35 @@ class Triton(Backend):
         if q.shape[1] != k.shape[1]:
             return super().backward_plan(dout, q, k, v, out, lse, plan, scale, causal, out_scale, key_mask)
         q, k, v, dout, lse = (t.contiguous() for t in (q, k, v, dout.to(q.dtype), lse))
-        delta = _row_dot(dout, out, lse)  # rowsum(dO' O) for dO' = s dout, O = out / s
         tiles = triton_fused.bwd_tiles(plan, *q.shape[1:3], q.shape[-1]) if out_scale == 1.0 and not causal else None
         if tiles:
+            delta = _row_dot(dout, out, lse)
             return triton_fused.backward(dout, q, k, v, lse, delta, plan, scale, key_mask, tiles)
+        dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
+        self.attend_plan_backward_(dq, dk, dv, dout, q, k, v, out, lse, plan, scale, causal, out_scale, key_mask)
+        return dq, dk, dv
+
+    def attend_plan_backward_(self, dq, dk, dv, dout, q, k, v, out, lse, plan: Plan, scale: float, causal: bool,
+                              out_scale: float, key_mask=None) -> None:
+        """One dK/dV and one dQ launch per branch, adding into dq, dk, dv (tensors of equal length, or
+        row slices of larger ones). Shorter queries go block by block."""
+        if q.shape[1] != k.shape[1]:
+            return super().attend_plan_backward_(dq, dk, dv, dout, q, k, v, out, lse, plan, scale, causal, out_scale,
+                                                 key_mask)
+        _same_strides("q, dout and dq", q, dout, dq)
+        _same_strides("k, v, dk and dv", k, v, dk, dv)
+        lse = lse.contiguous()
+        delta = _row_dot(dout, out, lse)  # rowsum(dO' O) for dO' = s dout, O = out / s
         gqa = k.shape[2] != q.shape[2]
-        dq = torch.zeros_like(q)
-        dk, dv = (torch.zeros(q.shape, dtype=torch.float32 if gqa else q.dtype, device=q.device) for _ in range(2))
+        gk, gv = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) for _ in range(2)) if gqa else (dk, dv)
         for branch, table in _launches(plan, q.shape[1], q.device):
             h = slice(branch.head_start, branch.head_stop)
-            qv, lv, dkv = q[:, :, h], lse[:, :, h], dk[:, :, h]
-            _run_backward(dout[:, :, h], qv, k, v, lv, delta[:, :, h], key_mask, dq[:, :, h], dkv, dv[:, :, h],
-                          _branch_launch(qv, k, lv, key_mask, dkv, branch, table), scale, causal, out_scale)
+            qv, lv, gkv = q[:, :, h], lse[:, :, h], gk[:, :, h]
+            _run_backward(dout[:, :, h], qv, k, v, lv, delta[:, :, h], key_mask, dq[:, :, h], gkv, gv[:, :, h],
+                          _branch_launch(qv, k, lv, key_mask, gkv, branch, table), scale, causal, out_scale)
         if gqa:
-            dk, dv = (g.unflatten(2, (k.shape[2], -1)).sum(3).to(q.dtype) for g in (dk, dv))
-        return dq, dk, dv
+            dk.add_(gk.unflatten(2, (k.shape[2], -1)).sum(3).to(dk.dtype))
+            dv.add_(gv.unflatten(2, (k.shape[2], -1)).sum(3).to(dv.dtype))
 
     def attend_(self, out, lse, q, k, v, scale: float, causal: bool, key_mask=None, q_offset: int = 0) -> None:
         """``out`` may be any float dtype (the ring keeps fp32)."""
