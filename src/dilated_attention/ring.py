@@ -5,8 +5,12 @@ returns exactly its shard of ``dilated_attention`` on the whole sequence. Segmen
 a chunk never communicate; a segment spanning several chunks exchanges only the
 sparsified K/V rows of its pieces (see ``ring_plan``), by packed P2P sends, one round per
 ring distance, the next round posted before the current one is computed. Backward sends
-the same rows again and returns their dK/dV to their owners. All partial results merge in
-fp32 through their log-sum-exp, so forward and gradients are exact.
+the same rows again and returns their dK/dV to their owners. All partial results merge
+through their log-sum-exp, so forward and gradients are exact.
+
+When the segments align with the chunks (LongNet's schedules do), the ring runs on whole
+branches (``ring_chunks``); otherwise on per-piece blocks (here), which fit any geometry:
+ragged segments, ``w % r != 0`` across chunks, packed documents. Pieces merge in fp32.
 """
 
 from __future__ import annotations
