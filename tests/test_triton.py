@@ -67,15 +67,16 @@ def test_kernels_compile_for_hopper():
         bm, bn, warps, stages = tk._config(d)
         for causal in (False, True):
             for first in (False, True):
-                for out_dtype, has_mask in (("*bf16", False), ("*fp32", True)):  # plans merge in bf16, the ring in fp32
-                    consts = dict(IS_CAUSAL=causal, FIRST=first, HAS_MASK=has_mask, TABLE=has_mask, BLOCK_M=bm,
-                                  BLOCK_N=bn, HEAD_DIM=d)
+                for out_dtype, has_mask in (("*bf16", False), ("*fp32", True)):  # merging in bf16, or fp32 (blocks)
+                    compact = not (causal or first)  # the ring's visiting keys in their class layout
+                    consts = dict(IS_CAUSAL=causal, FIRST=first, HAS_MASK=has_mask, TABLE=has_mask and not compact,
+                                  COMPACT=compact, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
                     src = ASTSource(tk._fwd, signature(tk._fwd, out_dtype, consts), consts)
                     triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
             bm, bn, warps, stages = tk._bwd_config(d)
             for has_mask in (False, True):
-                consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, TABLE=not has_mask, BLOCK_M=bm, BLOCK_N=bn,
-                              HEAD_DIM=d)
+                consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, TABLE=not has_mask, COMPACT=has_mask and not causal,
+                              BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
                 for fn in (tk._bwd_dkdv, tk._bwd_dq):
                     src = ASTSource(fn, signature(fn, "*fp32", consts), consts)
                     triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))

@@ -1,14 +1,15 @@
 """The ring on whole-branch launches, for schedules whose segments align with the chunks.
 
 Every local chunk first runs its own plan (``forward_plan``: the fused kernels where they
-apply), then merges in every other chunk it shares a long segment with (``attend_plan_``, one
-launch per linking branch): its rank's other chunk (zigzag), then each visiting rank's chunks,
+apply), then merges in every other chunk it shares a long segment with, one launch per linking
+branch: its rank's other chunk (zigzag; ``attend_plan_``), then each visiting rank's chunks,
 one ring distance per round, the next round posted before this one is computed. A visiting
-chunk's rows arrive packed (``ChunkSend``) and are scattered into a chunk-sized buffer at their
-own positions, so the branches read them through the plan's strides. Backward runs the same
-launches (``backward_plan``, ``attend_plan_backward_``) and sends the visiting rows' dK/dV home,
-packed the same way. Accumulators are the backend's ``accumulator_dtype`` (the Triton kernels
-merge in float32 registers into tensors of the inputs' dtype).
+chunk's rows arrive packed (``ChunkSend``: per residue modulo lcm(r) and k/v head, only those
+some branch reads); each branch gathers its keys from them into its class layout (b, L/r, h, d)
+(``Backend.attend_classes_``), so no chunk-sized buffer is made. Backward runs the same launches
+and sends the visiting rows' dK/dV home, packed the same way. Accumulators are the backend's
+``accumulator_dtype`` (the Triton kernels merge in float32 registers into tensors of the
+inputs' dtype).
 """
 
 from __future__ import annotations
@@ -72,26 +73,26 @@ def _post(call, k, v, mask, distance: int, phase: str) -> Exchange:
 
 
 def _received(call, exchange: Exchange, src: int, k: torch.Tensor, masked: bool) -> dict:
-    """{key chunk position: (k, v, key mask or None)}: src's chunks, their sent rows in place."""
+    """{key chunk position: packed (k, v, key mask or None)} of src's chunks (``_shapes``)."""
     buffers = exchange.wait()  # also completes this round's sends
     incoming = call.schedule.sends[src][call.rank]
     if not incoming:
         return {}
     b, _, heads, d = k.shape
-    length = call.schedule.chunk_len
-    parts = iter(unpack(buffers[src], _shapes(incoming, b, length, heads, d, masked)))
-    chunks = {}
-    for s in incoming:
-        slots = _index(s.slots, k.device)
-        kb, vb = (torch.empty((b, length, heads, d), dtype=k.dtype, device=k.device) for _ in range(2))
-        for t in (kb, vb):
-            _slots(t, s).index_copy_(2, slots, next(parts))
-        mb = None
-        if masked:
-            mb = torch.empty((b, length), dtype=torch.bool, device=k.device)
-            _residues(mb, s).index_copy_(2, _index(s.residues, k.device), next(parts) != 0)
-        chunks[s.k] = (kb, vb, mb)
-    return chunks
+    parts = iter(unpack(buffers[src], _shapes(incoming, b, call.schedule.chunk_len, heads, d, masked)))
+    return {s.k: (next(parts), next(parts), next(parts) != 0 if masked else None) for s in incoming}
+
+
+def _visiting(pair, packed):
+    """Per branch of a visiting pair: (branch, its index into the packed chunk, and its keys, values and
+    key mask in the class layout of ``Backend.attend_classes_``)."""
+    kp, vp, mp = packed
+    for branch, keys, rows in zip(pair.plan, pair.keys, pair.mask_rows):
+        index = _index(keys, kp.device)
+        heads = branch.head_stop - branch.head_start
+        kc, vc = (t.index_select(2, index).view(t.shape[0], -1, heads, t.shape[3]) for t in (kp, vp))
+        mc = None if mp is None else mp.index_select(2, _index(rows, kp.device)).view(mp.shape[0], -1, heads)
+        yield branch, index, kc, vc, mc
 
 
 def forward(call, q, k, v, mask=None):
@@ -110,18 +111,16 @@ def forward(call, q, k, v, mask=None):
             impl.attend_plan_(*(_rows(t, pos, length) for t in (out, lse, q, k, v)), schedule.diagonal, call.scale,
                               call.causal, _rows(mask, pos, length))
 
-    def attend(pairs, chunk):
-        for pair in pairs:
-            kb, vb, mb = chunk(pair.k)
-            impl.attend_plan_(*(_rows(t, pair.q, length) for t in (out, lse, q)), kb, vb, pair.plan, call.scale,
-                              False, mb)
-
-    attend(schedule.pairs[rank][rank], lambda pos: [_rows(t, pos, length) for t in (k, v, mask)])
+    for pair in schedule.pairs[rank][rank]:  # my other chunk (zigzag)
+        impl.attend_plan_(*(_rows(t, pair.q, length) for t in (out, lse, q)), _rows(k, pair.k, length),
+                          _rows(v, pair.k, length), pair.plan, call.scale, False, _rows(mask, pair.k, length))
     for distance in range(1, world):
         src = (rank - distance) % world
         received = _received(call, pending, src, k, mask is not None)
         pending = _post(call, k, v, mask, distance + 1, "forward") if distance + 1 < world else None
-        attend(schedule.pairs[src][rank], received.__getitem__)
+        for pair in schedule.pairs[src][rank]:
+            for branch, _, kc, vc, mc in _visiting(pair, received[pair.k]):
+                impl.attend_classes_(*(_rows(t, pair.q, length) for t in (out, lse, q)), kc, vc, branch, call.scale, mc)
         del received  # before the next round's chunks arrive
     if call.out_scale != 1.0:
         out = out.mul_(call.out_scale)
@@ -145,27 +144,29 @@ def backward(call, dout, q, k, v, out, lse, mask=None):
                                        schedule.diagonal, call.scale, call.causal, call.out_scale,
                                        _rows(mask, pos, length))
 
-    def attend(pairs, chunk, grads):
-        for pair in pairs:
-            kb, vb, mb = chunk(pair.k)
-            qs = [_rows(t, pair.q, length) for t in (dq, dout, q, out, lse)]
-            impl.attend_plan_backward_(qs[0], *grads(pair.k), *qs[1:3], kb, vb, *qs[3:], pair.plan, call.scale, False,
-                                       call.out_scale, mb)
-
-    attend(schedule.pairs[rank][rank], lambda pos: [_rows(t, pos, length) for t in (k, v, mask)],
-           lambda pos: (_rows(dk, pos, length), _rows(dv, pos, length)))
+    for pair in schedule.pairs[rank][rank]:  # my other chunk (zigzag)
+        qs = [_rows(t, pair.q, length) for t in (dq, dout, q, out, lse)]
+        ks = [_rows(t, pair.k, length) for t in (dk, dv, k, v)]
+        impl.attend_plan_backward_(qs[0], *ks[:2], *qs[1:3], *ks[2:], *qs[3:], pair.plan, call.scale, False,
+                                   call.out_scale, _rows(mask, pair.k, length))
     returning = None  # at most one dK/dV return in flight: memory stays O(n/P)
     for distance in range(1, world):
         src, dst = (rank - distance) % world, (rank + distance) % world
         received = _received(call, pending, src, k, mask is not None)
         pending = _post(call, k, v, mask, distance + 1, "backward") if distance + 1 < world else None
-        grads = {pos: tuple(torch.zeros(kb.shape, dtype=acc, device=q.device) for _ in range(2))
-                 for pos, (kb, _, _) in received.items()}
-        attend(schedule.pairs[src][rank], received.__getitem__, grads.__getitem__)
+        grads = {pos: tuple(torch.zeros(t.shape, dtype=acc, device=q.device) for t in packed[:2])
+                 for pos, packed in received.items()}  # packed like the rows that came
+        for pair in schedule.pairs[src][rank]:
+            qs = [_rows(t, pair.q, length) for t in (dq, dout, q, out, lse)]
+            for branch, index, kc, vc, mc in _visiting(pair, received[pair.k]):
+                dkc, dvc = (torch.zeros(kc.shape, dtype=acc, device=q.device) for _ in range(2))
+                impl.attend_classes_backward_(qs[0], dkc, dvc, *qs[1:3], kc, vc, *qs[3:], branch, call.scale,
+                                              call.out_scale, mc)
+                for g, gc in zip(grads[pair.k], (dkc, dvc)):
+                    g.index_add_(2, index, gc.view(g.shape[0], g.shape[1], -1, g.shape[3]))
         # dK/dV of src's rows go home to src; those of my rows come back from dst
         incoming, mine = schedule.sends[src][rank], schedule.sends[rank][dst]
-        send = pack([_slots(g, s).index_select(2, _index(s.slots, q.device)) for s in incoming for g in grads[s.k]],
-                    acc, q.device)
+        send = pack([g for s in incoming for g in grads[s.k]], acc, q.device)
         size = sum(torch.Size(x).numel() for x in _shapes(mine, k.shape[0], length, k.shape[2], k.shape[3], False))
         back = torch.empty(size, dtype=acc, device=q.device)
         posted = (dst, mine, Exchange(call.group, {src: send} if incoming else {}, {dst: back} if mine else {},

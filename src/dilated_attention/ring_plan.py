@@ -32,7 +32,7 @@ import functools
 import math
 from dataclasses import dataclass, replace
 
-from .plan import Plan, WorkItem
+from .plan import PER_HEAD, Plan, WorkItem
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -186,11 +186,17 @@ def shard_rows(n: int, world: int, rank: int, layout: str) -> list[tuple[int, in
 class ChunkPair:
     """Query chunk ``q`` (a position in the receiving rank's local tensor) attends to key chunk ``k``
     (a position in the sending rank's) through the branches of ``plan``, over ``L``-row sequences;
-    never causal (under causal only earlier key chunks pair with a query chunk)."""
+    never causal (under causal only earlier key chunks pair with a query chunk).
+
+    A visiting chunk arrives packed (``ChunkSend``: (b, L / period, slots, d)); branch ``i``'s keys
+    in their class layout (``Backend.attend_classes_``: (b, L / r, heads, d)) are
+    ``packed.index_select(2, keys[i])`` viewed so, and its key mask likewise through ``mask_rows[i]``."""
 
     q: int
     k: int
     plan: Plan
+    keys: tuple[tuple[int, ...], ...] = ()  # per branch: where its class layout's rows sit in the packed chunk
+    mask_rows: tuple[tuple[int, ...], ...] = ()  # per branch: the same for the key mask
 
 
 @dataclass(frozen=True)
@@ -243,10 +249,12 @@ def build_chunk_schedule(n: int, world: int, layout: str, plan: Plan, kv_heads: 
         for dst in range(world):
             found = tuple(ChunkPair(qp, kp, p) for qp, qc in enumerate(chunks[dst])
                           for kp, kc in enumerate(chunks[src]) if (p := linking(qc, kc)))
-            pairs[src][dst] = found
             if src != dst:
                 sends[src][dst] = tuple(_send(kp, [p for p in found if p.k == kp], kv_heads)
                                         for kp in sorted({p.k for p in found}))
+                by_chunk = {s.k: s for s in sends[src][dst]}
+                found = tuple(_class_layout(p, by_chunk[p.k], kv_heads) for p in found)
+            pairs[src][dst] = found
     return ChunkSchedule(world, length, chunks, diagonal, tuple(map(tuple, pairs)), tuple(map(tuple, sends)))
 
 
@@ -260,3 +268,19 @@ def _send(kp: int, pairs: list[ChunkPair], kv_heads: int) -> ChunkSend:
             residues.add(res)
             slots.update(res * kv_heads + c for c in range(item.kv_start, item.kv_stop, item.kv_step))
     return ChunkSend(kp, period, tuple(sorted(slots)), tuple(sorted(residues)))
+
+
+def _class_layout(pair: ChunkPair, send: ChunkSend, kv_heads: int) -> ChunkPair:
+    """The pair with, per branch, the packed positions of its class layout's rows: for m < period / r
+    and head j, residue o_j + m r of k/v head j // kv_group (``ChunkPair``)."""
+    slot_at = {slot: i for i, slot in enumerate(send.slots)}
+    residue_at = {res: i for i, res in enumerate(send.residues)}
+    keys, rows = [], []
+    for b in pair.plan:
+        classes = [(b.head_base + j) % b.rate if b.offset == PER_HEAD else b.offset
+                   for j in range(b.head_start, b.head_stop)]
+        residues = [(o + m * b.rate, j) for m in range(send.period // b.rate)
+                    for j, o in zip(range(b.head_start, b.head_stop), classes)]
+        keys.append(tuple(slot_at[res * kv_heads + j // b.kv_group] for res, j in residues))
+        rows.append(tuple(residue_at[res] for res, _ in residues))
+    return replace(pair, keys=tuple(keys), mask_rows=tuple(rows))

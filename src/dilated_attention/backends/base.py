@@ -81,6 +81,32 @@ class Backend:
                 self.attend_backward_(dqv, dkv, dvv, dov, qv, kv, vv, ov, lv, scale, causal, mv, offset)
 
 
+    def attend_classes_(self, out, lse, q, kc, vc, branch, scale: float, key_mask=None) -> None:
+        """Merge one branch over a single segment of q's n rows (non-causal), its keys given as classes:
+        kc, vc (b, n / r, hb, d) for the branch's hb heads, row i of its head j being key row o_j + i r
+        (o_j that head's class offset); key_mask (b, n / r, hb) or None. out, lse as in ``attend_plan_``."""
+        for qv, kv, mv in _class_blocks(branch, key_mask):
+            self.attend_(qv(out), qv(lse), qv(q), kv(kc), kv(vc), scale, False, mv)
+
+    def attend_classes_backward_(self, dq, dkc, dvc, dout, q, kc, vc, out, lse, branch, scale: float,
+                                 out_scale: float, key_mask=None) -> None:
+        """Add the gradients of ``attend_classes_`` into dq and the class-laid dkc, dvc."""
+        dout, out = block_grad_inputs(dout.to(q.dtype), out, out_scale)
+        for qv, kv, mv in _class_blocks(branch, key_mask):
+            self.attend_backward_(qv(dq), kv(dkc), kv(dvc), qv(dout), qv(q), kv(kc), kv(vc), qv(out), qv(lse), scale,
+                                  False, mv)
+
+
+def _class_blocks(branch, key_mask):
+    """Per work item of a one-segment branch: view makers for the query side (b, 1, c, hs, ...), the
+    class-laid key side and the item's key mask (its heads share one class)."""
+    for item in branch.items():
+        local = slice(item.head_start - branch.head_start, item.head_stop - branch.head_start, item.head_step)
+        qv = lambda t, item=item: t[:, item.offset :: item.rate, item.heads].unsqueeze(1)  # noqa: E731
+        kv = lambda t, local=local: t[:, :, local].unsqueeze(1)  # noqa: E731
+        yield qv, kv, None if key_mask is None else key_mask[:, :, local.start].unsqueeze(1)
+
+
 class BlockBackend(Backend):
     """A backend whose kernels return each block's own (out, lse); merged here in fp32/fp64."""
 

@@ -75,9 +75,10 @@ if triton is not None:
 
     @triton.jit
     def _program(BLOCK: tl.constexpr, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
-                 qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE: tl.constexpr):
+                 qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE: tl.constexpr, COMPACT: tl.constexpr):
         """This program's row block, query and key row counts, offsets of row 0 in q, k, lse; its
-        head, class offset and segment.
+        head, class offset and segment. COMPACT: k holds only each query head's class, row i at
+        ``i * ku`` (``_key_rate``).
 
         Grid: (row blocks x segments, heads, batch); axis 0 has room for 2**31 programs. Query
         head ``head`` reads k/v head ``(KV_HEAD0 + head) // KV_GROUP`` (GQA). With a segment
@@ -97,21 +98,38 @@ if triton is not None:
         else:
             q_seg, k_seg, l_seg = seg * qs, seg * ks, seg * ls
         q_base = b * qb + q_seg + head * qh + o * qu
-        k_base = b * kb + k_seg + ((KV_HEAD0 + head) // KV_GROUP) * kh + o * ku
+        k_base = b * kb + k_seg + ((KV_HEAD0 + head) // KV_GROUP) * kh + _key_class(o, COMPACT) * ku
         l_base = b * lb + l_seg + head * lh + o * lu
         return block, q_count, k_count, q_base, k_base, l_base
 
     @triton.jit
-    def _side_base(BLOCK: tl.constexpr, MAX_ROWS, RATE, OFFSET, HEAD_BASE, sb, ss, sh, su, ST, TABLE: tl.constexpr):
-        """Offset of row 0 of this program's class in another tensor with strides (batch, segment,
-        head, row): a gradient laid out per query head (dK, dV), or the key mask (head stride 0)."""
+    def _side_base(BLOCK: tl.constexpr, MAX_ROWS, RATE, OFFSET, HEAD_BASE, sb, ss, sh, su, ST, TABLE: tl.constexpr,
+                   COMPACT: tl.constexpr):
+        """Offset of row 0 of this program's class in another key-side tensor with strides (batch,
+        segment, head, row): a gradient laid out per query head (dK, dV), or the key mask (head
+        stride 0, or per query head when COMPACT)."""
         seg = (tl.program_id(0) // tl.cdiv(MAX_ROWS, BLOCK)).to(tl.int64)
         head = tl.program_id(1)
         o = _offset(head, RATE, OFFSET, HEAD_BASE)
         seg_off = seg * ss
         if TABLE:
             seg_off = tl.load(ST + 2 * seg).to(tl.int64) * su
-        return tl.program_id(2).to(tl.int64) * sb + seg_off + head * sh + o * su
+        return tl.program_id(2).to(tl.int64) * sb + seg_off + head * sh + _key_class(o, COMPACT) * su
+
+    @triton.jit
+    def _key_class(o, COMPACT: tl.constexpr):
+        """Row of a key-side tensor where this head's class starts: o, or 0 when the tensor holds
+        only that class (COMPACT)."""
+        if COMPACT:
+            return 0
+        return o
+
+    @triton.jit
+    def _key_rate(RATE, COMPACT: tl.constexpr):
+        """Rows between a class's consecutive keys in key-side tensors."""
+        if COMPACT:
+            return 1
+        return RATE
 
     @triton.jit
     def _row_offs(base, idx, RATE, su):
@@ -134,17 +152,18 @@ if triton is not None:
     def _fwd(Q, K, V, O, L, KM, ST, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
              MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, Q_SHIFT, qk_scale, out_scale,
              IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr, HAS_MASK: tl.constexpr, TABLE: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+             COMPACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(
             BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
-            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE)
+            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE, COMPACT)
         if pid_m * BLOCK_M >= q_count:
             return
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, HEAD_DIM)
         row_ok = rows < q_count
         q = rows_at(Q, q_base, rows * RATE, row_ok, qu, dims)
-        m_base = _side_base(BLOCK_M, MAX_ROWS, RATE, OFFSET, HEAD_BASE, mb, ms, mh, mu, ST, TABLE)
+        m_base = _side_base(BLOCK_M, MAX_ROWS, RATE, OFFSET, HEAD_BASE, mb, ms, mh, mu, ST, TABLE, COMPACT)
+        kr = _key_rate(RATE, COMPACT)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -157,10 +176,10 @@ if triton is not None:
             full = 0
         qidx = rows + Q_SHIFT  # causal: the last key row each query row sees
         for start in range(0, full, BLOCK_N):
-            m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, m_base, 0, RATE, k_count, start, qidx, m_i, l_i, acc,
+            m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, m_base, 0, kr, k_count, start, qidx, m_i, l_i, acc,
                                       ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, False, BLOCK_N)
         for start in range(full, hi, BLOCK_N):  # without a key mask every masked block starts with a kept key
-            m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, m_base, 0, RATE, k_count, start, qidx, m_i, l_i, acc,
+            m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, m_base, 0, kr, k_count, start, qidx, m_i, l_i, acc,
                                       ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, True, BLOCK_N)
         l_safe = tl.where(row_ok & (l_i > 0), l_i, 1.0)
         out_b = acc / l_safe[:, None]
@@ -189,18 +208,20 @@ if triton is not None:
     def _bwd_dkdv(Q, K, V, DO, L, D, KM, DK, DV, ST, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
                   gb, gs, gh, gu, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
                   Q_SHIFT, qk_scale, scale, do_scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                  TABLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                  TABLE: tl.constexpr, COMPACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HEAD_DIM: tl.constexpr):
         pid_n, q_count, k_count, q_base, k_base, l_base = _program(
             BLOCK_N, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
-            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE)
+            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE, COMPACT)
         if pid_n * BLOCK_N >= k_count:
             return
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, HEAD_DIM)
         col_ok = cols < k_count
-        k, v = kv_rows(K, V, k_base, cols * RATE, col_ok, ku, dims, True)
-        col_keep = visible_keys(KM, _side_base(BLOCK_N, MAX_ROWS, RATE, OFFSET, HEAD_BASE, mb, ms, mh, mu, ST, TABLE),
-                                 cols * RATE, col_ok, mu, HAS_MASK)
+        kr = _key_rate(RATE, COMPACT)
+        k, v = kv_rows(K, V, k_base, cols * kr, col_ok, ku, dims, True)
+        m_base = _side_base(BLOCK_N, MAX_ROWS, RATE, OFFSET, HEAD_BASE, mb, ms, mh, mu, ST, TABLE, COMPACT)
+        col_keep = visible_keys(KM, m_base, cols * kr, col_ok, mu, HAS_MASK)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         lo = 0
@@ -216,18 +237,18 @@ if triton is not None:
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
         # dK, dV of this query head's view of the keys (per query head: no two programs share rows)
-        g_base = _side_base(BLOCK_N, MAX_ROWS, RATE, OFFSET, HEAD_BASE, gb, gs, gh, gu, ST, TABLE)
-        _add_tile(DK, g_base, cols, col_ok, RATE, gu, dims, dk * scale)
-        _add_tile(DV, g_base, cols, col_ok, RATE, gu, dims, dv * do_scale)
+        g_base = _side_base(BLOCK_N, MAX_ROWS, RATE, OFFSET, HEAD_BASE, gb, gs, gh, gu, ST, TABLE, COMPACT)
+        _add_tile(DK, g_base, cols, col_ok, kr, gu, dims, dk * scale)
+        _add_tile(DV, g_base, cols, col_ok, kr, gu, dims, dv * do_scale)
 
     @triton.jit
     def _bwd_dq(Q, K, V, DO, L, D, KM, DQ, ST, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
                 MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, Q_SHIFT, qk_scale, scale, do_scale,
-                IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, TABLE: tl.constexpr,
+                IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, TABLE: tl.constexpr, COMPACT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(
             BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
-            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE)
+            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE, COMPACT)
         if pid_m * BLOCK_M >= q_count:
             return
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -236,7 +257,8 @@ if triton is not None:
         q = rows_at(Q, q_base, rows * RATE, row_ok, qu, dims)
         do = rows_at(DO, q_base, rows * RATE, row_ok, qu, dims)
         lse, delta = _row_stats(L, D, l_base, rows, row_ok, RATE, lu)
-        m_base = _side_base(BLOCK_M, MAX_ROWS, RATE, OFFSET, HEAD_BASE, mb, ms, mh, mu, ST, TABLE)
+        m_base = _side_base(BLOCK_M, MAX_ROWS, RATE, OFFSET, HEAD_BASE, mb, ms, mh, mu, ST, TABLE, COMPACT)
+        kr = _key_rate(RATE, COMPACT)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         hi = k_count
         full = k_count // BLOCK_N * BLOCK_N
@@ -247,10 +269,10 @@ if triton is not None:
             full = 0
         qidx = rows + Q_SHIFT
         for start in range(0, full, BLOCK_N):
-            dq = dq_block(q, do, lse, delta, K, V, KM, k_base, m_base, 0, RATE, k_count, start, qidx, row_ok, dq, ku,
+            dq = dq_block(q, do, lse, delta, K, V, KM, k_base, m_base, 0, kr, k_count, start, qidx, row_ok, dq, ku,
                           mu, qk_scale, do_scale, dims, IS_CAUSAL, HAS_MASK, False, BLOCK_N)
         for start in range(full, hi, BLOCK_N):
-            dq = dq_block(q, do, lse, delta, K, V, KM, k_base, m_base, 0, RATE, k_count, start, qidx, row_ok, dq, ku,
+            dq = dq_block(q, do, lse, delta, K, V, KM, k_base, m_base, 0, kr, k_count, start, qidx, row_ok, dq, ku,
                           mu, qk_scale, do_scale, dims, IS_CAUSAL, HAS_MASK, True, BLOCK_N)
         _add_tile(DQ, q_base, rows, row_ok, RATE, qu, dims, dq * scale)
 
@@ -285,7 +307,7 @@ class _Launch:
     mapping; grid."""
 
     def __init__(self, q_strides, k_strides, l_strides, m_strides, g_strides, nq, segq, nk, segk, rate, offset, batch,
-                 nheads, head_base=0, kv_head0=0, kv_group=1, q_shift=0, table=None):
+                 nheads, head_base=0, kv_head0=0, kv_group=1, q_shift=0, table=None, compact=False):
         self.rows = max(-(-segq // rate), -(-segk // rate))
         self.strides = (*q_strides, *k_strides, *l_strides, *m_strides)
         self.grad_strides = g_strides
@@ -293,6 +315,7 @@ class _Launch:
         self.batch, self.nheads = batch, nheads
         self.table = table  # packed documents: (start, length) per segment, int32 on the device; segq: the longest
         self.segments = -(-nq // segq) if table is None else table.numel() // 2
+        self.compact = compact  # key-side tensors hold only each query head's class (``Backend.attend_classes_``)
 
     def grid(self, block: int):
         return (triton.cdiv(self.rows, block) * self.segments, self.nheads, self.batch)
@@ -334,6 +357,18 @@ def _launches(plan: Plan, n: int, device: torch.device) -> tuple[tuple[Branch, t
     return tuple(launches)
 
 
+def _classes_launch(q, kc, lse, mask, grad, branch: Branch) -> _Launch:
+    """A branch over one segment of q's n rows (b, n, h, d; sliced to the branch's heads) whose keys
+    come as classes: kc, grad (b, n / r, h, d) and the key mask (b, n / r, h) or None, row i of
+    head j being key row o_j + i r."""
+    b, n = q.shape[:2]
+    side = lambda t: (t.stride(0), 0, t.stride(2), t.stride(1))  # noqa: E731
+    m_strides = side(mask) if mask is not None else (0, 0, 0, 0)
+    nheads = branch.head_stop - branch.head_start
+    return _Launch(_flat(q, n), side(kc), _flat(lse, n), m_strides, side(grad), n, n, n, n, branch.rate,
+                   branch.offset, b, nheads, branch.head_base + branch.head_start, compact=True)
+
+
 def _view_launch(q, k, lse, mask, grad, q_offset: int = 0) -> _Launch:
     """One block of (b, S, c, h, d) views, k/v with h or 1 heads, the key mask (b, S, c_k) or None:
     every row of every segment; causal query row i sees key rows <= i + q_offset."""
@@ -360,7 +395,8 @@ def _run_forward(q, k, v, out, lse, mask, launch: _Launch, scale: float, causal:
     bm, bn, warps, stages = _config(q.shape[-1])
     _fwd[launch.grid(bm)](
         q, k, v, out, lse, _mask_arg(mask, q), _table_arg(launch, q), *launch.strides, *launch.sizes, scale * LOG2E,
-        out_scale, IS_CAUSAL=causal, FIRST=first, HAS_MASK=mask is not None, TABLE=launch.table is not None, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=q.shape[-1],
+        out_scale, IS_CAUSAL=causal, FIRST=first, HAS_MASK=mask is not None, TABLE=launch.table is not None,
+        COMPACT=launch.compact, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=q.shape[-1],
         num_warps=warps, num_stages=stages,
     )
 
@@ -370,7 +406,8 @@ def _run_backward(dout, q, k, v, lse, delta, mask, dq, dk, dv, launch: _Launch, 
     """dk, dv: laid out per query head (``launch.grad_strides``)."""
     bm, bn, warps, stages = _bwd_config(q.shape[-1])
     sizes = (*launch.sizes, scale * LOG2E, scale, do_scale)
-    meta = dict(IS_CAUSAL=causal, HAS_MASK=mask is not None, TABLE=launch.table is not None, BLOCK_M=bm, BLOCK_N=bn,
+    meta = dict(IS_CAUSAL=causal, HAS_MASK=mask is not None, TABLE=launch.table is not None, COMPACT=launch.compact,
+                BLOCK_M=bm, BLOCK_N=bn,
                 HEAD_DIM=q.shape[-1], num_warps=warps, num_stages=stages)
     km, st = _mask_arg(mask, q), _table_arg(launch, q)
     _bwd_dkdv[launch.grid(bn)](q, k, v, dout, lse, delta, km, dk, dv, st, *launch.strides, *launch.grad_strides,
@@ -512,6 +549,26 @@ class Triton(Backend):
         if gqa:
             dk.add_(gk.unflatten(2, (k.shape[2], -1)).sum(3).to(dk.dtype))
             dv.add_(gv.unflatten(2, (k.shape[2], -1)).sum(3).to(dv.dtype))
+
+    def attend_classes_(self, out, lse, q, kc, vc, branch, scale: float, key_mask=None) -> None:
+        """One launch; keys read from their class layout (``COMPACT``)."""
+        _same_strides("q and out", q, out)
+        _same_strides("k and v", kc, vc)
+        h = slice(branch.head_start, branch.head_stop)
+        qv, lv = q[:, :, h], lse[:, :, h]
+        _run_forward(qv, kc, vc, out[:, :, h], lv, key_mask, _classes_launch(qv, kc, lv, key_mask, kc, branch), scale,
+                     False, first=False)
+
+    def attend_classes_backward_(self, dq, dkc, dvc, dout, q, kc, vc, out, lse, branch, scale: float,
+                                 out_scale: float, key_mask=None) -> None:
+        _same_strides("q, dout and dq", q, dout, dq)
+        _same_strides("k, v, dk and dv", kc, vc, dkc, dvc)
+        lse = lse.contiguous()
+        delta = _row_dot(dout, out, lse)
+        h = slice(branch.head_start, branch.head_stop)
+        qv, lv = q[:, :, h], lse[:, :, h]
+        _run_backward(dout[:, :, h], qv, kc, vc, lv, delta[:, :, h], key_mask, dq[:, :, h], dkc, dvc,
+                      _classes_launch(qv, kc, lv, key_mask, dkc, branch), scale, False, out_scale)
 
     def attend_(self, out, lse, q, k, v, scale: float, causal: bool, key_mask=None, q_offset: int = 0) -> None:
         """``out`` may be any float dtype (the ring keeps fp32)."""
