@@ -217,6 +217,27 @@ def test_disagreeing_ranks_fail_on_every_rank(what):
     run_world(2, _mismatch_worker, what)
 
 
+def _host_agreement_worker(rank, world):
+    import torch.distributed as dist
+
+    def no_collectives(*args, **kwargs):
+        raise AssertionError("the agreement ran a collective (on a GPU it would wait for queued work)")
+
+    dist.all_gather = dist.all_reduce = dist.broadcast = no_collectives
+    ring = RingDilatedAttention([16, 64], [1, 2])
+    x = torch.randn(1, 32, 2, 8, generator=torch.Generator().manual_seed(0))
+    store = dist.distributed_c10d._get_default_store()
+    keys = []
+    for _ in range(24):
+        ring(x, x, x)
+        keys.append(store.num_keys())  # a peer may be a round ahead or behind: bounded, not constant
+    assert max(keys[12:]) <= max(keys[:12]), f"the agreement's store keys grow with the calls: {keys}"
+
+
+def test_agreement_runs_on_the_host_and_cleans_up():
+    run_world(2, _host_agreement_worker)
+
+
 def _dead_rank_worker(rank, world):
     if rank == 1:
         return  # this rank dies before attending

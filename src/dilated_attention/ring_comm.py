@@ -14,39 +14,66 @@ class RingCommError(RuntimeError):
     """Communication inside the process group failed: a rank died, timed out, or disagreed."""
 
 
-def _device_for(group) -> torch.device:
-    backend = dist.get_backend(group)
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-
-
 def fingerprint(value) -> int:
     """A stable 31-bit integer for any value with a deterministic repr."""
     return zlib.crc32(repr(value).encode()) & 0x7FFFFFFF
 
 
+_ROUNDS: dict[tuple[int, ...], tuple[int, int]] = {}  # per group (its global ranks): rounds so far (alike on every
+# member) and this rank's last row's fingerprint
+
+
+def _gather_on_host(group, values: list[int]) -> list[list[int]] | None:
+    """Every member's ``values`` in group-rank order, or None when all equal this rank's.
+
+    Runs on the process group's key-value store (host only: it never waits for queued GPU work,
+    so a call does not stall the launch queue). Cost in round trips: four when all agree; a
+    rank that is missing makes every other one fail at the store's timeout instead of hanging.
+    """
+    ranks = tuple(dist.get_process_group_ranks(group))
+    count, last = _ROUNDS.get(ranks, (0, 0))
+    count += 1
+    store = dist.distributed_c10d._get_default_store()
+    key = f"dilated_attention/agree/{','.join(map(str, ranks))}/{{}}/".format
+    row = ",".join(map(str, values))
+    _ROUNDS[ranks] = (count, fingerprint(row))
+    mine, me = key(count), dist.get_rank()
+    try:
+        store.set(f"{mine}row/{me}", row)
+        store.add(f"{mine}same/{fingerprint(row)}", 1)
+        if store.add(f"{mine}arrived", 1) == len(ranks):
+            store.set(f"{mine}complete", "1")
+        store.wait([f"{mine}complete"])
+        agree = store.add(f"{mine}same/{fingerprint(row)}", 0) == len(ranks)
+        rows = None if agree else [[int(x) for x in store.get(f"{mine}row/{r}").decode().split(",")] for r in ranks]
+        if count > 1:  # every member has set this round's keys, so none still reads the last round's
+            before = key(count - 1)
+            store.delete_key(f"{before}row/{me}")
+            if store.add(f"{mine}cleaner", 1) == 1:
+                for name in ("arrived", "complete", "cleaner", f"same/{last}"):
+                    store.delete_key(before + name)
+    except Exception as e:  # the store's timeout (a rank died or never came) or a broken connection
+        raise RingCommError(f"dilated attention: the agreement exchange failed (a rank died or timed out): {e}") from e
+    return rows
+
+
 def agreement_problem(group, fields: dict[str, int], local_error: Exception | None = None) -> str | None:
-    """All-gather ``fields`` and whether this rank's local checks failed; say what is wrong, or None.
+    """Exchange ``fields`` and whether this rank's local checks failed; say what is wrong, or None.
 
     Every rank of the group gets the same answer (a rank whose own checks failed learns of it
-    too, and should raise its own error).
+    too, and should raise its own error). Host only (``_gather_on_host``).
     """
     names = ["local_error", *fields]
     values = [int(local_error is not None), *fields.values()]
-    mine = torch.tensor(values, dtype=torch.int64, device=_device_for(group))
-    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    try:
-        dist.all_gather(gathered, mine, group=group)
-    except Exception as e:  # gloo/NCCL raise RuntimeError or DistBackendError on a dead peer or timeout
-        raise RingCommError(f"dilated attention: the agreement all_gather failed (a rank died or timed out): {e}") from e
-    rows = torch.stack(gathered).cpu()
-    failed = [r for r in range(rows.shape[0]) if rows[r, 0]]
+    rows = _gather_on_host(group, values)
+    if rows is None:
+        return None
+    failed = [r for r, row in enumerate(rows) if row[0]]
     if failed:
         return f"rank(s) {failed} of the group failed their input checks (their own error says why); no rank attends"
-    bad = [names[j] for j in range(1, len(names)) if not bool((rows[:, j] == rows[0, j]).all())]
-    if bad:
-        detail = "; ".join(f"{name}: {rows[:, names.index(name)].tolist()}" for name in bad)
-        return f"ranks disagree on {', '.join(bad)} (per rank: {detail})"
-    return None
+    bad = [names[j] for j in range(1, len(names)) if len({row[j] for row in rows}) > 1]
+    detail = "; ".join(f"{name}: {[row[names.index(name)] for row in rows]}" for name in bad)
+    return f"ranks disagree on {', '.join(bad)} (per rank: {detail})"
 
 
 def check_agreement(group, fields: dict[str, int], local_error: Exception | None = None) -> None:
