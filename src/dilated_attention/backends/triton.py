@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import replace
 
 import torch
 
-from ..plan import Branch, Plan, documents
+from ..plan import PER_HEAD, Branch, Plan, documents
 from . import triton_fused
 from .base import Backend
 
@@ -53,8 +54,8 @@ if triton is not None:
     @triton.jit
     def _offset(head, RATE, OFFSET, HEAD_BASE):
         """In-segment offset of this head's residue class: OFFSET, or (OFFSET < 0, paper mode) the
-        global head index HEAD_BASE + head modulo RATE."""
-        o = (head + HEAD_BASE) % RATE
+        global head index HEAD_BASE + head * -OFFSET modulo RATE (launch heads -OFFSET apart)."""
+        o = (head * -OFFSET + HEAD_BASE) % RATE
         if OFFSET >= 0:
             o = OFFSET
         return o
@@ -402,17 +403,19 @@ def _run_forward(q, k, v, out, lse, mask, launch: _Launch, scale: float, causal:
 
 
 def _run_backward(dout, q, k, v, lse, delta, mask, dq, dk, dv, launch: _Launch, scale: float, causal: bool,
-                  do_scale: float = 1.0) -> None:
-    """dk, dv: laid out per query head (``launch.grad_strides``)."""
+                  do_scale: float = 1.0, passes: str = "kq") -> None:
+    """dk, dv: laid out per query head (``launch.grad_strides``); passes: "k" dK/dV, "q" dQ, or both."""
     bm, bn, warps, stages = _bwd_config(q.shape[-1])
     sizes = (*launch.sizes, scale * LOG2E, scale, do_scale)
     meta = dict(IS_CAUSAL=causal, HAS_MASK=mask is not None, TABLE=launch.table is not None, COMPACT=launch.compact,
                 BLOCK_M=bm, BLOCK_N=bn,
                 HEAD_DIM=q.shape[-1], num_warps=warps, num_stages=stages)
     km, st = _mask_arg(mask, q), _table_arg(launch, q)
-    _bwd_dkdv[launch.grid(bn)](q, k, v, dout, lse, delta, km, dk, dv, st, *launch.strides, *launch.grad_strides,
-                               *sizes, **meta)
-    _bwd_dq[launch.grid(bm)](q, k, v, dout, lse, delta, km, dq, st, *launch.strides, *sizes, **meta)
+    if "k" in passes:
+        _bwd_dkdv[launch.grid(bn)](q, k, v, dout, lse, delta, km, dk, dv, st, *launch.strides, *launch.grad_strides,
+                                   *sizes, **meta)
+    if "q" in passes:
+        _bwd_dq[launch.grid(bm)](q, k, v, dout, lse, delta, km, dq, st, *launch.strides, *sizes, **meta)
 
 
 def _same_strides(names: str, *tensors) -> None:
@@ -516,7 +519,7 @@ class Triton(Backend):
                       key_mask=None):
         """Gradients against the merged (out, lse), summed in place branch by branch; the kernels
         scale dO by ``out_scale`` (``out`` is what ``forward_plan`` returned, scaled). With GQA,
-        dK and dV are summed per query head in float32, then over each k/v head's query heads."""
+        each k/v head's query heads add into its dK and dV one launch after another."""
         if q.shape[1] != k.shape[1]:
             return super().backward_plan(dout, q, k, v, out, lse, plan, scale, causal, out_scale, key_mask)
         q, k, v, dout, lse = (t.contiguous() for t in (q, k, v, dout.to(q.dtype), lse))
@@ -530,8 +533,9 @@ class Triton(Backend):
 
     def attend_plan_backward_(self, dq, dk, dv, dout, q, k, v, out, lse, plan: Plan, scale: float, causal: bool,
                               out_scale: float, key_mask=None) -> None:
-        """One dK/dV and one dQ launch per branch, adding into dq, dk, dv (tensors of equal length, or
-        row slices of larger ones). Shorter queries go block by block."""
+        """One dQ launch per branch and one dK/dV launch per branch (with GQA, one per query head of a
+        k/v head: each adds into dk, dv straight, no per-query-head buffers), adding into dq, dk, dv
+        (tensors of equal length, or row slices of larger ones). Shorter queries go block by block."""
         if q.shape[1] != k.shape[1]:
             return super().attend_plan_backward_(dq, dk, dv, dout, q, k, v, out, lse, plan, scale, causal, out_scale,
                                                  key_mask)
@@ -539,16 +543,23 @@ class Triton(Backend):
         _same_strides("k, v, dk and dv", k, v, dk, dv)
         lse = lse.contiguous()
         delta = _row_dot(dout, out, lse)  # rowsum(dO' O) for dO' = s dout, O = out / s
-        gqa = k.shape[2] != q.shape[2]
-        gk, gv = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) for _ in range(2)) if gqa else (dk, dv)
+        group = q.shape[2] // k.shape[2]
         for branch, table in _launches(plan, q.shape[1], q.device):
             h = slice(branch.head_start, branch.head_stop)
-            qv, lv, gkv = q[:, :, h], lse[:, :, h], gk[:, :, h]
-            _run_backward(dout[:, :, h], qv, k, v, lv, delta[:, :, h], key_mask, dq[:, :, h], gkv, gv[:, :, h],
-                          _branch_launch(qv, k, lv, key_mask, gkv, branch, table), scale, causal, out_scale)
-        if gqa:
-            dk.add_(gk.unflatten(2, (k.shape[2], -1)).sum(3).to(dk.dtype))
-            dv.add_(gv.unflatten(2, (k.shape[2], -1)).sum(3).to(dv.dtype))
+            qv, lv, grad = q[:, :, h], lse[:, :, h], dk[:, :, h] if group == 1 else None
+            launch = _branch_launch(qv, k, lv, key_mask, qv if grad is None else grad, branch, table)
+            _run_backward(dout[:, :, h], qv, k, v, lv, delta[:, :, h], key_mask, dq[:, :, h], grad,
+                          None if grad is None else dv[:, :, h], launch, scale, causal, out_scale,
+                          passes="kq" if group == 1 else "q")
+            for first in range(branch.head_start, min(branch.head_stop, branch.head_start + group)) if group > 1 else ():
+                h = slice(first, branch.head_stop, group)  # one query head of each k/v head from first // group
+                qv, lv = q[:, :, h], lse[:, :, h]
+                kvs = [t[:, :, first // group :] for t in (k, v, dk, dv)]
+                phase = replace(branch, offset=-group if branch.offset == PER_HEAD else branch.offset,
+                                head_base=branch.head_base + first, head_start=0, head_stop=qv.shape[2], kv_group=1)
+                launch = _branch_launch(qv, kvs[0], lv, key_mask, kvs[2], phase, table)
+                _run_backward(dout[:, :, h], qv, *kvs[:2], lv, delta[:, :, h], key_mask, None, *kvs[2:], launch,
+                              scale, causal, out_scale, passes="k")
 
     def attend_classes_(self, out, lse, q, kc, vc, branch, scale: float, key_mask=None) -> None:
         """One launch; keys read from their class layout (``COMPACT``)."""
