@@ -3,7 +3,8 @@
 What is cached (see docs/caching.md for the costs):
 - ``("plan", n, h, segment_lengths, dilation_rates, mode, head_start, total_heads, kv_heads[, cu_seqlens])``:
   the branches of a schedule;
-- ``("ring_schedule", n, P, layout, items, causal)``: who sends which rows to whom.
+- ``("ring_schedule", n, P, layout, plan, kv_heads, causal)``: who computes what and sends which
+  rows to whom (whole-branch or per-piece, ``ring_plan.build_schedule``).
 Every backend reads q, k, v through strided views (ragged segments and ``w % r != 0``
 included), so no branch needs an index tensor; the tensor tiers serve patterns that are
 tensors (a user's, or a future kernel's tables) with the same guarantees.

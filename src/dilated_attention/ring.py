@@ -32,8 +32,7 @@ from .merge import acc_dtype, empty_partial
 from .modules import MultiheadDilatedAttention, UsesPatternCache
 from .plan import WorkItem, cached_plan, check_head_slice, check_heads, check_schedule, plan_items
 from .ring_comm import Exchange, broadcast_from_first, check_agreement, fingerprint, pack, unpack
-from .ring_plan import (LAYOUTS, ChunkSchedule, FullSegments, Pair, Piece, RingSchedule, build_chunk_schedule,
-                        build_ring_schedule, chunk_length, chunks_align, shard_rows)
+from .ring_plan import LAYOUTS, ChunkSchedule, FullSegments, Pair, Piece, RingSchedule, build_schedule, shard_rows
 
 
 @dataclass
@@ -308,18 +307,10 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
         n = m * world
         branches = cached_plan(self.pattern_cache, n, h, self.segment_lengths, self.dilation_rates, self.mode,
                                head_start, total_heads, h_kv if h_kv != h else None, docs)
-        if chunks_align(branches, chunk_length(n, world, self.layout)):  # whole-branch launches
-            plan = ()
-            schedule = self.pattern_cache.get_or_create(
-                ("ring_chunks", n, world, self.layout, branches, h_kv, is_causal),
-                lambda: build_chunk_schedule(n, world, self.layout, branches, h_kv, is_causal))
-        else:
-            plan = plan_items(branches)
-            schedule = self.pattern_cache.get_or_create(
-                ("ring_schedule", n, world, self.layout, plan, is_causal),
-                lambda: build_ring_schedule(n, world, self.layout, plan, is_causal),
-            )
-        call = _RingCall(plan, schedule, group, rank, scale, is_causal, self.comm_bytes, impl,
+        schedule = self.pattern_cache.get_or_create(  # whole-branch launches where the chunks align
+            ("ring_schedule", n, world, self.layout, branches, h_kv, is_causal),
+            lambda: build_schedule(n, world, self.layout, branches, h_kv, is_causal))
+        call = _RingCall(plan_items(branches), schedule, group, rank, scale, is_causal, self.comm_bytes, impl,
                          output_factor(self.mode, self.segment_lengths))
         return _RingFunction.apply(*(t.contiguous() for t in (q, k, v)), key_padding_mask, call)
 

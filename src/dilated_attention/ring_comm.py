@@ -36,15 +36,16 @@ def _gather_on_host(group, values: list[int]) -> list[list[int]] | None:
     store = dist.distributed_c10d._get_default_store()
     key = f"dilated_attention/agree/{','.join(map(str, ranks))}/{{}}/".format
     row = ",".join(map(str, values))
-    _ROUNDS[ranks] = (count, fingerprint(row))
+    same = fingerprint(row)
+    _ROUNDS[ranks] = (count, same)
     mine, me = key(count), dist.get_rank()
     try:
         store.set(f"{mine}row/{me}", row)
-        store.add(f"{mine}same/{fingerprint(row)}", 1)
+        store.add(f"{mine}same/{same}", 1)
         if store.add(f"{mine}arrived", 1) == len(ranks):
             store.set(f"{mine}complete", "1")
         store.wait([f"{mine}complete"])
-        agree = store.add(f"{mine}same/{fingerprint(row)}", 0) == len(ranks)
+        agree = store.add(f"{mine}same/{same}", 0) == len(ranks)
         rows = None if agree else [[int(x) for x in store.get(f"{mine}row/{r}").decode().split(",")] for r in ranks]
         if count > 1:  # every member has set this round's keys, so none still reads the last round's
             before = key(count - 1)

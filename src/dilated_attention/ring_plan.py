@@ -32,7 +32,7 @@ import functools
 import math
 from dataclasses import dataclass, replace
 
-from .plan import PER_HEAD, Plan, WorkItem
+from .plan import PER_HEAD, Plan, WorkItem, plan_items
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -223,6 +223,14 @@ class ChunkSchedule:
     diagonal: Plan
     pairs: tuple[tuple[tuple[ChunkPair, ...], ...], ...]
     sends: tuple[tuple[tuple[ChunkSend, ...], ...], ...]
+
+
+def build_schedule(n: int, world: int, layout: str, plan: Plan, kv_heads: int,
+                   causal: bool) -> RingSchedule | ChunkSchedule:
+    """The whole-branch schedule where the segments align with the chunks, else the per-piece one."""
+    if chunks_align(plan, chunk_length(n, world, layout)):
+        return build_chunk_schedule(n, world, layout, plan, kv_heads, causal)
+    return build_ring_schedule(n, world, layout, plan_items(plan), causal)
 
 
 def chunks_align(plan: Plan, length: int) -> bool:

@@ -80,7 +80,6 @@ class Backend:
             for (dov, qv, ov, lv, dqv), (kv, vv, dkv, dvv), mv, offset in blocks:
                 self.attend_backward_(dqv, dkv, dvv, dov, qv, kv, vv, ov, lv, scale, causal, mv, offset)
 
-
     def attend_classes_(self, out, lse, q, kc, vc, branch, scale: float, key_mask=None) -> None:
         """Merge one branch over a single segment of q's n rows (non-causal), its keys given as classes:
         kc, vc (b, n / r, hb, d) for the branch's hb heads, row i of its head j being key row o_j + i r
