@@ -124,6 +124,24 @@ def test_output_dtype_and_device_follow_q(device):
     assert out.dtype == torch.bfloat16 and out.device == q.device and out.shape == q.shape
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_calls_without_gradients_skip_autograd_and_agree(backend, device):
+    """Inputs that need no gradient (or grad mode off) take the forward alone: no autograd node, the
+    same output as a call that records one."""
+    q, k, v = (rand((2, 37, 4, 8), torch.float32, device, grad=False) for _ in range(3))
+    args = ([8, 16, 40], [1, 2, 4])
+    recorded = dilated_attention(*(t.clone().requires_grad_() for t in (q, k, v)), *args, mode="head_groups",
+                                 backend=backend)
+    assert recorded.grad_fn is not None
+    with torch.no_grad():
+        no_grad_mode = dilated_attention(*(t.clone().requires_grad_() for t in (q, k, v)), *args, mode="head_groups",
+                                         backend=backend)
+    plain = dilated_attention(q, k, v, *args, mode="head_groups", backend=backend)
+    for out in (no_grad_mode, plain):
+        assert out.grad_fn is None and not out.requires_grad
+        torch.testing.assert_close(out, recorded.detach(), rtol=0, atol=0)
+
+
 def test_gradcheck_float64():
     q, k, v = (rand((1, 11, 3, 4)) for _ in range(3))
     for mode in MODES:

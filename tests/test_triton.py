@@ -30,7 +30,8 @@ def test_plan_keeps_every_branch():
 
 
 def test_kernels_compile_for_hopper():
-    """Every kernel variant compiles for sm_90 (type errors the interpreter lets through), no GPU needed."""
+    """Every kernel variant compiles for sm_90 (type errors the interpreter lets through) and fits an
+    H100's shared memory (227 KiB a block), no GPU needed."""
     import inspect
 
     from triton.backends.compiler import GPUTarget
@@ -63,6 +64,11 @@ def test_kernels_compile_for_hopper():
         return sig
 
     target = GPUTarget("cuda", 90, 32)
+
+    def compile_(src, **options):
+        kernel = triton.compile(src, target=target, options=options)
+        assert kernel.metadata.shared <= 227 * 1024, (src.fn.fn.__name__, src.constants, kernel.metadata.shared)
+
     for d in (64, 128):
         bm, bn, warps, stages = tk._config(d)
         for causal in (False, True):
@@ -72,14 +78,14 @@ def test_kernels_compile_for_hopper():
                     consts = dict(IS_CAUSAL=causal, FIRST=first, HAS_MASK=has_mask, TABLE=has_mask and not compact,
                                   COMPACT=compact, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
                     src = ASTSource(tk._fwd, signature(tk._fwd, out_dtype, consts), consts)
-                    triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
+                    compile_(src, num_warps=warps, num_stages=stages)
             bm, bn, warps, stages = tk._bwd_config(d)
             for has_mask in (False, True):
                 consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, TABLE=not has_mask, COMPACT=has_mask and not causal,
                               BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
                 for fn in (tk._bwd_dkdv, tk._bwd_dq):
                     src = ASTSource(fn, signature(fn, "*fp32", consts), consts)
-                    triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
+                    compile_(src, num_warps=warps, num_stages=stages)
             bm, bn, warps, stages = tk._config(d)
         fused = tk.triton_fused
         kv_keys, kv_queries, dq_rows, dq_keys, warps, stages = fused.bwd_config(d)
@@ -87,11 +93,11 @@ def test_kernels_compile_for_hopper():
             for fn, bm, bn in ((fused._fused_dkdv, kv_queries, kv_keys), (fused._fused_dq, dq_rows, dq_keys)):
                 consts = dict(HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
                 src = ASTSource(fn, signature(fn, "*bf16", consts), consts)
-                triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
+                compile_(src, num_warps=warps, num_stages=stages)
             for bm, bn, fwarps, fstages in fused.fwd_configs(d):
                 consts = dict(HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
                 src = ASTSource(fused._fused_fwd, signature(fused._fused_fwd, "*bf16", consts), consts)
-                triton.compile(src, target=target, options=dict(num_warps=fwarps, num_stages=fstages))
+                compile_(src, num_warps=fwarps, num_stages=fstages)
         consts = dict(D=d, BLOCK=64)
         src = ASTSource(tk._rowsum_product, dict(A="*bf16", B="*fp32", OUT="*fp32", ROWS="i32", D="constexpr",
                                                  BLOCK="constexpr"), consts)

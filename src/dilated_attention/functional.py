@@ -11,7 +11,8 @@ Under ``torch.compile`` both passes are ``torch.library.custom_op`` s with fake
 implementations, so the graph holds one opaque node per pass; the plan travels into the ops
 as a list of ints, so autograd holds everything backward needs (no cache that could be
 gone). Eager calls run the same two functions through an ``autograd.Function``, which skips
-the custom ops' dispatch (most of a small call's host time).
+the custom ops' dispatch (most of a small call's host time), or, when nothing needs a gradient,
+the forward alone.
 """
 
 from __future__ import annotations
@@ -173,4 +174,7 @@ def dilated_attention(
     config = (is_causal, resolve_scale(scale, q.shape[-1]), output_factor(mode, segment_lengths))
     if torch.compiler.is_compiling():
         return _forward_op(q, k, v, key_padding_mask, encode_plan(plan), *config, backend or "")[0]
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        is_causal, scale, out_scale = config  # nothing to differentiate: no autograd node to build
+        return impl.forward_plan(q, k, v, plan, scale, is_causal, out_scale, key_padding_mask)[0]
     return _Attention.apply(q, k, v, key_padding_mask, plan, *config, impl)[0]
