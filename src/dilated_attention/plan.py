@@ -13,7 +13,7 @@ ragged last segment ``x[:, full:][:, o::r, heads]``. No gather, no index list, n
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Sequence
 
 import torch
@@ -70,6 +70,13 @@ class Branch:
     kv_group: int = 1  # query heads per k/v head (GQA): local head j reads k/v head j // kv_group
     row_start: int = 0  # packed documents: this branch covers one document, rows [row_start, row_stop)
     row_stop: int = -1  # -1: to the end of the sequence
+
+    def __hash__(self) -> int:  # plans key many caches on the hot path: hash each branch once
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash(astuple(self))
 
     @property
     def rows(self) -> slice:

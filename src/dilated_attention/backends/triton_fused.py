@@ -297,9 +297,8 @@ if triton is not None:
 def _strides(q, k, lse, mask):
     """(batch, head, row) strides of q (also out, dout, dq), k (also v, dk, dv), lse (also delta);
     (batch, row) of the key mask."""
-    m = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
-    return (q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),
-            lse.stride(0), lse.stride(2), lse.stride(1), *m)
+    (qb, qu, qh, _), (kb, ku, kh, _), (lb, lu, lh) = q.stride(), k.stride(), lse.stride()
+    return qb, qh, qu, kb, kh, ku, lb, lh, lu, *(mask.stride() if mask is not None else (0, 0))
 
 
 
