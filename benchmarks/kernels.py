@@ -17,7 +17,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -26,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from dilated_attention import dilated_attention  # noqa: E402
 from dilated_attention.backends import triton_fused  # noqa: E402
 from dilated_attention.plan import useful_flops  # noqa: E402
+from host_time import host_us  # noqa: E402
 
 SEGS, RATES = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16]
 TILING = triton_fused.tiling
@@ -91,19 +91,6 @@ def call(q, k, v, causal, dense=False):
             return dilated_attention(q, k, v, SEGS, RATES, is_causal=causal)
     f.inputs = (q, k, v)
     return f
-
-
-def host_us(fn, reps=200):
-    """Host time per call: wall time of back-to-back calls on a tiny input, no sync inside."""
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    elapsed = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    return elapsed / reps * 1e6
 
 
 def main():
