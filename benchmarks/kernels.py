@@ -3,7 +3,8 @@
     python benchmarks/kernels.py [--seq-lens 131072 1048576] [--head-dim 64] [--sweep]
 
 In one run, on one device, in three interleaved rounds (medians): per-branch launches (the
-fused path switched off in-process), the fused kernels, and dense SDPA on b = n / 2048 sequences of 2048 (every LongNet branch
+fused path switched off in-process), the fused kernels (causal plans made to take them), and
+dense SDPA on b = n / 2048 sequences of 2048 (every LongNet branch
 is 2048 x 2048 attention per segment), forward and forward+backward, causal and not. Useful
 TFLOP/s count linked pairs only (``plan.useful_flops``; forward+backward 3.5x, causal half).
 ``--sweep`` also times the fused kernels' block configs (``triton_fused.fwd_configs`` /
@@ -23,12 +24,14 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from dilated_attention import dilated_attention  # noqa: E402
+from dilated_attention.backends import triton as triton_backend  # noqa: E402
 from dilated_attention.backends import triton_fused  # noqa: E402
 from dilated_attention.plan import useful_flops  # noqa: E402
 from host_time import host_us  # noqa: E402
 
 SEGS, RATES = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16]
 TILING = triton_fused.tiling
+FUSED_CAUSAL = triton_backend.fused_causal
 ROUNDS = 3
 
 
@@ -116,8 +119,9 @@ def main():
                 for _ in range(ROUNDS):  # interleaved rounds: clock and thermal drift hit every method alike
                     for method in times:
                         triton_fused.tiling = (lambda *args: 0) if method == "per_branch" else TILING
+                        triton_backend.fused_causal = (lambda *args: True) if method == "fused" else FUSED_CAUSAL
                         times[method].append(timed(call(q, k, v, causal, dense=method == "sdpa"), backward))
-                triton_fused.tiling = TILING
+                triton_fused.tiling, triton_backend.fused_causal = TILING, FUSED_CAUSAL
                 ms = {m: statistics.median(t) for m, t in times.items()}
                 row = dict(n=n, backward=backward, causal=causal, ms=ms,
                            tflops={m: (dense_flops if m == "sdpa" else flops) / t / 1e9 for m, t in ms.items()})
@@ -126,7 +130,7 @@ def main():
                 print(f"n={n:>8} {'fwd+bwd' if backward else 'fwd':>7} causal={causal!s:5} | per-branch "
                       f"{ms['per_branch']:8.2f} ms {t['per_branch']:5.0f} | fused {ms['fused']:8.2f} ms {t['fused']:5.0f}"
                       f" | sdpa {t['sdpa']:5.0f} TFLOP/s | fused/sdpa {t['fused'] / t['sdpa']:.2f}", flush=True)
-                if a.sweep and not causal:  # fused configs (causal runs branch by branch)
+                if a.sweep and not causal:  # fused configs
                     configs = ([(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4)] if not backward else
                                [(64, 64, 64, 64, 4, 3), (64, 64, 64, 64, 4, 4), (128, 32, 64, 32, 4, 4),
                                 (64, 32, 64, 64, 4, 3), (64, 64, 128, 64, 8, 3), (128, 64, 128, 64, 8, 3)])

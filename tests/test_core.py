@@ -335,13 +335,16 @@ def test_gqa_on_triton_within_twice_torch_math(causal, mode):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not triton.available(), reason="the Triton kernels on CUDA")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("h_kv,masked,bounds", [(4, False, None), (2, True, None), (2, False, (0, 1024, 3072, 4396))])
-def test_fused_kernels_within_twice_torch_math(h_kv, masked, bounds):
+def test_fused_kernels_within_twice_torch_math(h_kv, masked, bounds, causal, monkeypatch):
     """The fused all-branch kernels at their full tile size (a ragged last segment, GQA, a key mask,
-    packed documents)."""
+    packed documents); causal plans made to take them whichever path timed faster."""
+    from dilated_attention.backends import triton as triton_backend
     from dilated_attention.backends import triton_fused
     from dilated_attention.plan import build_plan
 
+    monkeypatch.setattr(triton_backend, "fused_causal", lambda *args: True)
     b, n, h, d, segs, rates = 1, 4396, 4, 64, [512, 1024, 2048], [1, 2, 4]
     plan = build_plan(n, h, segs, rates, "paper", kv_heads=h_kv, cu_seqlens=bounds)
     assert triton_fused.fwd_tile(plan, n, h, d) == 128 and triton_fused.bwd_tiles(plan, n, h, d)
@@ -354,7 +357,8 @@ def test_fused_kernels_within_twice_torch_math(h_kv, masked, bounds):
                                  ("torch", torch.bfloat16, "math")):
         ins = [t.to("cuda", dtype).requires_grad_() for t in (q, k, v)]
         docs = None if bounds is None else torch.tensor(bounds, dtype=torch.int32, device="cuda")
-        out = dilated_attention(*ins, segs, rates, backend=backend, key_padding_mask=mask, cu_seqlens=docs)
+        out = dilated_attention(*ins, segs, rates, is_causal=causal, backend=backend, key_padding_mask=mask,
+                                cu_seqlens=docs)
         results[name] = [out, *torch.autograd.grad(out, ins, dout.to("cuda", dtype))]
     for i, name in enumerate(["out", "dq", "dk", "dv"]):
         ours, theirs = rel_err(results["ours"][i], results["ref"][i]), rel_err(results["torch"][i], results["ref"][i])

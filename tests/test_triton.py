@@ -89,13 +89,13 @@ def test_kernels_compile_for_hopper():
             bm, bn, warps, stages = tk._config(d)
         fused = tk.triton_fused
         kv_keys, kv_queries, dq_rows, dq_keys, warps, stages = fused.bwd_config(d)
-        for has_mask in (False, True):
+        for causal, has_mask in ((False, False), (False, True), (True, False), (True, True)):
             for fn, bm, bn in ((fused._fused_dkdv, kv_queries, kv_keys), (fused._fused_dq, dq_rows, dq_keys)):
-                consts = dict(HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
+                consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
                 src = ASTSource(fn, signature(fn, "*bf16", consts), consts)
                 compile_(src, num_warps=warps, num_stages=stages)
             for bm, bn, fwarps, fstages in fused.fwd_configs(d):
-                consts = dict(HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
+                consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
                 src = ASTSource(fused._fused_fwd, signature(fused._fused_fwd, "*bf16", consts), consts)
                 compile_(src, num_warps=fwarps, num_stages=fstages)
         consts = dict(D=d, BLOCK=64)
@@ -114,6 +114,34 @@ def test_row_dot_in_slices_matches_one_pass():
         torch.testing.assert_close(_row_dot(a, b, like, budget), expected, rtol=0, atol=0)
 
 
+def test_causal_plans_choose_fused_or_per_branch_by_timing(monkeypatch):
+    """A causal plan the fused kernels tile runs whichever of fused and per-branch ``pick`` found faster,
+    once per kind of call and size bucket (b n h to a power of two); off CUDA, fused."""
+    from dilated_attention.backends import triton as tk
+    from dilated_attention.plan import build_plan
+
+    plan = build_plan(4096, 4, [1024, 2048], [1, 2], "paper")
+    ran = []
+    runners = (lambda: ran.append("fused"), lambda: ran.append("branches"))
+    q = torch.empty(2, 4096, 4, 64, device="meta")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert tk.fused_causal("forward", plan, q, None, *runners) and ran == []  # off CUDA: untimed, fused
+    keys = []
+
+    def pick(key, candidates, launch):
+        keys.append(key)
+        for name in candidates:
+            launch(name)
+        return "branches"
+
+    monkeypatch.setattr(tk.triton_fused, "pick", pick)
+    assert not tk.fused_causal("forward", plan, q, None, *runners) and ran == ["fused", "branches"]
+    tk.fused_causal("forward", plan, torch.empty(3, 4096, 4, 64, device="meta"), None, *runners)  # same bucket
+    tk.fused_causal("forward", plan, torch.empty(8, 4096, 4, 64, device="meta"), None, *runners)  # larger
+    tk.fused_causal("backward", plan, q, None, *runners)
+    assert keys[0] == keys[1] and len({keys[0], keys[2], keys[3]}) == 3
+
+
 def test_grid_keeps_segments_on_the_large_axis():
     """n / w' = 70,000 segments (w = 64 at n = 4.5M): CUDA caps grid axes 1 and 2 at 65,535 programs."""
     from dilated_attention.backends.triton import _branch_launch
@@ -126,7 +154,7 @@ def test_grid_keeps_segments_on_the_large_axis():
 
 
 def test_fused_forward_picks_the_faster_candidate(monkeypatch):
-    """``_pick`` times each candidate once per key and keeps the fastest; it times nothing while a CUDA
+    """``pick`` times each candidate once per key and keeps the fastest; it times nothing while a CUDA
     graph is captured (CUDA events stand in for a GPU here)."""
     from dilated_attention.backends import triton_fused
 
@@ -154,11 +182,11 @@ def test_fused_forward_picks_the_faster_candidate(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert triton_fused._pick("test-key", ("slow", "fast"), launch) == "slow"  # capturing: the first, untimed
+    assert triton_fused.pick("test-key", ("slow", "fast"), launch) == "slow"  # capturing: the first, untimed
     assert clock["now"] == 0.0
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    assert triton_fused._pick("test-key", ("slow", "fast"), launch) == "fast"
+    assert triton_fused.pick("test-key", ("slow", "fast"), launch) == "fast"
     timed = clock["now"]
     assert timed == 4 * 3.0 + 4 * 1.0  # one compile launch and three timed ones each
-    assert triton_fused._pick("test-key", ("slow", "fast"), launch) == "fast" and clock["now"] == timed  # cached
-    assert triton_fused._pick("other-key", ("too big", "slow"), launch) == "slow"  # one that cannot run is passed over
+    assert triton_fused.pick("test-key", ("slow", "fast"), launch) == "fast" and clock["now"] == timed  # cached
+    assert triton_fused.pick("other-key", ("too big", "slow"), launch) == "slow"  # one that cannot run is passed over

@@ -187,16 +187,21 @@ def _packed_failures():
 def _fused_failures():
     """Plans the fused all-branch kernels take (segments multiples of the tile span, or one segment):
     with GQA, a key mask, rates without r = 1, a ragged last segment and packed documents, against
-    the float64 reference (each document against the document alone)."""
+    the float64 reference (each document against the document alone), causal or not (off CUDA a causal
+    plan the fused kernels tile runs fused: ``triton.fused_causal``)."""
     from dilated_attention.backends import triton_fused
     from dilated_attention.plan import build_plan
 
     failures = []
-    for b, n, h, h_kv, segs, rates, masked, bounds in (
-            (2, 200, 5, 5, [64, 128, 256], [1, 2, 4], False, None),
-            (1, 293, 4, 2, [64, 128], [1, 4], True, None),
-            (1, 160, 6, 3, [32, 64], [2, 2], False, None),
-            (1, 300, 4, 2, [32, 64], [1, 2], True, (0, 64, 192, 300))):
+    for b, n, h, h_kv, segs, rates, masked, bounds, causal in (
+            (2, 200, 5, 5, [64, 128, 256], [1, 2, 4], False, None, False),
+            (1, 293, 4, 2, [64, 128], [1, 4], True, None, False),
+            (1, 160, 6, 3, [32, 64], [2, 2], False, None, False),
+            (1, 300, 4, 2, [32, 64], [1, 2], True, (0, 64, 192, 300), False),
+            (2, 300, 5, 5, [64, 128, 256], [1, 2, 4], False, None, True),  # ragged last segment
+            (1, 293, 4, 2, [32, 256, 512], [1, 2, 2], True, None, True),  # w' = n
+            (1, 320, 6, 3, [32, 128, 256], [1, 2, 2], False, None, True),  # repeated rate
+            (1, 576, 4, 2, [32, 256], [1, 2], True, (0, 256, 576), True)):  # documents
         docs = None if bounds is None else torch.tensor(bounds, dtype=torch.int32)
         plan = build_plan(n, h, segs, rates, "paper", kv_heads=h_kv, cu_seqlens=bounds)
         if not (triton_fused.fwd_tile(plan, n, h, 16) and triton_fused.bwd_tiles(plan, n, h, 16)):
@@ -206,16 +211,17 @@ def _fused_failures():
         k, v = (torch.randn(b, n, h_kv, 16, dtype=torch.float64, generator=g) for _ in range(2))
         mask = (torch.rand(b, n, generator=g) < 0.3) if masked else None
         ours = [t.float().requires_grad_() for t in (q, k, v)]
-        out = dilated_attention(*ours, segs, rates, backend="triton", key_padding_mask=mask, cu_seqlens=docs)
+        out = dilated_attention(*ours, segs, rates, is_causal=causal, backend="triton", key_padding_mask=mask,
+                                cu_seqlens=docs)
         grads = torch.autograd.grad(out, ours, do.float())
         rep = h // h_kv
         for lo, hi in zip(bounds or (0,), (bounds or (0, n))[1:]):
             ref_in = [t[:, lo:hi].clone().requires_grad_() for t in (q, k, v)]
-            ref = reference(ref_in[0], *(t.repeat_interleave(rep, 2) for t in ref_in[1:]), segs, rates, False, None,
+            ref = reference(ref_in[0], *(t.repeat_interleave(rep, 2) for t in ref_in[1:]), segs, rates, causal, None,
                             "paper", key_padding_mask=None if mask is None else mask[:, lo:hi])
             ref_grads = torch.autograd.grad(ref, ref_in, do[:, lo:hi])
-            failures += _mismatches(f"fused {segs} {rates} n={n} h_kv={h_kv} rows [{lo}, {hi})", (out, *grads),
-                                    (ref, *ref_grads), slice(lo, hi))
+            failures += _mismatches(f"fused {segs} {rates} n={n} h_kv={h_kv} causal={causal} rows [{lo}, {hi})",
+                                    (out, *grads), (ref, *ref_grads), slice(lo, hi))
     return failures
 
 

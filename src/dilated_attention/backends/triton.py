@@ -1,8 +1,8 @@
 """Fused Triton backend: flash-attention kernels that read q, k, v through the dilated strides.
 
-Non-causal paper-mode plans whose segments fit its tiling run on ``triton_fused`` (every
-branch in one launch, one softmax). Every other plan, and the ring, use the per-branch
-kernel family here. A launch is a set of segments, each holding one
+Paper-mode plans whose segments fit its tiling run on ``triton_fused`` (every branch in one
+launch, one softmax; causal ones where that ran faster, ``fused_causal``). Every other plan,
+and the ring, use the per-branch kernel family here. A launch is a set of segments, each holding one
 residue class of rows per head: program (m and s, head, batch) takes query rows ``m*BLOCK_M...`` of
 segment ``s``'s class, runs flash-attention over the same class's keys, and merges its
 (out, lse) in place into the accumulators through the log-sum-exp (no per-branch output
@@ -456,6 +456,17 @@ def _interpreted(q: torch.Tensor) -> bool:
     return _INTERPRET and q.device.type == "cpu"
 
 
+def fused_causal(pass_name: str, plan: Plan, q, key_mask, fused, branches) -> bool:
+    """Whether a causal plan the fused kernels tile runs fused (one launch, more work: a tile's rows
+    span its segment) rather than branch by branch (a launch per branch, each adding host time):
+    whichever of ``fused()`` and ``branches()`` ran faster, timed once per kind of call and size
+    (``triton_fused.pick``; fused off CUDA, so the interpreter checks the fused kernels)."""
+    b, n, h, d = q.shape
+    key = (pass_name, plan, d, q.dtype, q.device, key_mask is not None, (b * n * h).bit_length())
+    run = {"fused": fused, "branches": branches}
+    return triton_fused.pick(key, tuple(run), lambda name: run[name]()) == "fused"
+
+
 class Triton(Backend):
     name = "triton"
 
@@ -476,8 +487,9 @@ class Triton(Backend):
         return dtype  # the kernels merge in float32 registers and store in the inputs' dtype
 
     def forward_plan(self, q, k, v, plan: Plan, scale: float, causal: bool, out_scale: float, key_mask=None):
-        """One launch per branch, merging into ``out`` itself (fp32 in registers, one rounding to
-        q.dtype per branch): the only extra memory is the fp32 lse. ``out_scale`` (1/m in
+        """The fused kernels where they tile the plan (causal: where faster), else one launch per
+        branch, merging into ``out`` itself (fp32 in registers, one rounding to q.dtype per
+        branch): the only extra memory is the fp32 lse. ``out_scale`` (1/m in
         head_groups mode) is applied as each launch stores, which needs branches over disjoint heads.
         Queries shorter than the keys run block by block (``Backend.forward_plan``) on the same kernels.
         """
@@ -485,13 +497,19 @@ class Triton(Backend):
             return super().forward_plan(q, k, v, plan, scale, causal, out_scale, key_mask)
         q, k, v = (t.contiguous() for t in (q, k, v))
         b, n, h, d = q.shape
-        block = triton_fused.fwd_tile(plan, n, h, d) if out_scale == 1.0 and not causal else 0
-        if block:  # causal rows of a residue tile span whole segments: per-branch tiles skip more
-            return triton_fused.forward(q, k, v, plan, scale, key_mask, block)
-        out = torch.zeros_like(q)
-        lse = torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
-        self._branch_forwards(out, lse, q, k, v, plan, scale, causal, key_mask, out_scale, fresh=True)
-        return out, lse
+        block = triton_fused.fwd_tile(plan, n, h, d) if out_scale == 1.0 else 0
+
+        def fused():
+            return triton_fused.forward(q, k, v, plan, scale, causal, key_mask, block)
+
+        def branches():
+            out = torch.zeros_like(q)
+            lse = torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
+            self._branch_forwards(out, lse, q, k, v, plan, scale, causal, key_mask, out_scale, fresh=True)
+            return out, lse
+
+        return fused() if block and (not causal or fused_causal("forward", plan, q, key_mask, fused, branches)) else (
+            branches())
 
     def attend_plan_(self, out, lse, q, k, v, plan: Plan, scale: float, causal: bool, key_mask=None) -> None:
         """One launch per branch over (b, n, ...) tensors of equal length (the ring's chunks); q, out
@@ -517,19 +535,26 @@ class Triton(Backend):
 
     def backward_plan(self, dout, q, k, v, out, lse, plan: Plan, scale: float, causal: bool, out_scale: float,
                       key_mask=None):
-        """Gradients against the merged (out, lse), summed in place branch by branch; the kernels
+        """Gradients against the merged (out, lse): the fused kernels as in ``forward_plan``, else
+        summed in place branch by branch; the kernels
         scale dO by ``out_scale`` (``out`` is what ``forward_plan`` returned, scaled). With GQA,
         each k/v head's query heads add into its dK and dV one launch after another."""
         if q.shape[1] != k.shape[1]:
             return super().backward_plan(dout, q, k, v, out, lse, plan, scale, causal, out_scale, key_mask)
         q, k, v, dout, lse = (t.contiguous() for t in (q, k, v, dout.to(q.dtype), lse))
-        tiles = triton_fused.bwd_tiles(plan, *q.shape[1:3], q.shape[-1]) if out_scale == 1.0 and not causal else None
-        if tiles:
+        tiles = triton_fused.bwd_tiles(plan, *q.shape[1:3], q.shape[-1]) if out_scale == 1.0 else None
+
+        def fused():
             delta = _row_dot(dout, out, lse)
-            return triton_fused.backward(dout, q, k, v, lse, delta, plan, scale, key_mask, tiles)
-        dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
-        self.attend_plan_backward_(dq, dk, dv, dout, q, k, v, out, lse, plan, scale, causal, out_scale, key_mask)
-        return dq, dk, dv
+            return triton_fused.backward(dout, q, k, v, lse, delta, plan, scale, causal, key_mask, tiles)
+
+        def branches():
+            dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
+            self.attend_plan_backward_(dq, dk, dv, dout, q, k, v, out, lse, plan, scale, causal, out_scale, key_mask)
+            return dq, dk, dv
+
+        return fused() if tiles and (not causal or fused_causal("backward", plan, q, key_mask, fused, branches)) else (
+            branches())
 
     def attend_plan_backward_(self, dq, dk, dv, dout, q, k, v, out, lse, plan: Plan, scale: float, causal: bool,
                               out_scale: float, key_mask=None) -> None:

@@ -12,9 +12,13 @@ their keys are the ``w / r`` rows of that class in the same segment. Backward us
 tiling over keys for dK/dV (one program per k/v head, looping over its query heads: no
 per-query-head buffers with GQA) and over queries for dQ; every program stores its rows
 once. Plans this tiling does not fit (head_groups mode, a segment that is no multiple of the span,
-documents shorter than a span) run branch by branch (``triton.Triton``), and so does causal
-attention: a tile's rows spread over its whole span, so a causal tile would skip almost no
-key block where the per-branch tiles of consecutive class rows skip half (benchmarks/NOTES.md).
+documents shorter than a span) run branch by branch (``triton.Triton``).
+
+Causal: a tile's rows spread over its whole span, so in a segment of s spans a tile computes
+(s + 1) / s of a branch's causal work, where the per-branch tiles of consecutive class rows
+compute about 1 (at 1M tokens the fused causal forward ran 1.5x the per-branch launches'
+time), but it is one launch where the per-branch path makes one per branch: short calls are
+host-bound. ``triton.Triton`` times both once per kind of call and size (``pick``).
 
 Packed documents (cu_seqlens) are tiled each from its own first row: a table lists every
 span as (document's first row, its length, span start, document index) and the grid's
@@ -159,9 +163,16 @@ if triton is not None:
         return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
     @triton.jit
+    def _causal_range(first, count, BLOCK: tl.constexpr, STEP, BLOCK_N: tl.constexpr):
+        """A causal tile whose class indices are first + i * STEP (i < BLOCK) against blocks of BLOCK_N
+        of the other side: (blocks that need no causal mask end here, all blocks end here)."""
+        last = first + (BLOCK - 1) * STEP
+        return tl.minimum(count // BLOCK_N * BLOCK_N, (first + 1) // BLOCK_N * BLOCK_N), tl.minimum(count, last + 1)
+
+    @triton.jit
     def _fused_fwd(Q, K, V, O, L, KM, T, TS, NB, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM, HEAD_BASE,
-                   KV_GROUP, qk_scale, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HEAD_DIM: tl.constexpr):
+                   KV_GROUP, qk_scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         doc0, N, T, span, c, pos, row_ok = _residue_tile(TS, T, NB, BLOCK_M, LCM)
         if span + c >= N:
             return
@@ -174,13 +185,18 @@ if triton is not None:
         for br in range(NB):
             active, key0, count, r = _branch(T, br, span, c, head + HEAD_BASE, N)
             if active:
-                full = 0 if HAS_MASK else count // BLOCK_N * BLOCK_N
+                full, hi = count // BLOCK_N * BLOCK_N, count
+                qidx = (pos - key0) // r  # class indices of the rows (causal: the last key each sees)
+                if IS_CAUSAL:
+                    full, hi = _causal_range((span + c - key0) // r, count, BLOCK_M, LCM // r, BLOCK_N)
+                if HAS_MASK:
+                    full = 0
                 for start in range(0, full, BLOCK_N):
-                    m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, m_base, key0, r, count, start, pos, m_i, l_i,
-                                              acc, ku, mu, qk_scale, dims, False, HAS_MASK, False, BLOCK_N)
-                for start in range(full, count, BLOCK_N):
-                    m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, m_base, key0, r, count, start, pos, m_i, l_i,
-                                              acc, ku, mu, qk_scale, dims, False, HAS_MASK, True, BLOCK_N)
+                    m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, m_base, key0, r, count, start, qidx, m_i, l_i,
+                                              acc, ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, False, BLOCK_N)
+                for start in range(full, hi, BLOCK_N):
+                    m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, m_base, key0, r, count, start, qidx, m_i, l_i,
+                                              acc, ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, True, BLOCK_N)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         offs = q_base + pos.to(tl.int64)[:, None] * qu + dims[None, :]
         tl.store(O + offs, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -228,8 +244,8 @@ if triton is not None:
 
     @triton.jit
     def _fused_dq(Q, K, V, DO, L, D, KM, DQ, T, TS, NB, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM, HEAD_BASE,
-                  KV_GROUP, qk_scale, scale, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HEAD_DIM: tl.constexpr):
+                  KV_GROUP, qk_scale, scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         doc0, N, T, span, c, pos, row_ok = _residue_tile(TS, T, NB, BLOCK_M, LCM)
         if span + c >= N:
             return
@@ -242,22 +258,48 @@ if triton is not None:
         for br in range(NB):
             active, key0, count, r = _branch(T, br, span, c, head + HEAD_BASE, N)
             if active:
-                full = 0 if HAS_MASK else count // BLOCK_N * BLOCK_N
+                full, hi = count // BLOCK_N * BLOCK_N, count
+                qidx = (pos - key0) // r
+                if IS_CAUSAL:
+                    full, hi = _causal_range((span + c - key0) // r, count, BLOCK_M, LCM // r, BLOCK_N)
+                if HAS_MASK:
+                    full = 0
                 for start in range(0, full, BLOCK_N):
-                    dq = dq_block(q, do, lse, delta, K, V, KM, k_base, m_base, key0, r, count, start, pos, row_ok,
-                                  dq, ku, mu, qk_scale, 1.0, dims, False, HAS_MASK, False, BLOCK_N)
-                for start in range(full, count, BLOCK_N):
-                    dq = dq_block(q, do, lse, delta, K, V, KM, k_base, m_base, key0, r, count, start, pos, row_ok,
-                                  dq, ku, mu, qk_scale, 1.0, dims, False, HAS_MASK, True, BLOCK_N)
+                    dq = dq_block(q, do, lse, delta, K, V, KM, k_base, m_base, key0, r, count, start, qidx, row_ok,
+                                  dq, ku, mu, qk_scale, 1.0, dims, IS_CAUSAL, HAS_MASK, False, BLOCK_N)
+                for start in range(full, hi, BLOCK_N):
+                    dq = dq_block(q, do, lse, delta, K, V, KM, k_base, m_base, key0, r, count, start, qidx, row_ok,
+                                  dq, ku, mu, qk_scale, 1.0, dims, IS_CAUSAL, HAS_MASK, True, BLOCK_N)
         tl.store(DQ + q_base + pos.to(tl.int64)[:, None] * qu + dims[None, :], (dq * scale).to(DQ.dtype.element_ty),
                  mask=row_ok[:, None])
 
     @triton.jit
+    def _dkdv_block(Q, DO, L, D, q_base, l_base, key0, r, count, start, k, v, kidx, col_keep, dk, dv, qu, lu,
+                    qk_scale, dims, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr):
+        """dk, dv += one block of the class's query rows (class indices start + i) against the tile's keys
+        (class indices kidx, used only when IS_CAUSAL)."""
+        u = start + tl.arange(0, BLOCK_M)
+        qpos = key0 + u * r
+        row_ok = u < count
+        q = rows_at(Q, q_base, qpos, row_ok, qu, dims)
+        do = rows_at(DO, q_base, qpos, row_ok, qu, dims)
+        lse, delta = _stats(L, D, l_base, qpos, row_ok, lu)
+        if IS_CAUSAL:
+            p, ds = probs(q, k, v, do, lse, delta, u, kidx, row_ok, col_keep, qk_scale, 1.0, 0, True)
+        else:
+            p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+            if HAS_MASK:  # a row whose keys are all masked has lse -inf: P is 0 on its masked keys
+                p = tl.where(col_keep[None, :], p, 0.0)
+            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        return dk + tl.dot(tl.trans(ds.to(q.dtype)), q), dv + tl.dot(tl.trans(p.to(do.dtype)), do)
+
+    @triton.jit
     def _fused_dkdv(Q, K, V, DO, L, D, KM, DK, DV, T, TS, NB, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM,
-                    HEAD_BASE, KV_GROUP, qk_scale, scale, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                    HEAD_BASE, KV_GROUP, qk_scale, scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         """dK, dV of BLOCK_N keys (a residue tile) over query blocks of BLOCK_M. Keys past n and
-        query rows past the class (zeros) add nothing that is stored, so only the key mask masks P."""
+        query rows past the class (zeros) add nothing that is stored, so only the key mask masks P
+        (and causality, on the query blocks that cross the tile's keys)."""
         doc0, N, T, span, c, kpos, col_ok = _residue_tile(TS, T, NB, BLOCK_N, LCM)
         if span + c >= N:
             return
@@ -276,19 +318,18 @@ if triton is not None:
             for br in range(NB):
                 active, key0, count, r = _branch(T, br, span, c, head + HEAD_BASE, N)
                 if active:
-                    for start in range(0, count, BLOCK_M):
-                        u = start + tl.arange(0, BLOCK_M)
-                        qpos = key0 + u * r
-                        row_ok = u < count
-                        q = rows_at(Q, q_base, qpos, row_ok, qu, dims)
-                        do = rows_at(DO, q_base, qpos, row_ok, qu, dims)
-                        lse, delta = _stats(L, D, l_base, qpos, row_ok, lu)
-                        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-                        if HAS_MASK:  # a row whose keys are all masked has lse -inf: P is 0 on its masked keys
-                            p = tl.where(col_keep[None, :], p, 0.0)
-                        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-                        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+                    lo, mid, kidx = 0, 0, kpos  # query blocks [lo, mid) cross this tile's keys (causal)
+                    if IS_CAUSAL:
+                        first = (span + c - key0) // r
+                        lo = first // BLOCK_M * BLOCK_M
+                        mid = tl.minimum(tl.cdiv(first + (BLOCK_N - 1) * (LCM // r), BLOCK_M) * BLOCK_M, count)
+                        kidx = (kpos - key0) // r
+                    for start in range(lo, mid, BLOCK_M):
+                        dk, dv = _dkdv_block(Q, DO, L, D, q_base, l_base, key0, r, count, start, k, v, kidx, col_keep,
+                                             dk, dv, qu, lu, qk_scale, dims, True, HAS_MASK, BLOCK_M)
+                    for start in range(mid, count, BLOCK_M):
+                        dk, dv = _dkdv_block(Q, DO, L, D, q_base, l_base, key0, r, count, start, k, v, kpos, col_keep,
+                                             dk, dv, qu, lu, qk_scale, dims, False, HAS_MASK, BLOCK_M)
         offs = k_base + kpos.to(tl.int64)[:, None] * ku + dims[None, :]
         tl.store(DK + offs, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
         tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
@@ -305,7 +346,7 @@ def _strides(q, k, lse, mask):
 
 def fwd_configs(d: int) -> tuple[tuple[int, int, int, int], ...]:
     """Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) of the fused forward, timed once per kind of
-    call on the device (``_pick``): with plain plans 8 warps ran 5-7% faster than 4 on some H100
+    call on the device (``pick``): with plain plans 8 warps ran 5-7% faster than 4 on some H100
     hosts and 10-15% slower on another, and 1.1-1.6x slower with GQA or a key mask (NOTES.md, v7)."""
     return (128, 64, 8, 3), (128, 64, 4, 3)
 
@@ -313,7 +354,7 @@ def fwd_configs(d: int) -> tuple[tuple[int, int, int, int], ...]:
 _PICKED: dict = {}
 
 
-def _pick(key, candidates, launch):
+def pick(key, candidates, launch):
     """The candidate whose ``launch(candidate)`` ran fastest for this key: each is launched once to
     compile, then timed over three launches with CUDA events, once per key and process; one that
     does not fit the device (shared memory, registers) is passed over. The first candidate,
@@ -357,7 +398,7 @@ def bwd_tiles(plan: Plan, n: int, h: int, d: int) -> tuple[int, int] | None:
     return tiles if all(tiles) else None
 
 
-def forward(q, k, v, plan: Plan, scale: float, key_mask, block_m: int):
+def forward(q, k, v, plan: Plan, scale: float, causal: bool, key_mask, block_m: int):
     """q: (b, n, h, d), k, v: (b, n, h_kv, d) contiguous; key_mask (b, n) bool or None; block_m from
     ``fwd_tile`` -> out (b, n, h, d) in q.dtype, lse (b, n, h) float32."""
     b, n, h, d = q.shape
@@ -368,22 +409,22 @@ def forward(q, k, v, plan: Plan, scale: float, key_mask, block_m: int):
             *_strides(q, k, lse, key_mask), lcm, plan[0].head_base, plan[0].kv_group, scale * 1.4426950408889634)
 
     def launch(cfg):
-        _fused_fwd[(count * lcm, h, b)](*args, HAS_MASK=key_mask is not None, BLOCK_M=block_m, BLOCK_N=cfg[1],
-                                        HEAD_DIM=d, num_warps=cfg[2], num_stages=cfg[3])
+        _fused_fwd[(count * lcm, h, b)](*args, IS_CAUSAL=causal, HAS_MASK=key_mask is not None, BLOCK_M=block_m,
+                                        BLOCK_N=cfg[1], HEAD_DIM=d, num_warps=cfg[2], num_stages=cfg[3])
 
-    key = (d, key_mask is not None, plan[0].kv_group, nb, lcm, block_m, q.dtype, q.device)
-    launch(_pick(key, fwd_configs(d), launch))
+    key = (d, causal, key_mask is not None, plan[0].kv_group, nb, lcm, block_m, q.dtype, q.device)
+    launch(pick(key, fwd_configs(d), launch))
     return out, lse
 
 
-def backward(dout, q, k, v, lse, delta, plan: Plan, scale: float, key_mask, tiles: tuple[int, int]):
+def backward(dout, q, k, v, lse, delta, plan: Plan, scale: float, causal: bool, key_mask, tiles: tuple[int, int]):
     """Gradients of ``forward`` (contiguous inputs; delta = rowsum(dout * out), laid out like lse):
     dq, dk, dv in q.dtype. ``tiles``: from ``bwd_tiles``."""
     b, n, h, d = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _, kv_queries, _, dq_keys, warps, stages = bwd_config(d)
     km = q if key_mask is None else key_mask.view(torch.uint8)
-    meta = dict(HAS_MASK=key_mask is not None, HEAD_DIM=d, num_warps=warps, num_stages=stages)
+    meta = dict(IS_CAUSAL=causal, HAS_MASK=key_mask is not None, HEAD_DIM=d, num_warps=warps, num_stages=stages)
 
     def args(block):  # the tables of this tile size, strides, scalars; and the grid's first axis
         branches, spans, count, lcm, nb = _tables(plan, n, block, q.device)
