@@ -116,7 +116,8 @@ def test_row_dot_in_slices_matches_one_pass():
 
 def test_causal_plans_choose_fused_or_per_branch_by_timing(monkeypatch):
     """A causal plan the fused kernels tile runs whichever of fused and per-branch ``pick`` found faster,
-    once per kind of call and size bucket (b n h to a power of two); off CUDA, fused."""
+    once per kind of call and size bucket (n and b h to a power of two; packed documents that change
+    from batch to batch share one); off CUDA, fused."""
     from dilated_attention.backends import triton as tk
     from dilated_attention.plan import build_plan
 
@@ -137,9 +138,14 @@ def test_causal_plans_choose_fused_or_per_branch_by_timing(monkeypatch):
     monkeypatch.setattr(tk.triton_fused, "pick", pick)
     assert not tk.fused_causal("forward", plan, q, None, *runners) and ran == ["fused", "branches"]
     tk.fused_causal("forward", plan, torch.empty(3, 4096, 4, 64, device="meta"), None, *runners)  # same bucket
-    tk.fused_causal("forward", plan, torch.empty(8, 4096, 4, 64, device="meta"), None, *runners)  # larger
+    for bounds in ((0, 1024, 4096), (0, 2048, 3000, 4096)):  # other documents, same bucket
+        tk.fused_causal("forward", build_plan(4096, 4, [1024, 2048], [1, 2], "paper", cu_seqlens=bounds), q, None,
+                        *runners)
+    tk.fused_causal("forward", plan, torch.empty(8, 4096, 4, 64, device="meta"), None, *runners)  # larger b
+    tk.fused_causal("forward", build_plan(8192, 4, [1024, 2048], [1, 2], "paper"),
+                    torch.empty(2, 8192, 4, 64, device="meta"), None, *runners)  # larger n
     tk.fused_causal("backward", plan, q, None, *runners)
-    assert keys[0] == keys[1] and len({keys[0], keys[2], keys[3]}) == 3
+    assert len(set(keys[:4])) == 1 and len(set(keys[3:])) == 4
 
 
 def test_grid_keeps_segments_on_the_large_axis():

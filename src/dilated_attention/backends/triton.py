@@ -25,6 +25,7 @@ Addressing: row ``i`` of the class of offset ``o`` in segment ``s`` of head ``j`
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from dataclasses import replace
 
@@ -459,10 +460,14 @@ def _interpreted(q: torch.Tensor) -> bool:
 def fused_causal(pass_name: str, plan: Plan, q, key_mask, fused, branches) -> bool:
     """Whether a causal plan the fused kernels tile runs fused (one launch, more work: a tile's rows
     span its segment) rather than branch by branch (a launch per branch, each adding host time):
-    whichever of ``fused()`` and ``branches()`` ran faster, timed once per kind of call and size
-    (``triton_fused.pick``; fused off CUDA, so the interpreter checks the fused kernels)."""
+    whichever of ``fused()`` and ``branches()`` ran faster, timed once per kind of call (schedule's
+    rates, k/v group, head_dim, dtype, mask) and size (n and b h, each to a power of two), so packed
+    documents that change every batch are not timed again (``triton_fused.pick``; fused off CUDA, so
+    the interpreter checks the fused kernels)."""
     b, n, h, d = q.shape
-    key = (pass_name, plan, d, q.dtype, q.device, key_mask is not None, (b * n * h).bit_length())
+    first_document = itertools.takewhile(lambda br: br.row_start == plan[0].row_start, plan)
+    key = (pass_name, tuple(br.rate for br in first_document), plan[0].kv_group, d, q.dtype, q.device,
+           key_mask is not None, n.bit_length(), (b * h).bit_length())
     run = {"fused": fused, "branches": branches}
     return triton_fused.pick(key, tuple(run), lambda name: run[name]()) == "fused"
 
