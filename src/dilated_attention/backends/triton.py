@@ -513,8 +513,9 @@ class Triton(Backend):
             self._branch_forwards(out, lse, q, k, v, plan, scale, causal, key_mask, out_scale, fresh=True)
             return out, lse
 
-        return fused() if block and (not causal or fused_causal("forward", plan, q, key_mask, fused, branches)) else (
-            branches())
+        if block and (not causal or fused_causal("forward", plan, q, key_mask, fused, branches)):
+            return fused()
+        return branches()
 
     def attend_plan_(self, out, lse, q, k, v, plan: Plan, scale: float, causal: bool, key_mask=None) -> None:
         """One launch per branch over (b, n, ...) tensors of equal length (the ring's chunks); q, out
@@ -558,8 +559,9 @@ class Triton(Backend):
             self.attend_plan_backward_(dq, dk, dv, dout, q, k, v, out, lse, plan, scale, causal, out_scale, key_mask)
             return dq, dk, dv
 
-        return fused() if tiles and (not causal or fused_causal("backward", plan, q, key_mask, fused, branches)) else (
-            branches())
+        if tiles and (not causal or fused_causal("backward", plan, q, key_mask, fused, branches)):
+            return fused()
+        return branches()
 
     def attend_plan_backward_(self, dq, dk, dv, dout, q, k, v, out, lse, plan: Plan, scale: float, causal: bool,
                               out_scale: float, key_mask=None) -> None:
