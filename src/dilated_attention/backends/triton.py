@@ -494,8 +494,8 @@ class Triton(Backend):
     def forward_plan(self, q, k, v, plan: Plan, scale: float, causal: bool, out_scale: float, key_mask=None):
         """The fused kernels where they tile the plan (causal: where faster), else one launch per
         branch, merging into ``out`` itself (fp32 in registers, one rounding to q.dtype per
-        branch): the only extra memory is the fp32 lse. ``out_scale`` (1/m in
-        head_groups mode) is applied as each launch stores, which needs branches over disjoint heads.
+        branch): the only extra memory is the fp32 lse. ``out_scale`` (1/m in head_groups mode) is
+        applied as each launch stores, which needs branches over disjoint heads.
         Queries shorter than the keys run block by block (``Backend.forward_plan``) on the same kernels.
         """
         if q.shape[1] != k.shape[1]:
@@ -542,9 +542,9 @@ class Triton(Backend):
     def backward_plan(self, dout, q, k, v, out, lse, plan: Plan, scale: float, causal: bool, out_scale: float,
                       key_mask=None):
         """Gradients against the merged (out, lse): the fused kernels as in ``forward_plan``, else
-        summed in place branch by branch; the kernels
-        scale dO by ``out_scale`` (``out`` is what ``forward_plan`` returned, scaled). With GQA,
-        each k/v head's query heads add into its dK and dV one launch after another."""
+        summed in place branch by branch; the kernels scale dO by ``out_scale`` (``out`` is what
+        ``forward_plan`` returned, scaled). With GQA, each k/v head's query heads add into its dK
+        and dV one launch after another."""
         if q.shape[1] != k.shape[1]:
             return super().backward_plan(dout, q, k, v, out, lse, plan, scale, causal, out_scale, key_mask)
         q, k, v, dout, lse = (t.contiguous() for t in (q, k, v, dout.to(q.dtype), lse))
@@ -583,7 +583,9 @@ class Triton(Backend):
             _run_backward(dout[:, :, h], qv, k, v, lv, delta[:, :, h], key_mask, dq[:, :, h], grad,
                           None if grad is None else dv[:, :, h], launch, scale, causal, out_scale,
                           passes="kq" if group == 1 else "q")
-            for first in range(branch.head_start, min(branch.head_stop, branch.head_start + group)) if group > 1 else ():
+            if group == 1:
+                continue
+            for first in range(branch.head_start, min(branch.head_stop, branch.head_start + group)):
                 h = slice(first, branch.head_stop, group)  # one query head of each k/v head from first // group
                 qv, lv = q[:, :, h], lse[:, :, h]
                 kvs = [t[:, :, first // group :] for t in (k, v, dk, dv)]

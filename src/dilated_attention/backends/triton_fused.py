@@ -163,11 +163,20 @@ if triton is not None:
         return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
     @triton.jit
-    def _causal_range(first, count, BLOCK: tl.constexpr, STEP, BLOCK_N: tl.constexpr):
-        """A causal tile whose class indices are first + i * STEP (i < BLOCK) against blocks of BLOCK_N
-        of the other side: (blocks that need no causal mask end here, all blocks end here)."""
-        last = first + (BLOCK - 1) * STEP
-        return tl.minimum(count // BLOCK_N * BLOCK_N, (first + 1) // BLOCK_N * BLOCK_N), tl.minimum(count, last + 1)
+    def _key_blocks(pos, pos0, key0, r, count, LCM, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """For a query tile at positions pos (BLOCK_M rows LCM apart, from pos0) in a branch whose class
+        starts at key0 with rate r and count keys: the rows' class indices (causal: the last key each
+        sees), where the key blocks that need no mask end, and where all its key blocks end."""
+        qidx = (pos - key0) // r
+        full, hi = count // BLOCK_N * BLOCK_N, count
+        if IS_CAUSAL:
+            first = (pos0 - key0) // r
+            full = tl.minimum(full, (first + 1) // BLOCK_N * BLOCK_N)
+            hi = tl.minimum(count, first + (BLOCK_M - 1) * (LCM // r) + 1)
+        if HAS_MASK:
+            full = 0
+        return qidx, full, hi
 
     @triton.jit
     def _fused_fwd(Q, K, V, O, L, KM, T, TS, NB, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM, HEAD_BASE,
@@ -185,12 +194,7 @@ if triton is not None:
         for br in range(NB):
             active, key0, count, r = _branch(T, br, span, c, head + HEAD_BASE, N)
             if active:
-                full, hi = count // BLOCK_N * BLOCK_N, count
-                qidx = (pos - key0) // r  # class indices of the rows (causal: the last key each sees)
-                if IS_CAUSAL:
-                    full, hi = _causal_range((span + c - key0) // r, count, BLOCK_M, LCM // r, BLOCK_N)
-                if HAS_MASK:
-                    full = 0
+                qidx, full, hi = _key_blocks(pos, span + c, key0, r, count, LCM, IS_CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N)
                 for start in range(0, full, BLOCK_N):
                     m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, m_base, key0, r, count, start, qidx, m_i, l_i,
                                               acc, ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, False, BLOCK_N)
@@ -258,12 +262,7 @@ if triton is not None:
         for br in range(NB):
             active, key0, count, r = _branch(T, br, span, c, head + HEAD_BASE, N)
             if active:
-                full, hi = count // BLOCK_N * BLOCK_N, count
-                qidx = (pos - key0) // r
-                if IS_CAUSAL:
-                    full, hi = _causal_range((span + c - key0) // r, count, BLOCK_M, LCM // r, BLOCK_N)
-                if HAS_MASK:
-                    full = 0
+                qidx, full, hi = _key_blocks(pos, span + c, key0, r, count, LCM, IS_CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N)
                 for start in range(0, full, BLOCK_N):
                     dq = dq_block(q, do, lse, delta, K, V, KM, k_base, m_base, key0, r, count, start, qidx, row_ok,
                                   dq, ku, mu, qk_scale, 1.0, dims, IS_CAUSAL, HAS_MASK, False, BLOCK_N)
