@@ -5,7 +5,7 @@
 1. Host time per call at n = 64 (b = 1, h = 12, d = 64, bf16, LongNet schedule clipped to n):
    wall time of back-to-back calls with no sync inside, ours (forward without and with autograd,
    causal, forward+backward) against SDPA's same calls. ``--profile`` prints where our forward's
-   host time goes (cProfile, by own time).
+   and forward+backward's host time goes (cProfile, by own time).
 2. b x n = 8 x 1K, 8 x 2K, 4 x 8K, bf16 and fp32, forward and forward+backward, causal and not
    (``triton.testing.do_bench`` medians): ours against dense SDPA on the same (b, n), as the
    ratio ours / (useful FLOPs / dense FLOPs x SDPA's time) (1.0: our useful work at SDPA's rate).
@@ -73,12 +73,15 @@ def host_rows(profile: bool):
         rows.append(dict(call=name, us=times))
         print(f"host time, n = 64, {name:30} ours {times['ours']:6.1f} us | sdpa {times['sdpa']:6.1f} us", flush=True)
     if profile:
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(500):
-            ours(*inputs, False)
-        prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(20)
+        for name, fn in (("forward", lambda: ours(*inputs, False)),
+                         ("forward+backward", lambda: fwd_bwd(ours, *grads, False))):
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(500):
+                fn()
+            prof.disable()
+            print(f"where our {name}'s host time goes (500 calls, cProfile):")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     return rows
 
 

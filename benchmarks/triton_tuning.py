@@ -19,9 +19,9 @@ from dilated_attention.backends import triton as tk  # noqa: E402
 from dilated_attention.plan import useful_flops  # noqa: E402
 
 SEGS, RATES = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16]
-FWD = {64: [tk._config(64), (128, 128, 8, 3), (128, 64, 4, 4), (128, 64, 4, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
-       128: [tk._config(128), (128, 64, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3)]}
-BWD = [tk._bwd_config(64), (64, 64, 4, 2), (64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)]
+FWD = {64: [tk._config(64, torch.bfloat16), (128, 128, 8, 3), (128, 64, 4, 4), (128, 64, 4, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
+       128: [tk._config(128, torch.bfloat16), (128, 64, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3)]}
+BWD = [tk._bwd_config(64, torch.bfloat16), (64, 64, 4, 2), (64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)]
 
 
 def bench(fn):
@@ -37,7 +37,7 @@ def main():
         q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         flops = useful_flops(n, h, d, SEGS, RATES)
         for cfg in FWD[d]:
-            tk._config = lambda _d, cfg=cfg: cfg
+            tk._config = lambda _d, _dtype, cfg=cfg: cfg
             try:
                 ms = bench(lambda: dilated_attention(q, k, v, SEGS, RATES))
             except Exception as e:  # a config can exceed shared memory
@@ -51,7 +51,7 @@ def main():
     o = dilated_attention(q, k, v, SEGS, RATES)
     flops = useful_flops(n, h, d, SEGS, RATES) * 5 // 2
     for cfg in BWD:
-        tk._bwd_config = lambda _d, cfg=cfg: cfg
+        tk._bwd_config = lambda _d, _dtype, cfg=cfg: cfg
         try:
             ms = bench(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
         except Exception as e:

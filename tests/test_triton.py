@@ -1,5 +1,6 @@
 """The Triton kernels' logic on CPU, through Triton's interpreter (GPU runs use test_core's cases)."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -42,7 +43,7 @@ def test_kernels_compile_for_hopper():
     floats = {"qk_scale", "scale", "out_scale", "do_scale"}
     stats = {"L", "D"}  # lse, delta: float32
 
-    def signature(fn, out_dtype, consts):
+    def signature(fn, out_dtype, consts, in_dtype="*bf16"):
         sig = {}
         for name in inspect.signature(fn.fn).parameters:
             if name in consts:
@@ -54,7 +55,7 @@ def test_kernels_compile_for_hopper():
             elif name in {"O", "DQ", "DK", "DV"}:
                 sig[name] = out_dtype
             elif name in {"Q", "K", "V", "DO"}:
-                sig[name] = "*bf16"
+                sig[name] = in_dtype
             elif name == "KM":
                 sig[name] = "*u8"
             elif name in ("T", "TS", "ST"):
@@ -69,34 +70,34 @@ def test_kernels_compile_for_hopper():
         kernel = triton.compile(src, target=target, options=options)
         assert kernel.metadata.shared <= 227 * 1024, (src.fn.fn.__name__, src.constants, kernel.metadata.shared)
 
-    for d in (64, 128):
-        bm, bn, warps, stages = tk._config(d)
+    for d, dtype in itertools.product((64, 128), (torch.bfloat16, torch.float32)):
+        io = "*bf16" if dtype == torch.bfloat16 else "*fp32"
         for causal in (False, True):
+            bm, bn, warps, stages = tk._config(d, dtype)
             for first in (False, True):
-                for out_dtype, has_mask in (("*bf16", False), ("*fp32", True)):  # merging in bf16, or fp32 (blocks)
+                for out_dtype, has_mask in ((io, False), ("*fp32", True)):  # merging in the inputs' dtype, or fp32
                     compact = not (causal or first)  # the ring's visiting keys in their class layout
                     consts = dict(IS_CAUSAL=causal, FIRST=first, HAS_MASK=has_mask, TABLE=has_mask and not compact,
                                   COMPACT=compact, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
-                    src = ASTSource(tk._fwd, signature(tk._fwd, out_dtype, consts), consts)
+                    src = ASTSource(tk._fwd, signature(tk._fwd, out_dtype, consts, io), consts)
                     compile_(src, num_warps=warps, num_stages=stages)
-            bm, bn, warps, stages = tk._bwd_config(d)
+            bm, bn, warps, stages = tk._bwd_config(d, dtype)
             for has_mask in (False, True):
                 consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, TABLE=not has_mask, COMPACT=has_mask and not causal,
                               BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
                 for fn in (tk._bwd_dkdv, tk._bwd_dq):
-                    src = ASTSource(fn, signature(fn, "*fp32", consts), consts)
+                    src = ASTSource(fn, signature(fn, "*fp32", consts, io), consts)
                     compile_(src, num_warps=warps, num_stages=stages)
-            bm, bn, warps, stages = tk._config(d)
         fused = tk.triton_fused
-        kv_keys, kv_queries, dq_rows, dq_keys, warps, stages = fused.bwd_config(d)
+        kv_keys, kv_queries, dq_rows, dq_keys, warps, stages = fused.bwd_config(d, dtype)
         for causal, has_mask in ((False, False), (False, True), (True, False), (True, True)):
             for fn, bm, bn in ((fused._fused_dkdv, kv_queries, kv_keys), (fused._fused_dq, dq_rows, dq_keys)):
                 consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
-                src = ASTSource(fn, signature(fn, "*bf16", consts), consts)
+                src = ASTSource(fn, signature(fn, io, consts, io), consts)
                 compile_(src, num_warps=warps, num_stages=stages)
-            for bm, bn, fwarps, fstages in fused.fwd_configs(d):
+            for bm, bn, fwarps, fstages in fused.fwd_configs(d, dtype):
                 consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
-                src = ASTSource(fused._fused_fwd, signature(fused._fused_fwd, "*bf16", consts), consts)
+                src = ASTSource(fused._fused_fwd, signature(fused._fused_fwd, io, consts, io), consts)
                 compile_(src, num_warps=fwarps, num_stages=fstages)
         consts = dict(D=d, BLOCK=64)
         src = ASTSource(tk._rowsum_product, dict(A="*bf16", B="*fp32", OUT="*fp32", ROWS="i32", D="constexpr",

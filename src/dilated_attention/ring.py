@@ -224,7 +224,7 @@ class RingDilatedAttention(UsesPatternCache, nn.Module):
     means rank p holds rows ``[p n/P, (p+1) n/P)``; ``"zigzag"`` holds chunks p and 2P-1-p of
     2P (use ``shard``/``unshard``). ``comm_bytes`` holds the bytes this rank sent in the
     last forward and backward. ``backend``: as in ``dilated_attention``; each ring step runs
-    on it (the Triton kernels on CUDA fp16/bf16).
+    on it (the Triton kernels on CUDA fp16/bf16/fp32).
     """
 
     def __init__(

@@ -2,8 +2,8 @@
 
 ``"triton"``: fused kernels: one launch for a paper-mode plan (``triton_fused``; causal where
 that ran faster), else one per branch over the whole plan (every packed document; the ring's
-chunks too), and one per block for the ring's pieces; CUDA, fp16/bf16, head_dim in
-{16, 32, 64, 128}.
+chunks too), and one per block for the ring's pieces; CUDA, fp16/bf16/fp32 (fp32 dots as
+3xTF32), head_dim in {16, 32, 64, 128}.
 ``"sdpa"``: PyTorch's fused kernels with log-sum-exp, per (branch, offset) block (CPU
 flash; CUDA flash or memory-efficient). ``"math"``: portable matmul path, any device and
 dtype. ``select`` takes the first backend (in that order) with no reason to decline the

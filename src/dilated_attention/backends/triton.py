@@ -50,7 +50,7 @@ def available() -> bool:
 
 
 if triton is not None:
-    from .triton_fused import dq_block, fwd_block, kv_rows, probs, rows_at, visible_keys
+    from .triton_fused import dot, dq_block, fwd_block, kv_rows, probs, rows_at, visible_keys
 
     @triton.jit
     def _offset(head, RATE, OFFSET, HEAD_BASE):
@@ -236,8 +236,8 @@ if triton is not None:
             do = rows_at(DO, q_base, rows * RATE, row_ok, qu, dims)
             lse, delta = _row_stats(L, D, l_base, rows, row_ok, RATE, lu)
             p, ds = probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_keep, qk_scale, do_scale, Q_SHIFT, IS_CAUSAL)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            dv += dot(tl.trans(p.to(do.dtype)), do)
+            dk += dot(tl.trans(ds.to(q.dtype)), q)
         # dK, dV of this query head's view of the keys (per query head: no two programs share rows)
         g_base = _side_base(BLOCK_N, MAX_ROWS, RATE, OFFSET, HEAD_BASE, gb, gs, gh, gu, ST, TABLE, COMPACT)
         _add_tile(DK, g_base, cols, col_ok, kr, gu, dims, dk * scale)
@@ -290,15 +290,20 @@ if triton is not None:
         tl.store(OUT + rows, tl.sum(a * b, 1), mask=ok)
 
 
-def _config(d: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel."""
+def _config(d: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel (float32 tiles take twice the
+    shared memory)."""
+    if dtype == torch.float32:
+        return (128, 64, 8, 2) if d <= 64 else (64, 64, 8, 2)
     if d <= 64:
         return 128, 64, 4, 3
     return 128, 64, 8, 3  # benchmarks/NOTES.md: 358 vs 296 TFLOP/s with 2 stages at d = 128
 
 
-def _bwd_config(d: int):
+def _bwd_config(d: int, dtype: torch.dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of both backward kernels."""
+    if dtype == torch.float32:
+        return (64, 64, 8, 2) if d <= 64 else (64, 32, 8, 2)
     return 64, 64, (4 if d <= 64 else 8), 3
 
 
@@ -394,7 +399,7 @@ def _table_arg(launch: _Launch, like):
 
 def _run_forward(q, k, v, out, lse, mask, launch: _Launch, scale: float, causal: bool, first: bool,
                  out_scale: float = 1.0) -> None:
-    bm, bn, warps, stages = _config(q.shape[-1])
+    bm, bn, warps, stages = _config(q.shape[-1], q.dtype)
     _fwd[launch.grid(bm)](
         q, k, v, out, lse, _mask_arg(mask, q), _table_arg(launch, q), *launch.strides, *launch.sizes, scale * LOG2E,
         out_scale, IS_CAUSAL=causal, FIRST=first, HAS_MASK=mask is not None, TABLE=launch.table is not None,
@@ -406,7 +411,7 @@ def _run_forward(q, k, v, out, lse, mask, launch: _Launch, scale: float, causal:
 def _run_backward(dout, q, k, v, lse, delta, mask, dq, dk, dv, launch: _Launch, scale: float, causal: bool,
                   do_scale: float = 1.0, passes: str = "kq") -> None:
     """dk, dv: laid out per query head (``launch.grad_strides``); passes: "k" dK/dV, "q" dQ, or both."""
-    bm, bn, warps, stages = _bwd_config(q.shape[-1])
+    bm, bn, warps, stages = _bwd_config(q.shape[-1], q.dtype)
     sizes = (*launch.sizes, scale * LOG2E, scale, do_scale)
     meta = dict(IS_CAUSAL=causal, HAS_MASK=mask is not None, TABLE=launch.table is not None, COMPACT=launch.compact,
                 BLOCK_M=bm, BLOCK_N=bn,
@@ -481,7 +486,7 @@ class Triton(Backend):
         reasons = []
         if q.device.type != "cuda" and not _interpreted(q):
             reasons.append(f"needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got {q.device.type}")
-        dtypes = (torch.float16, torch.bfloat16) + ((torch.float32,) if _interpreted(q) else ())
+        dtypes = (torch.float16, torch.bfloat16, torch.float32)
         if q.dtype not in dtypes:
             reasons.append(f"takes {' or '.join(map(str, dtypes))}, got {q.dtype}")
         if q.shape[-1] not in HEAD_DIMS:
@@ -502,7 +507,7 @@ class Triton(Backend):
             return super().forward_plan(q, k, v, plan, scale, causal, out_scale, key_mask)
         q, k, v = (t.contiguous() for t in (q, k, v))
         b, n, h, d = q.shape
-        block = triton_fused.fwd_tile(plan, n, h, d) if out_scale == 1.0 else 0
+        block = triton_fused.fwd_tile(plan, n, h, d, q.dtype) if out_scale == 1.0 else 0
 
         def fused():
             return triton_fused.forward(q, k, v, plan, scale, causal, key_mask, block)
@@ -548,7 +553,7 @@ class Triton(Backend):
         if q.shape[1] != k.shape[1]:
             return super().backward_plan(dout, q, k, v, out, lse, plan, scale, causal, out_scale, key_mask)
         q, k, v, dout, lse = (t.contiguous() for t in (q, k, v, dout.to(q.dtype), lse))
-        tiles = triton_fused.bwd_tiles(plan, *q.shape[1:3], q.shape[-1]) if out_scale == 1.0 else None
+        tiles = triton_fused.bwd_tiles(plan, *q.shape[1:3], q.shape[-1], q.dtype) if out_scale == 1.0 else None
 
         def fused():
             delta = _row_dot(dout, out, lse)

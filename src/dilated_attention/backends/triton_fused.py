@@ -89,6 +89,14 @@ def _tables(plan: Plan, n: int, block: int, device: torch.device):
 if triton is not None:
 
     @triton.jit
+    def dot(a, b):
+        """a @ b accumulated in float32; float32 operands as 3xTF32, as exact as float32 math (a
+        plain TF32 dot, Triton's default, errs about 1e-3)."""
+        if a.dtype == tl.float32:
+            return tl.dot(a, b, input_precision="tf32x3")
+        return tl.dot(a, b)
+
+    @triton.jit
     def _residue_tile(TS, T, NB, BLOCK: tl.constexpr, LCM):
         """This program's rows: its document's first row, length and branch table, the span's
         first position and the residue c in the document, and the positions span + c + i * LCM
@@ -149,7 +157,7 @@ if triton is not None:
         kpos = key0 + t * r
         ok = t < count
         k, v = kv_rows(K, V, k_base, kpos, ok, ku, dims, MASKED)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = dot(q, tl.trans(k)) * qk_scale
         if MASKED:
             keep = visible_keys(KM, m_base, kpos, ok, mu, HAS_MASK)[None, :]
             if IS_CAUSAL:
@@ -160,7 +168,7 @@ if triton is not None:
             m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
-        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + dot(p.to(v.dtype), v)
 
     @triton.jit
     def _key_blocks(pos, pos0, key0, r, count, LCM, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -214,12 +222,12 @@ if triton is not None:
 
         col_keep: visible keys; do_scale: the output's factor (1/m in head_groups mode), which scales
         dO; causal: query row i sees key rows <= i + Q_SHIFT (rows, cols: class indices)."""
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = dot(q, tl.trans(k)) * qk_scale
         keep = row_ok[:, None] & col_keep[None, :]
         if IS_CAUSAL:
             keep = keep & (cols[None, :] <= rows[:, None] + Q_SHIFT)
         p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v)) * do_scale
+        dp = dot(do, tl.trans(v)) * do_scale
         return p, p * (dp - delta[:, None])
 
     @triton.jit
@@ -242,9 +250,9 @@ if triton is not None:
             keep = visible_keys(KM, m_base, kpos, ok, mu, HAS_MASK)
             p, ds = probs(q, k, v, do, lse, delta, qidx, t, row_ok, keep, qk_scale, do_scale, 0, IS_CAUSAL)
         else:
-            p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-            ds = p * (tl.dot(do, tl.trans(v)) * do_scale - delta[:, None])
-        return dq + tl.dot(ds.to(k.dtype), k)
+            p = tl.exp2(dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+            ds = p * (dot(do, tl.trans(v)) * do_scale - delta[:, None])
+        return dq + dot(ds.to(k.dtype), k)
 
     @triton.jit
     def _fused_dq(Q, K, V, DO, L, D, KM, DQ, T, TS, NB, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM, HEAD_BASE,
@@ -286,11 +294,11 @@ if triton is not None:
         if IS_CAUSAL:
             p, ds = probs(q, k, v, do, lse, delta, u, kidx, row_ok, col_keep, qk_scale, 1.0, 0, True)
         else:
-            p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+            p = tl.exp2(dot(q, tl.trans(k)) * qk_scale - lse[:, None])
             if HAS_MASK:  # a row whose keys are all masked has lse -inf: P is 0 on its masked keys
                 p = tl.where(col_keep[None, :], p, 0.0)
-            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-        return dk + tl.dot(tl.trans(ds.to(q.dtype)), q), dv + tl.dot(tl.trans(p.to(do.dtype)), do)
+            ds = p * (dot(do, tl.trans(v)) - delta[:, None])
+        return dk + dot(tl.trans(ds.to(q.dtype)), q), dv + dot(tl.trans(p.to(do.dtype)), do)
 
     @triton.jit
     def _fused_dkdv(Q, K, V, DO, L, D, KM, DK, DV, T, TS, NB, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM,
@@ -343,10 +351,13 @@ def _strides(q, k, lse, mask):
 
 
 
-def fwd_configs(d: int) -> tuple[tuple[int, int, int, int], ...]:
+def fwd_configs(d: int, dtype: torch.dtype) -> tuple[tuple[int, int, int, int], ...]:
     """Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) of the fused forward, timed once per kind of
     call on the device (``pick``): with plain plans 8 warps ran 5-7% faster than 4 on some H100
-    hosts and 10-15% slower on another, and 1.1-1.6x slower with GQA or a key mask (NOTES.md, v7)."""
+    hosts and 10-15% slower on another, and 1.1-1.6x slower with GQA or a key mask (NOTES.md, v7).
+    float32 tiles take twice the shared memory: 2 stages, and 64 rows at d = 128."""
+    if dtype == torch.float32:
+        return ((128, 64, 8, 2), (128, 64, 4, 2)) if d <= 64 else ((64, 64, 8, 2), (64, 32, 4, 2))
     return (128, 64, 8, 3), (128, 64, 4, 3)
 
 
@@ -380,19 +391,21 @@ def pick(key, candidates, launch):
     return _PICKED[key]
 
 
-def bwd_config(d: int):
+def bwd_config(d: int, dtype: torch.dtype):
     """(dK/dV key tile, its query block, dQ row tile, its key block, num_warps, num_stages)."""
+    if dtype == torch.float32:
+        return (64, 64, 64, 64, 8, 2) if d <= 64 else (32, 64, 32, 64, 8, 2)
     return (64, 64, 64, 64, 4, 3) if d <= 64 else (64, 64, 64, 64, 8, 2)
 
 
-def fwd_tile(plan: Plan, n: int, h: int, d: int) -> int:
+def fwd_tile(plan: Plan, n: int, h: int, d: int, dtype: torch.dtype) -> int:
     """Rows per program of the fused forward for this plan, or 0: run it branch by branch."""
-    return tiling(plan, n, h, min(cfg[0] for cfg in fwd_configs(d)))
+    return tiling(plan, n, h, min(cfg[0] for cfg in fwd_configs(d, dtype)))
 
 
-def bwd_tiles(plan: Plan, n: int, h: int, d: int) -> tuple[int, int] | None:
+def bwd_tiles(plan: Plan, n: int, h: int, d: int, dtype: torch.dtype) -> tuple[int, int] | None:
     """(keys per dK/dV program, rows per dQ program) of the fused backward, or None."""
-    cfg = bwd_config(d)
+    cfg = bwd_config(d, dtype)
     tiles = tiling(plan, n, h, cfg[0]), tiling(plan, n, h, cfg[2])
     return tiles if all(tiles) else None
 
@@ -412,7 +425,7 @@ def forward(q, k, v, plan: Plan, scale: float, causal: bool, key_mask, block_m: 
                                         BLOCK_N=cfg[1], HEAD_DIM=d, num_warps=cfg[2], num_stages=cfg[3])
 
     key = (d, causal, key_mask is not None, plan[0].kv_group, nb, lcm, block_m, q.dtype, q.device)
-    launch(pick(key, fwd_configs(d), launch))
+    launch(pick(key, fwd_configs(d, q.dtype), launch))
     return out, lse
 
 
@@ -421,7 +434,7 @@ def backward(dout, q, k, v, lse, delta, plan: Plan, scale: float, causal: bool, 
     dq, dk, dv in q.dtype. ``tiles``: from ``bwd_tiles``."""
     b, n, h, d = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _, kv_queries, _, dq_keys, warps, stages = bwd_config(d)
+    _, kv_queries, _, dq_keys, warps, stages = bwd_config(d, q.dtype)
     km = q if key_mask is None else key_mask.view(torch.uint8)
     meta = dict(IS_CAUSAL=causal, HAS_MASK=key_mask is not None, HEAD_DIM=d, num_warps=warps, num_stages=stages)
 
