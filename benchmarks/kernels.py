@@ -1,6 +1,6 @@
 """Paper mode on one GPU: the fused all-branch kernels against the per-branch launches and dense SDPA.
 
-    python benchmarks/kernels.py [--seq-lens 131072 1048576] [--head-dim 64] [--sweep]
+    python benchmarks/kernels.py [--seq-lens 131072 1048576] [--head-dim 64] [--dtype bfloat16] [--sweep]
 
 In one run, on one device, in three interleaved rounds (medians): per-branch launches (the
 fused path switched off in-process), the fused kernels (causal plans made to take them), and
@@ -50,15 +50,15 @@ def timed(fn, backward):
     return bench(lambda: torch.autograd.grad(fn(), ins, do))
 
 
-def variants(n, heads, d):
+def variants(n, heads, d, dtype):
     """Fused against per-branch at n, forward and forward+backward, non-causal: plain, GQA h/4, a key
-    padding mask (10% masked), each fused forward config in ``FWD_CONFIGS``."""
+    padding mask (10% masked), each fused forward config in ``SWEEP``."""
     rows = []
     for name in ("plain", "gqa", "mask"):
         for backward in (False, True):
             h_kv = heads // 4 if name == "gqa" else heads
-            q = torch.randn(1, n, heads, d, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
-            k, v = (torch.randn(1, n, h_kv, d, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+            q = torch.randn(1, n, heads, d, device="cuda", dtype=dtype, requires_grad=backward)
+            k, v = (torch.randn(1, n, h_kv, d, device="cuda", dtype=dtype, requires_grad=backward)
                     for _ in range(2))
             mask = (torch.rand(1, n, device="cuda") < 0.1) if name == "mask" else None
 
@@ -69,8 +69,8 @@ def variants(n, heads, d):
             ms = {"per_branch": timed(f, backward)}
             triton_fused.tiling = TILING
             default = triton_fused.fwd_configs
-            for cfg in FWD_CONFIGS:
-                triton_fused.fwd_configs = lambda _d, cfg=cfg: (cfg,)
+            for cfg in SWEEP[dtype, d > 64][0]:
+                triton_fused.fwd_configs = lambda *_, cfg=cfg: (cfg,)
                 ms[f"fused {cfg}"] = timed(f, backward)
             triton_fused.fwd_configs = default
             ms["fused, picked"] = timed(f, backward)
@@ -80,7 +80,19 @@ def variants(n, heads, d):
     return rows
 
 
-FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3)]
+SWEEP = {  # (dtype, d > 64): fused forward configs, fused backward configs timed by --sweep and --variants
+    (torch.bfloat16, False): ([(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4)],
+                              [(64, 64, 64, 64, 4, 3), (64, 64, 64, 64, 4, 4), (128, 32, 64, 32, 4, 4),
+                               (64, 32, 64, 64, 4, 3), (64, 64, 128, 64, 8, 3), (128, 64, 128, 64, 8, 3)]),
+    (torch.float32, False): ([(128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2)],
+                             [(32, 64, 64, 32, 4, 2), (32, 64, 32, 64, 4, 2), (32, 32, 32, 32, 4, 2),
+                              (32, 64, 64, 32, 4, 1), (32, 32, 64, 32, 4, 2), (32, 64, 64, 64, 4, 2)]),
+    (torch.float32, True): ([(64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2)],
+                            [(32, 64, 64, 32, 4, 1), (16, 32, 32, 32, 4, 1), (32, 32, 32, 64, 4, 1),
+                             (32, 64, 32, 32, 4, 1), (16, 64, 16, 64, 4, 2)]),
+}
+SWEEP[torch.bfloat16, True] = SWEEP[torch.bfloat16, False]
+SWEEP[torch.float16, False] = SWEEP[torch.float16, True] = SWEEP[torch.bfloat16, False]
 
 
 def call(q, k, v, causal, dense=False):
@@ -101,9 +113,11 @@ def main():
     p.add_argument("--seq-lens", type=int, nargs="+", default=[131072, 1048576])
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--variants", action="store_true", help="GQA and key-mask rows at the largest n")
     a = p.parse_args()
+    dtype = getattr(torch, a.dtype)
     out_dir = os.environ.get("OUT", "bench-results")
     os.makedirs(out_dir, exist_ok=True)
     rows, sweep = [], []
@@ -111,7 +125,7 @@ def main():
     for n in a.seq_lens:
         for backward in (False, True):
             for causal in (False, True):
-                q, k, v = (torch.randn(1, n, a.heads, a.head_dim, device="cuda", dtype=torch.bfloat16,
+                q, k, v = (torch.randn(1, n, a.heads, a.head_dim, device="cuda", dtype=dtype,
                                        requires_grad=backward) for _ in range(3))
                 flops = useful_flops(n, a.heads, a.head_dim, SEGS, RATES) * (3.5 if backward else 1) / (2 if causal else 1)
                 dense_flops = 4 * n * 2048 * a.head_dim * a.heads * (3.5 if backward else 1) / (2 if causal else 1)
@@ -131,13 +145,11 @@ def main():
                       f"{ms['per_branch']:8.2f} ms {t['per_branch']:5.0f} | fused {ms['fused']:8.2f} ms {t['fused']:5.0f}"
                       f" | sdpa {t['sdpa']:5.0f} TFLOP/s | fused/sdpa {t['fused'] / t['sdpa']:.2f}", flush=True)
                 if a.sweep and not causal:  # fused configs
-                    configs = ([(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4)] if not backward else
-                               [(64, 64, 64, 64, 4, 3), (64, 64, 64, 64, 4, 4), (128, 32, 64, 32, 4, 4),
-                                (64, 32, 64, 64, 4, 3), (64, 64, 128, 64, 8, 3), (128, 64, 128, 64, 8, 3)])
+                    configs = SWEEP[dtype, a.head_dim > 64][backward]
                     name = "bwd_config" if backward else "fwd_configs"
                     default = getattr(triton_fused, name)
                     for cfg in configs:
-                        setattr(triton_fused, name, lambda _d, cfg=cfg, one=not backward: (cfg,) if one else cfg)
+                        setattr(triton_fused, name, lambda *_, cfg=cfg, one=not backward: (cfg,) if one else cfg)
                         try:
                             t_ms = timed(call(q, k, v, causal), backward)
                         except Exception as e:  # a config can exceed shared memory
@@ -147,13 +159,13 @@ def main():
                         print(f"  config {cfg}: {t_ms:.2f} ms {flops / t_ms / 1e9:.0f} TFLOP/s", flush=True)
                     setattr(triton_fused, name, default)
                 del q, k, v
-    variant_rows = variants(max(a.seq_lens), a.heads, a.head_dim) if a.variants else []
-    tiny = [torch.randn(1, 64, a.heads, a.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    variant_rows = variants(max(a.seq_lens), a.heads, a.head_dim, dtype) if a.variants else []
+    tiny = [torch.randn(1, 64, a.heads, a.head_dim, device="cuda", dtype=dtype) for _ in range(3)]
     host = {"ours": host_us(call(*tiny, False)),
             "sdpa": host_us(lambda: torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in tiny)))}
     print(f"host time per call at n = 64: ours {host['ours']:.0f} us, sdpa {host['sdpa']:.0f} us")
     with open(os.path.join(out_dir, "kernels.json"), "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), rows=rows, sweep=sweep, variants=variant_rows,
+        json.dump(dict(device=torch.cuda.get_device_name(), dtype=a.dtype, rows=rows, sweep=sweep, variants=variant_rows,
                        host_us=host), f, indent=1)
 
 

@@ -13,6 +13,15 @@ def check_qkv(q, k, v) -> None:
 
     q: (b, m, h, d); k, v: (b, n, h_kv, d) with h_kv dividing h (h_kv = h: plain attention) and
     m <= n (the queries are the last m positions)."""
+    try:  # the common case in one expression (host time per call); any doubt goes through the checks below
+        qs, ks = q.shape, k.shape
+        if (len(qs) == len(ks) == 4 and v.shape == ks and ks[0] == qs[0] and ks[3] == qs[3] and qs[2] % ks[2] == 0
+                and 0 < qs[1] <= ks[1] and 0 not in qs and q.dtype == k.dtype == v.dtype and q.is_floating_point()
+                and q.device == k.device == v.device and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
+                and isinstance(v, torch.Tensor)):
+            return
+    except (AttributeError, TypeError, ZeroDivisionError):
+        pass
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -20,6 +29,8 @@ def check_qkv(q, k, v) -> None:
             raise ValueError(f"{name} must have shape (batch, seq, heads, head_dim), got {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating point tensor, got {t.dtype}")
+        if 0 in t.shape:
+            raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
     for name, t in (("k", k), ("v", v)):
         if t.shape[0] != q.shape[0] or t.shape[3] != q.shape[3]:
             raise ValueError(f"{name} must have q's batch and head_dim {tuple(q.shape)}, got {tuple(t.shape)}")
@@ -35,8 +46,6 @@ def check_qkv(q, k, v) -> None:
     if q.shape[1] > k.shape[1]:
         raise ValueError(f"q has more rows ({q.shape[1]}) than k and v ({k.shape[1]}): the queries are the last "
                          "q.shape[1] positions of the keys' sequence (bottom-right aligned), so m <= n")
-    if 0 in q.shape:
-        raise ValueError(f"q, k, v must not be empty, got shape {tuple(q.shape)}")
 
 
 def check_key_padding_mask(mask, k) -> None:

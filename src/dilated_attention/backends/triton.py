@@ -293,8 +293,8 @@ if triton is not None:
 def _config(d: int, dtype: torch.dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel (float32 tiles take twice the
     shared memory)."""
-    if dtype == torch.float32:
-        return (128, 64, 8, 2) if d <= 64 else (64, 64, 8, 2)
+    if dtype == torch.float32:  # NOTES.md v12: causal at 128K, 16.7 ms (d = 64), 39.2 vs 75.7 ms with (64, 64, 8, 2)
+        return (128, 64, 8, 2) if d <= 64 else (32, 64, 4, 2)
     if d <= 64:
         return 128, 64, 4, 3
     return 128, 64, 8, 3  # benchmarks/NOTES.md: 358 vs 296 TFLOP/s with 2 stages at d = 128
@@ -302,8 +302,8 @@ def _config(d: int, dtype: torch.dtype):
 
 def _bwd_config(d: int, dtype: torch.dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of both backward kernels."""
-    if dtype == torch.float32:
-        return (64, 64, 8, 2) if d <= 64 else (64, 32, 8, 2)
+    if dtype == torch.float32:  # NOTES.md v12, causal: d = 64 66.0 vs 126.2 ms with (64, 64, 8, 2); d = 128 46.9 vs 92.1
+        return (64, 32, 4, 2) if d <= 64 else (32, 32, 4, 1)
     return 64, 64, (4 if d <= 64 else 8), 3
 
 

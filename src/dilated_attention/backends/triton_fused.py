@@ -355,9 +355,9 @@ def fwd_configs(d: int, dtype: torch.dtype) -> tuple[tuple[int, int, int, int], 
     """Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) of the fused forward, timed once per kind of
     call on the device (``pick``): with plain plans 8 warps ran 5-7% faster than 4 on some H100
     hosts and 10-15% slower on another, and 1.1-1.6x slower with GQA or a key mask (NOTES.md, v7).
-    float32 tiles take twice the shared memory: 2 stages, and 64 rows at d = 128."""
+    float32 tiles take twice the shared memory: 2 stages."""
     if dtype == torch.float32:
-        return ((128, 64, 8, 2), (128, 64, 4, 2)) if d <= 64 else ((64, 64, 8, 2), (64, 32, 4, 2))
+        return (128, 64, 8, 2), (128, 32, 4, 2)
     return (128, 64, 8, 3), (128, 64, 4, 3)
 
 
@@ -393,18 +393,26 @@ def pick(key, candidates, launch):
 
 def bwd_config(d: int, dtype: torch.dtype):
     """(dK/dV key tile, its query block, dQ row tile, its key block, num_warps, num_stages)."""
-    if dtype == torch.float32:
-        return (64, 64, 64, 64, 8, 2) if d <= 64 else (32, 64, 32, 64, 8, 2)
+    if dtype == torch.float32:  # NOTES.md v12: 128K, d = 64, 150.6 vs 264.3 ms with (64, 64, 64, 64, 8, 2)
+        return 32, 64, 64, 32, 4, 2
     return (64, 64, 64, 64, 4, 3) if d <= 64 else (64, 64, 64, 64, 8, 2)
+
+
+def _fused_runs(d: int, dtype: torch.dtype) -> bool:
+    """float32 at d = 128 runs branch by branch: its per-branch launches beat every fused config timed
+    (NOTES.md v12: forward 9.1 vs 10.6 ms at 16K; the fused backward's best, 53 ms, against ~40)."""
+    return not (dtype == torch.float32 and d > 64)
 
 
 def fwd_tile(plan: Plan, n: int, h: int, d: int, dtype: torch.dtype) -> int:
     """Rows per program of the fused forward for this plan, or 0: run it branch by branch."""
-    return tiling(plan, n, h, min(cfg[0] for cfg in fwd_configs(d, dtype)))
+    return tiling(plan, n, h, min(cfg[0] for cfg in fwd_configs(d, dtype))) if _fused_runs(d, dtype) else 0
 
 
 def bwd_tiles(plan: Plan, n: int, h: int, d: int, dtype: torch.dtype) -> tuple[int, int] | None:
     """(keys per dK/dV program, rows per dQ program) of the fused backward, or None."""
+    if not _fused_runs(d, dtype):
+        return None
     cfg = bwd_config(d, dtype)
     tiles = tiling(plan, n, h, cfg[0]), tiling(plan, n, h, cfg[2])
     return tiles if all(tiles) else None
