@@ -106,5 +106,5 @@ def test_rate_above_a_clipped_segment_stays_legal():
 
 
 def test_backend_errors_give_every_reason():
-    with pytest.raises(ValueError, match=r"needs a CUDA tensor.*; takes torch.float16 or torch.bfloat16, got torch.float64"):
+    with pytest.raises(ValueError, match=r"needs a CUDA tensor.*; takes torch.float16, torch.bfloat16, torch.float32, got torch.float64"):
         dilated_attention(X.double(), X.double(), X.double(), [8], [1], backend="triton")

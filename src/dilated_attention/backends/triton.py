@@ -488,7 +488,7 @@ class Triton(Backend):
             reasons.append(f"needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got {q.device.type}")
         dtypes = (torch.float16, torch.bfloat16, torch.float32)
         if q.dtype not in dtypes:
-            reasons.append(f"takes {' or '.join(map(str, dtypes))}, got {q.dtype}")
+            reasons.append(f"takes {', '.join(map(str, dtypes))}, got {q.dtype}")
         if q.shape[-1] not in HEAD_DIMS:
             reasons.append(f"takes head_dim in {HEAD_DIMS}, got {q.shape[-1]}")
         return reasons
