@@ -400,7 +400,8 @@ def bwd_config(d: int, dtype: torch.dtype):
 
 def _fused_runs(d: int, dtype: torch.dtype) -> bool:
     """float32 at d = 128 runs branch by branch: its per-branch launches beat every fused config timed
-    (NOTES.md v12: forward 9.1 vs 10.6 ms at 16K; the fused backward's best, 53 ms, against ~40)."""
+    (NOTES.md v12, 16K: forward 9.1 against the fused best 10.6 ms; forward+backward: the fused best
+    68.2 ms, per-branch 86.1 ms with a backward config the one now in use runs in half the time)."""
     return not (dtype == torch.float32 and d > 64)
 
 
