@@ -107,11 +107,10 @@ class _Attention(torch.autograd.Function):
         out, lse = impl.forward_plan(q, k, v, plan, scale, is_causal, out_scale, key_mask)
         ctx.save_for_backward(q, k, v, out, lse, key_mask)
         ctx.config = (plan, is_causal, scale, out_scale, impl)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+        return out
 
     @staticmethod
-    def backward(ctx, dout, dlse):
+    def backward(ctx, dout):
         q, k, v, out, lse, key_mask = ctx.saved_tensors
         plan, is_causal, scale, out_scale, impl = ctx.config
         dq, dk, dv = impl.backward_plan(dout, q, k, v, out, lse, plan, scale, is_causal, out_scale, key_mask)
@@ -177,4 +176,4 @@ def dilated_attention(
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         is_causal, scale, out_scale = config  # nothing to differentiate: no autograd node to build
         return impl.forward_plan(q, k, v, plan, scale, is_causal, out_scale, key_padding_mask)[0]
-    return _Attention.apply(q, k, v, key_padding_mask, plan, *config, impl)[0]
+    return _Attention.apply(q, k, v, key_padding_mask, plan, *config, impl)
