@@ -325,7 +325,7 @@ class _Launch:
         self.compact = compact  # key-side tensors hold only each query head's class (``Backend.attend_classes_``)
 
     def grid(self, block: int):
-        return (triton.cdiv(self.rows, block) * self.segments, self.nheads, self.batch)
+        return (-(-self.rows // block) * self.segments, self.nheads, self.batch)
 
 
 def _flat(t, seg: int):
@@ -446,7 +446,7 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor, budget: int =
     out = torch.empty_like(like)
     if (a.is_cuda or _interpreted(a)) and all(t.is_contiguous() for t in (a, b, out)) and a.shape[:-1] == out.shape:
         rows, d = out.numel(), a.shape[-1]
-        _rowsum_product[(triton.cdiv(rows, 64),)](a, b, out, rows, D=d, BLOCK=64)
+        _rowsum_product[(-(-rows // 64),)](a, b, out, rows, D=d, BLOCK=64)
         return out
     step = max(1, budget // max(1, a[:, :1].numel()))
     for i in range(0, a.shape[1], step):
