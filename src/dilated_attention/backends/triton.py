@@ -302,7 +302,7 @@ def _config(d: int, dtype: torch.dtype):
 
 def _bwd_config(d: int, dtype: torch.dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of both backward kernels."""
-    if dtype == torch.float32:  # NOTES.md v12, causal: d = 64 66.0 vs 126.2 ms with (64, 64, 8, 2); d = 128 46.9 vs 92.1
+    if dtype == torch.float32:  # NOTES.md v12, causal: d = 64 66.0 vs 126.2 ms (64, 64, 8, 2), d = 128 46.9 vs 92.1
         return (64, 32, 4, 2) if d <= 64 else (32, 32, 4, 1)
     return 64, 64, (4 if d <= 64 else 8), 3
 
@@ -330,7 +330,14 @@ class _Launch:
 
 def _flat(t, seg: int):
     """(batch, segment, head, row) strides of a (b, n, h, ...) tensor cut into segments of ``seg`` rows."""
-    return t.stride(0), seg * t.stride(1), t.stride(2), t.stride(1)
+    sb, su, sh = t.stride()[:3]
+    return sb, seg * su, sh, su
+
+
+def _heads(t, branch: Branch):
+    """t[:, :, branch's heads], or t itself when they are all of its heads (a view costs ~1.5 us of host time)."""
+    start, stop = branch.head_start, branch.head_stop
+    return t if start == 0 and stop == t.shape[2] else t[:, :, start:stop]
 
 
 def _branch_launch(q, k, lse, mask, grad, branch: Branch, table=None) -> _Launch:
@@ -534,13 +541,12 @@ class Triton(Backend):
     def _branch_forwards(self, out, lse, q, k, v, plan, scale, causal, key_mask, out_scale, fresh: bool) -> None:
         written = set()  # heads a launch has written: a fresh launch over fresh heads reads nothing
         for branch, table in _launches(plan, q.shape[1], q.device):
-            heads = slice(branch.head_start, branch.head_stop)
-            new = set(range(heads.start, heads.stop))
+            new = set(range(branch.head_start, branch.head_stop))
             first = fresh and written.isdisjoint(new)
             written |= new
             if out_scale != 1.0 and not first:
                 raise ValueError("triton backend: out_scale needs branches over disjoint heads (head_groups)")
-            qv, ov, lv = q[:, :, heads], out[:, :, heads], lse[:, :, heads]
+            qv, ov, lv = _heads(q, branch), _heads(out, branch), _heads(lse, branch)
             _run_forward(qv, k, v, ov, lv, key_mask, _branch_launch(qv, k, lv, key_mask, qv, branch, table), scale,
                          causal, first, out_scale)
 
@@ -582,11 +588,10 @@ class Triton(Backend):
         delta = _row_dot(dout, out, lse)  # rowsum(dO' O) for dO' = s dout, O = out / s
         group = q.shape[2] // k.shape[2]
         for branch, table in _launches(plan, q.shape[1], q.device):
-            h = slice(branch.head_start, branch.head_stop)
-            qv, lv, grad = q[:, :, h], lse[:, :, h], dk[:, :, h] if group == 1 else None
+            qv, lv, grad = _heads(q, branch), _heads(lse, branch), _heads(dk, branch) if group == 1 else None
             launch = _branch_launch(qv, k, lv, key_mask, qv if grad is None else grad, branch, table)
-            _run_backward(dout[:, :, h], qv, k, v, lv, delta[:, :, h], key_mask, dq[:, :, h], grad,
-                          None if grad is None else dv[:, :, h], launch, scale, causal, out_scale,
+            _run_backward(_heads(dout, branch), qv, k, v, lv, _heads(delta, branch), key_mask, _heads(dq, branch), grad,
+                          None if grad is None else _heads(dv, branch), launch, scale, causal, out_scale,
                           passes="kq" if group == 1 else "q")
             if group == 1:
                 continue
@@ -604,10 +609,9 @@ class Triton(Backend):
         """One launch; keys read from their class layout (``COMPACT``)."""
         _same_strides("q and out", q, out)
         _same_strides("k and v", kc, vc)
-        h = slice(branch.head_start, branch.head_stop)
-        qv, lv = q[:, :, h], lse[:, :, h]
-        _run_forward(qv, kc, vc, out[:, :, h], lv, key_mask, _classes_launch(qv, kc, lv, key_mask, kc, branch), scale,
-                     False, first=False)
+        qv, lv = _heads(q, branch), _heads(lse, branch)
+        _run_forward(qv, kc, vc, _heads(out, branch), lv, key_mask, _classes_launch(qv, kc, lv, key_mask, kc, branch),
+                     scale, False, first=False)
 
     def attend_classes_backward_(self, dq, dkc, dvc, dout, q, kc, vc, out, lse, branch, scale: float,
                                  out_scale: float, key_mask=None) -> None:
@@ -615,10 +619,9 @@ class Triton(Backend):
         _same_strides("k, v, dk and dv", kc, vc, dkc, dvc)
         lse = lse.contiguous()
         delta = _row_dot(dout, out, lse)
-        h = slice(branch.head_start, branch.head_stop)
-        qv, lv = q[:, :, h], lse[:, :, h]
-        _run_backward(dout[:, :, h], qv, kc, vc, lv, delta[:, :, h], key_mask, dq[:, :, h], dkc, dvc,
-                      _classes_launch(qv, kc, lv, key_mask, dkc, branch), scale, False, out_scale)
+        qv, lv = _heads(q, branch), _heads(lse, branch)
+        _run_backward(_heads(dout, branch), qv, kc, vc, lv, _heads(delta, branch), key_mask, _heads(dq, branch), dkc,
+                      dvc, _classes_launch(qv, kc, lv, key_mask, dkc, branch), scale, False, out_scale)
 
     def attend_(self, out, lse, q, k, v, scale: float, causal: bool, key_mask=None, q_offset: int = 0) -> None:
         """``out`` may be any float dtype (the ring keeps fp32)."""
