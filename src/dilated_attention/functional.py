@@ -170,10 +170,9 @@ def dilated_attention(
     docs = check_cu_seqlens(cu_seqlens, k.shape[1], q.shape[1])
     plan = cached_plan(cache, k.shape[1], q.shape[2], segment_lengths, dilation_rates, mode, head_start, total_heads,
                        kv_heads, docs)
-    config = (is_causal, resolve_scale(scale, q.shape[-1]), output_factor(mode, segment_lengths))
+    scale, out_scale = resolve_scale(scale, q.shape[-1]), output_factor(mode, segment_lengths)
     if torch.compiler.is_compiling():
-        return _forward_op(q, k, v, key_padding_mask, encode_plan(plan), *config, backend or "")[0]
+        return _forward_op(q, k, v, key_padding_mask, encode_plan(plan), is_causal, scale, out_scale, backend or "")[0]
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-        is_causal, scale, out_scale = config  # nothing to differentiate: no autograd node to build
-        return impl.forward_plan(q, k, v, plan, scale, is_causal, out_scale, key_padding_mask)[0]
-    return _Attention.apply(q, k, v, key_padding_mask, plan, *config, impl)
+        return impl.forward_plan(q, k, v, plan, scale, is_causal, out_scale, key_padding_mask)[0]  # no autograd node
+    return _Attention.apply(q, k, v, key_padding_mask, plan, is_causal, scale, out_scale, impl)
