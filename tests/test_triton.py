@@ -199,3 +199,71 @@ def test_fused_forward_picks_the_faster_candidate(monkeypatch):
     assert timed == 4 * 3.0 + 4 * 1.0  # one compile launch and three timed ones each
     assert triton_fused.pick("test-key", ("slow", "fast"), launch) == "fast" and clock["now"] == timed  # cached
     assert triton_fused.pick("other-key", ("too big", "slow"), launch) == "slow"  # one that cannot run is passed over
+
+
+def test_direct_launches_reuse_what_triton_compiled(monkeypatch):
+    """``launch_kernel``: the first call of a key goes through ``kernel[grid]``; later ones hand every
+    parameter (constexprs in signature order, defaults too) to the compiled kernel's launcher on the
+    current stream. Another pointer alignment or scalar value, or a launch hook, goes through Triton."""
+    import inspect
+
+    from dilated_attention.backends import triton_launch
+
+    class Param:
+        def __init__(self, name, constexpr, default=inspect.Parameter.empty):
+            self.name, self.is_constexpr, self.default = name, constexpr, default
+
+    class Compiled:
+        function, packed_metadata = "function", "packed"
+
+        def run(self, *args):
+            calls.append(("direct", args))
+
+    class Kernel:
+        __name__ = "kernel"
+        params = [Param("A", False), Param("B", False), Param("n", False), Param("x", False),
+                  Param("IS_CAUSAL", True), Param("BLOCK", True), Param("EXTRA", True, 7)]
+
+        def __getitem__(self, grid):
+            def run(*args, **meta):
+                calls.append(("triton", grid, args, meta))
+                return Compiled()
+            return run
+
+    class Tensor:
+        is_cuda = True
+
+        def __init__(self, ptr, dtype=torch.bfloat16):
+            self.ptr, self.dtype = ptr, dtype
+
+        def data_ptr(self):
+            return self.ptr
+
+    calls = []
+    monkeypatch.setattr(triton_launch, "_DIRECT", True)
+    monkeypatch.setattr(triton_launch, "_COMPILED", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(triton_launch, "_raw_stream", lambda device: 1234)
+    kernel, a, b = Kernel(), Tensor(4096), Tensor(8192)
+    meta = dict(BLOCK=64, IS_CAUSAL=True, num_warps=4)
+    for _ in range(2):
+        triton_launch.launch_kernel(kernel, (3, 2), (a, b), (17, 0.5), **meta)
+    assert calls == [("triton", (3, 2), (a, b, 17, 0.5), meta),
+                     ("direct", (3, 2, 1, 1234, "function", "packed", None, None, None, a, b, 17, 0.5, True, 64, 7))]
+    for changed in (dict(tensors=(a, Tensor(8200))), dict(tensors=(a, Tensor(8192, torch.float32))),
+                    dict(scalars=(16, 0.5)), dict(meta=dict(meta, BLOCK=128))):
+        calls.clear()
+        args = dict(dict(tensors=(a, b), scalars=(17, 0.5), meta=meta), **changed)
+        triton_launch.launch_kernel(kernel, (3,), args["tensors"], args["scalars"], **args["meta"])
+        assert [c[0] for c in calls] == ["triton"], changed
+    calls.clear()
+    hooks = triton_launch.knobs.runtime.launch_enter_hook
+    hooks.add(print)
+    try:
+        triton_launch.launch_kernel(kernel, (3, 2), (a, b), (17, 0.5), **meta)
+    finally:
+        hooks.remove(print)
+    assert [c[0] for c in calls] == ["triton"]
+    Kernel.params = Kernel.params[:2] + [Param("BLOCK", True), Param("n", False)]
+    with pytest.raises(TypeError, match="must be constexprs"):
+        triton_launch.launch_kernel(kernel, (1,), (a, b), (), BLOCK=64)

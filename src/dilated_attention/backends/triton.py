@@ -34,6 +34,7 @@ import torch
 from ..plan import PER_HEAD, Branch, Plan, documents
 from . import triton_fused
 from .base import Backend
+from .triton_launch import launch_kernel
 
 try:
     import triton
@@ -407,11 +408,11 @@ def _table_arg(launch: _Launch, like):
 def _run_forward(q, k, v, out, lse, mask, launch: _Launch, scale: float, causal: bool, first: bool,
                  out_scale: float = 1.0) -> None:
     bm, bn, warps, stages = _config(q.shape[-1], q.dtype)
-    _fwd[launch.grid(bm)](
-        q, k, v, out, lse, _mask_arg(mask, q), _table_arg(launch, q), *launch.strides, *launch.sizes, scale * LOG2E,
-        out_scale, IS_CAUSAL=causal, FIRST=first, HAS_MASK=mask is not None, TABLE=launch.table is not None,
-        COMPACT=launch.compact, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=q.shape[-1],
-        num_warps=warps, num_stages=stages,
+    launch_kernel(
+        _fwd, launch.grid(bm), (q, k, v, out, lse, _mask_arg(mask, q), _table_arg(launch, q)),
+        (*launch.strides, *launch.sizes, scale * LOG2E, out_scale), IS_CAUSAL=causal, FIRST=first,
+        HAS_MASK=mask is not None, TABLE=launch.table is not None, COMPACT=launch.compact, BLOCK_M=bm, BLOCK_N=bn,
+        HEAD_DIM=q.shape[-1], num_warps=warps, num_stages=stages,
     )
 
 
@@ -425,10 +426,11 @@ def _run_backward(dout, q, k, v, lse, delta, mask, dq, dk, dv, launch: _Launch, 
                 HEAD_DIM=q.shape[-1], num_warps=warps, num_stages=stages)
     km, st = _mask_arg(mask, q), _table_arg(launch, q)
     if "k" in passes:
-        _bwd_dkdv[launch.grid(bn)](q, k, v, dout, lse, delta, km, dk, dv, st, *launch.strides, *launch.grad_strides,
-                                   *sizes, **meta)
+        launch_kernel(_bwd_dkdv, launch.grid(bn), (q, k, v, dout, lse, delta, km, dk, dv, st),
+                      (*launch.strides, *launch.grad_strides, *sizes), **meta)
     if "q" in passes:
-        _bwd_dq[launch.grid(bm)](q, k, v, dout, lse, delta, km, dq, st, *launch.strides, *sizes, **meta)
+        launch_kernel(_bwd_dq, launch.grid(bm), (q, k, v, dout, lse, delta, km, dq, st), (*launch.strides, *sizes),
+                      **meta)
 
 
 def _same_strides(names: str, *tensors) -> None:
@@ -453,7 +455,7 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor, budget: int =
     out = torch.empty_like(like)
     if (a.is_cuda or _interpreted(a)) and all(t.is_contiguous() for t in (a, b, out)) and a.shape[:-1] == out.shape:
         rows, d = out.numel(), a.shape[-1]
-        _rowsum_product[(-(-rows // 64),)](a, b, out, rows, D=d, BLOCK=64)
+        launch_kernel(_rowsum_product, (-(-rows // 64),), (a, b, out), (rows,), D=d, BLOCK=64)
         return out
     step = max(1, budget // max(1, a[:, :1].numel()))
     for i in range(0, a.shape[1], step):

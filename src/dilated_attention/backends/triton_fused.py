@@ -35,6 +35,7 @@ import math
 import torch
 
 from ..plan import PER_HEAD, Plan, documents
+from .triton_launch import launch_kernel
 
 try:
     import triton
@@ -426,12 +427,14 @@ def forward(q, k, v, plan: Plan, scale: float, causal: bool, key_mask, block_m: 
     branches, spans, count, lcm, nb = _tables(plan, n, block_m, q.device)
     out = torch.empty_like(q)
     lse = torch.empty((b, n, h), dtype=torch.float32, device=q.device)
-    args = (q, k, v, out, lse, q if key_mask is None else key_mask.view(torch.uint8), branches, spans, nb,
-            *_strides(q, k, lse, key_mask), lcm, plan[0].head_base, plan[0].kv_group, scale * 1.4426950408889634)
+    tensors = (q, k, v, out, lse, q if key_mask is None else key_mask.view(torch.uint8), branches, spans)
+    scalars = (nb, *_strides(q, k, lse, key_mask), lcm, plan[0].head_base, plan[0].kv_group,
+               scale * 1.4426950408889634)
 
     def launch(cfg):
-        _fused_fwd[(count * lcm, h, b)](*args, IS_CAUSAL=causal, HAS_MASK=key_mask is not None, BLOCK_M=block_m,
-                                        BLOCK_N=cfg[1], HEAD_DIM=d, num_warps=cfg[2], num_stages=cfg[3])
+        launch_kernel(_fused_fwd, (count * lcm, h, b), tensors, scalars, IS_CAUSAL=causal,
+                      HAS_MASK=key_mask is not None, BLOCK_M=block_m, BLOCK_N=cfg[1], HEAD_DIM=d, num_warps=cfg[2],
+                      num_stages=cfg[3])
 
     key = (d, causal, key_mask is not None, plan[0].kv_group, nb, lcm, block_m, q.dtype, q.device)
     launch(pick(key, fwd_configs(d, q.dtype), launch))
@@ -447,15 +450,17 @@ def backward(dout, q, k, v, lse, delta, plan: Plan, scale: float, causal: bool, 
     km = q if key_mask is None else key_mask.view(torch.uint8)
     meta = dict(IS_CAUSAL=causal, HAS_MASK=key_mask is not None, HEAD_DIM=d, num_warps=warps, num_stages=stages)
 
-    def args(block):  # the tables of this tile size, strides, scalars; and the grid's first axis
-        branches, spans, count, lcm, nb = _tables(plan, n, block, q.device)
-        return count * lcm, (branches, spans, nb, *_strides(q, k, lse, key_mask), lcm, plan[0].head_base,
-                             plan[0].kv_group, scale * 1.4426950408889634, scale)
+    strides, tail = _strides(q, k, lse, key_mask), (plan[0].head_base, plan[0].kv_group, scale * 1.4426950408889634,
+                                                     scale)
 
-    programs, kv_args = args(tiles[0])
-    _fused_dkdv[(programs, k.shape[2], b)](q, k, v, dout, lse, delta, km, dk, dv, *kv_args, BLOCK_M=kv_queries,
-                                           BLOCK_N=tiles[0], **meta)
-    programs, q_args = args(tiles[1])
-    _fused_dq[(programs, h, b)](q, k, v, dout, lse, delta, km, dq, *q_args, BLOCK_M=tiles[1], BLOCK_N=dq_keys,
-                                **meta)
+    def tables(block):  # the grid's first axis; the tables of this tile size; the scalars around them
+        branches, spans, count, lcm, nb = _tables(plan, n, block, q.device)
+        return count * lcm, (branches, spans), (nb, *strides, lcm, *tail)
+
+    programs, kv_tables, kv_scalars = tables(tiles[0])
+    launch_kernel(_fused_dkdv, (programs, k.shape[2], b), (q, k, v, dout, lse, delta, km, dk, dv, *kv_tables),
+                  kv_scalars, BLOCK_M=kv_queries, BLOCK_N=tiles[0], **meta)
+    programs, q_tables, q_scalars = tables(tiles[1])
+    launch_kernel(_fused_dq, (programs, h, b), (q, k, v, dout, lse, delta, km, dq, *q_tables), q_scalars,
+                  BLOCK_M=tiles[1], BLOCK_N=dq_keys, **meta)
     return dq, dk, dv
