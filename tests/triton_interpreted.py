@@ -74,6 +74,25 @@ def _large_lse_failures():
     return failures
 
 
+def _scale_failures():
+    """Negative and zero scales on the fused and the per-branch kernels, causal or not. At scale -6
+    the scores span hundreds (in log2 units): a running max taken on the wrong side overflows.
+    float32 scores that large err ~1e-5 against float64."""
+    failures = []
+    for n, segs, rates in ((256, [64, 128, 256], [1, 2, 4]), (37, [8, 16, 40], [1, 3, 4])):  # fused; per-branch
+        for scale in (-6.0, 0.0, 1.3):
+            for causal in (False, True):
+                q, k, v, do = (torch.randn(1, n, 4, 16, dtype=torch.float64) for _ in range(4))
+                ours = [t.float().requires_grad_() for t in (q, k, v)]
+                out = dilated_attention(*ours, segs, rates, is_causal=causal, scale=scale, backend="triton")
+                ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+                ref = reference(*ref_in, segs, rates, causal, scale)
+                failures += _mismatches(f"scale={scale} n={n} causal={causal}",
+                                        (out, *torch.autograd.grad(out, ours, do.float())),
+                                        (ref, *torch.autograd.grad(ref, ref_in, do)), tol=1e-4 if scale < 0 else 2e-6)
+    return failures
+
+
 def _head_slice_failures():
     """head_start / total_heads: a slice of heads is exactly that slice of the whole-head result."""
     failures = []
@@ -245,6 +264,7 @@ def main():
                                         (ref, *ref_grads))
     failures += _half_precision_failures()
     failures += _large_lse_failures()
+    failures += _scale_failures()
     failures += _head_slice_failures()
     failures += _gqa_failures()
     failures += _padding_failures()

@@ -2,11 +2,12 @@
 
 ``kernel[grid](*args)`` binds and specialises every argument on each call (dtype, 16-byte
 alignment of each pointer, each integer's divisibility by 16 and whether it is 1), builds the
-cache key from that and looks the compiled kernel up: about 25 us of host time per launch on an
-H100 host, a third of a short forward. ``launch_kernel`` keys its own cache on what decides Triton's
-specialisation, more finely (tensors' dtypes and 16-byte alignment, the exact scalar values, the
-constexprs and options, the device): the first call of a key goes through Triton and keeps the
-compiled kernel it returns, later calls hand the arguments straight to its launcher.
+cache key from that and looks the compiled kernel up: 25-40 us of host time per launch on an
+H100 host, a third of a short forward. ``launch_kernel`` keys its own cache more finely than
+Triton specialises (the kernel, the tensors' dtypes and 16-byte alignment, the exact scalar
+values, the constexprs and options, the device): the first call of a key goes through Triton
+and keeps the compiled kernel it returns, later calls hand the arguments straight to its
+launcher.
 
 The direct call follows the convention of the Triton versions in ``_DIRECT_VERSIONS`` (the
 launcher takes every parameter, constexprs included, in signature order); other versions, the
@@ -44,8 +45,7 @@ def launch_kernel(kernel, grid: tuple, tensors: tuple, scalars: tuple, **meta) -
         kernel[grid](*tensors, *scalars, **meta)
         return
     device = torch.cuda.current_device()
-    key = (kernel, device, scalars, tuple(meta.items()), tuple(t.dtype for t in tensors),
-           tuple(t.data_ptr() & 15 == 0 for t in tensors))
+    key = (id(kernel), device, scalars, tuple(meta.items()), tuple([(t.dtype, t.data_ptr() & 15 == 0) for t in tensors]))
     entry = _COMPILED.get(key)
     if entry is None:
         compiled = kernel[grid](*tensors, *scalars, **meta)
@@ -53,7 +53,7 @@ def launch_kernel(kernel, grid: tuple, tensors: tuple, scalars: tuple, **meta) -
             _COMPILED.clear()
         _COMPILED[key] = _entry(kernel, compiled, len(tensors) + len(scalars), meta)
         return
-    run, function, packed, tail = entry
+    run, function, packed, tail, _ = entry
     run(*grid, *(1,) * (3 - len(grid)), _raw_stream(device), function, packed, None, None,
         None, *tensors, *scalars, *tail)
 
@@ -65,10 +65,10 @@ def _hooked(hook) -> bool:
 
 
 def _entry(kernel, compiled, positional: int, meta: dict):
-    """(launcher, function handle, packed metadata, constexpr values in signature order) of a
-    kernel Triton compiled and launched once."""
+    """(launcher, function handle, packed metadata, constexpr values in signature order, the kernel:
+    kept so that the id in the key stays its own) of a kernel Triton compiled and launched once."""
     rest = kernel.params[positional:]
     if not all(p.is_constexpr for p in rest):
         raise TypeError(f"{kernel.__name__}: the parameters after the positional ones must be constexprs")
     tail = tuple(meta[p.name] if p.name in meta else p.default for p in rest)
-    return compiled.run, compiled.function, compiled.packed_metadata, tail
+    return compiled.run, compiled.function, compiled.packed_metadata, tail, kernel
