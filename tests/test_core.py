@@ -414,7 +414,7 @@ def test_direct_launches_equal_tritons_own(causal, mode, monkeypatch):
         g = torch.Generator().manual_seed(n + h_kv)
         shapes = [(2, n, h, 64), (2, n, h_kv, 64), (2, n, h_kv, 64), (2, n, h, 64)]
         base = [torch.randn(1 + math.prod(s), generator=g).to("cuda", torch.bfloat16) for s in shapes]
-        q, k, v, dout = (t[int(misaligned):].view(s) for t, s in zip(base, shapes))
+        q, k, v, dout = (t[int(misaligned):int(misaligned) + math.prod(s)].view(s) for t, s in zip(base, shapes))
         assert (q.data_ptr() % 16 != 0) == misaligned
         mask = (torch.rand(2, n, generator=g) < 0.2).cuda() if masked else None
         results = []
