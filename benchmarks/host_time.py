@@ -1,6 +1,6 @@
 """Short sequences on one GPU: host time per call, and the op against dense SDPA where calls are short.
 
-    python benchmarks/host_time.py [--json results.json] [--profile]
+    python benchmarks/host_time.py [--json results.json] [--profile] [--sweep]
 
 1. Host time per call at n = 64 (b = 1, h = 12, d = 64, bf16, LongNet schedule clipped to n):
    wall time of back-to-back calls with no sync inside (best of 5 rounds of 300), ours (forward
@@ -9,6 +9,7 @@
 2. b x n = 8 x 1K, 8 x 2K, 4 x 8K, bf16 and fp32, forward and forward+backward, causal and not
    (``triton.testing.do_bench`` medians): ours against dense SDPA on the same (b, n), as the
    ratio ours / (useful FLOPs / dense FLOPs x SDPA's time) (1.0: our useful work at SDPA's rate).
+3. ``--sweep``: bf16 at those sizes, the fused kernels at each block config of kernels.py's sweep.
 Prints tables; writes JSON.
 """
 
@@ -26,6 +27,7 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from dilated_attention import dilated_attention  # noqa: E402
+from dilated_attention.backends import triton_fused  # noqa: E402
 from dilated_attention.plan import useful_flops  # noqa: E402
 
 SEGS, RATES = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16]
@@ -115,15 +117,46 @@ def short_rows():
     return rows
 
 
+def sweep_rows():
+    """bf16, non-causal, at the short sizes: the fused forward at each block config of kernels.py's
+    sweep (BLOCK_N, warps, stages; the tile's rows follow the plan), and forward+backward at each
+    backward config, against dense SDPA's forward."""
+    from kernels import SWEEP
+
+    rows = []
+    fwd_configs, bwd_config = triton_fused.fwd_configs, triton_fused.bwd_config
+    for b, n in ((8, 1024), (8, 2048), (4, 8192)):
+        q, k, v = (torch.randn(b, n, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        do = torch.randn_like(q)
+        with torch.no_grad():
+            ms = {"sdpa": do_bench(lambda: sdpa(q, k, v, False), return_mode="median")}
+            for cfg in SWEEP[torch.bfloat16, False][0]:
+                triton_fused.fwd_configs = lambda *_, cfg=cfg: (cfg,)
+                ms[str(cfg)] = do_bench(lambda: ours(q, k, v, False), return_mode="median")
+            triton_fused.fwd_configs = fwd_configs
+        rows.append(dict(b=b, n=n, kind="fwd", ms=ms))
+        ms = {}
+        for cfg in SWEEP[torch.bfloat16, False][1]:
+            triton_fused.bwd_config = lambda *_, cfg=cfg: cfg
+            ms[str(cfg)] = do_bench(lambda: torch.autograd.grad(ours(q, k, v, False), (q, k, v), do),
+                                    return_mode="median")
+        triton_fused.bwd_config = bwd_config
+        rows.append(dict(b=b, n=n, kind="fwd+bwd", ms=ms))
+        for row in rows[-2:]:
+            print(f"b={b} n={n} {row['kind']:7} " + " | ".join(f"{c} {t:.3f}" for c, t in row["ms"].items()), flush=True)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", default=None)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--host-only", action="store_true")
+    p.add_argument("--sweep", action="store_true", help="block configs of the fused kernels at the short sizes")
     a = p.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
     result = dict(device=torch.cuda.get_device_name(), host=host_rows(a.profile),
-                  short=[] if a.host_only else short_rows())
+                  short=[] if a.host_only else short_rows(), sweep=sweep_rows() if a.sweep else [])
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)
