@@ -4,7 +4,8 @@
 
 1. Host time per call at n = 64 (b = 1, h = 12, d = 64, bf16, LongNet schedule clipped to n):
    wall time of back-to-back calls with no sync inside (best of 5 rounds of 300), ours (forward
-   without and with autograd, causal, forward+backward) against SDPA's same calls. ``--profile`` prints where our forward's
+   without and with autograd, causal, forward+backward; also with every kernel launched through
+   Triton's own ``kernel[grid]`` path instead of ``triton_launch``'s) against SDPA's same calls. ``--profile`` prints where our forward's
    and forward+backward's host time goes (cProfile, by own time).
 2. b x n = 8 x 1K, 8 x 2K, 4 x 8K, bf16 and fp32, forward and forward+backward, causal and not
    (``triton.testing.do_bench`` medians): ours against dense SDPA on the same (b, n), as the
@@ -27,7 +28,7 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from dilated_attention import dilated_attention  # noqa: E402
-from dilated_attention.backends import triton_fused  # noqa: E402
+from dilated_attention.backends import triton_fused, triton_launch  # noqa: E402
 from dilated_attention.plan import useful_flops  # noqa: E402
 
 SEGS, RATES = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16]
@@ -67,16 +68,19 @@ def fwd_bwd(fn, q, k, v, causal):
 def host_rows(profile: bool):
     inputs = [torch.randn(1, 64, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
     grads = [t.clone().requires_grad_() for t in inputs]
-    rows = []
+    rows, direct = [], triton_launch._DIRECT
     for name, args, call in (("forward", inputs, None), ("forward, causal", inputs, None),
                              ("forward, inputs require grad", grads, None), ("forward+backward", grads, fwd_bwd)):
         causal = "causal" in name
         times = {}
-        for method, fn in (("ours", ours), ("sdpa", sdpa)):
+        for method, fn in (("ours", ours), ("ours via triton", ours), ("sdpa", sdpa)):
+            triton_launch._DIRECT = direct and method == "ours"
             times[method] = host_us((lambda fn=fn: call(fn, *args, causal)) if call else
                                     (lambda fn=fn: fn(*args, causal)))
+        triton_launch._DIRECT = direct
         rows.append(dict(call=name, us=times))
-        print(f"host time, n = 64, {name:30} ours {times['ours']:6.1f} us | sdpa {times['sdpa']:6.1f} us", flush=True)
+        print(f"host time, n = 64, {name:30} ours {times['ours']:6.1f} us (through Triton's launch path "
+              f"{times['ours via triton']:6.1f}) | sdpa {times['sdpa']:6.1f} us", flush=True)
     if profile:
         for name, fn in (("forward", lambda: ours(*inputs, False)),
                          ("forward+backward", lambda: fwd_bwd(ours, *grads, False))):
