@@ -45,7 +45,8 @@ def launch_kernel(kernel, grid: tuple, tensors: tuple, scalars: tuple, **meta) -
         kernel[grid](*tensors, *scalars, **meta)
         return
     device = torch.cuda.current_device()
-    key = (id(kernel), device, scalars, tuple(meta.items()), tuple([(t.dtype, t.data_ptr() & 15 == 0) for t in tensors]))
+    key = (id(kernel), device, scalars, tuple(meta.items()),
+           tuple([(t.dtype, t.data_ptr() & 15 == 0) for t in tensors]))
     entry = _COMPILED.get(key)
     if entry is None:
         compiled = kernel[grid](*tensors, *scalars, **meta)
