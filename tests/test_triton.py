@@ -204,7 +204,8 @@ def test_fused_forward_picks_the_faster_candidate(monkeypatch):
 def test_direct_launches_reuse_what_triton_compiled(monkeypatch):
     """``launch_kernel``: the first call of a key goes through ``kernel[grid]``; later ones hand every
     parameter (constexprs in signature order, defaults too) to the compiled kernel's launcher on the
-    current stream. Another pointer alignment or scalar value, or a launch hook, goes through Triton."""
+    current stream. Another pointer alignment or scalar value, or a launch hook, goes through Triton;
+    a launcher that refuses the arguments turns direct launches off, with a warning."""
     import inspect
 
     from dilated_attention.backends import triton_launch
@@ -264,6 +265,19 @@ def test_direct_launches_reuse_what_triton_compiled(monkeypatch):
     finally:
         hooks.remove(print)
     assert [c[0] for c in calls] == ["triton"]
+    calls.clear()
+
+    def refuse(self, *args):
+        raise TypeError("function takes exactly 14 arguments")
+
+    monkeypatch.setattr(Compiled, "run", refuse)
+    triton_launch._COMPILED.clear()
+    triton_launch.launch_kernel(kernel, (3, 2), (a, b), (17, 0.5), **meta)  # kept: a launcher that refuses
+    calls.clear()
+    with pytest.warns(RuntimeWarning, match="launch through kernel"):
+        triton_launch.launch_kernel(kernel, (3, 2), (a, b), (17, 0.5), **meta)
+    assert [c[0] for c in calls] == ["triton"] and not triton_launch._DIRECT
+    monkeypatch.setattr(triton_launch, "_DIRECT", True)
     Kernel.params = Kernel.params[:2] + [Param("BLOCK", True), Param("n", False)]
     with pytest.raises(TypeError, match="must be constexprs"):
         triton_launch.launch_kernel(kernel, (1,), (a, b), (), BLOCK=64)

@@ -11,10 +11,13 @@ launcher.
 
 The direct call follows the convention of the Triton versions in ``_DIRECT_VERSIONS`` (the
 launcher takes every parameter, constexprs included, in signature order); other versions, the
-interpreter and runs with launch hooks (profilers) take Triton's own path.
+interpreter and runs with launch hooks (profilers) take Triton's own path, and so does every
+launch after a launcher refuses the arguments (with a warning).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -55,8 +58,21 @@ def launch_kernel(kernel, grid: tuple, tensors: tuple, scalars: tuple, **meta) -
         _COMPILED[key] = _entry(kernel, compiled, len(tensors) + len(scalars), meta)
         return
     run, function, packed, tail, _ = entry
-    run(*grid, *(1,) * (3 - len(grid)), _raw_stream(device), function, packed, None, None,
-        None, *tensors, *scalars, *tail)
+    try:
+        run(*grid, *(1,) * (3 - len(grid)), _raw_stream(device), function, packed, None, None,
+            None, *tensors, *scalars, *tail)
+    except TypeError as e:  # the launcher parses its arguments before launching anything
+        _give_up(e)
+        kernel[grid](*tensors, *scalars, **meta)
+
+
+def _give_up(error: Exception) -> None:
+    """A Triton whose launcher takes other arguments than ``_DIRECT_VERSIONS``' (a patch release):
+    every later launch goes through ``kernel[grid]``."""
+    global _DIRECT
+    _DIRECT = False
+    warnings.warn(f"Triton {triton.__version__}'s kernel launcher refused direct arguments ({error}); "
+                  "kernels launch through kernel[grid] from now on", RuntimeWarning, stacklevel=3)
 
 
 def _hooked(hook) -> bool:
