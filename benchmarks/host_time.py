@@ -5,8 +5,9 @@
 1. Host time per call at n = 64 (b = 1, h = 12, d = 64, bf16, LongNet schedule clipped to n):
    wall time of back-to-back calls with no sync inside (best of 5 rounds of 300), ours (forward
    without and with autograd, causal, forward+backward; also with every kernel launched through
-   Triton's own ``kernel[grid]`` path instead of ``triton_launch``'s) against SDPA's same calls. ``--profile`` prints where our forward's
-   and forward+backward's host time goes (cProfile, by own time).
+   Triton's own ``kernel[grid]`` path instead of ``triton_launch``'s) against SDPA's same calls.
+   ``--profile`` prints where our forward's and forward+backward's host time goes (cProfile, by
+   own time).
 2. b x n = 8 x 1K, 8 x 2K, 4 x 8K, bf16 and fp32, forward and forward+backward, causal and not
    (``triton.testing.do_bench`` medians): ours against dense SDPA on the same (b, n), as the
    ratio ours / (useful FLOPs / dense FLOPs x SDPA's time) (1.0: our useful work at SDPA's rate).
