@@ -34,6 +34,7 @@ import torch
 from ..plan import PER_HEAD, Branch, Plan, documents
 from . import triton_fused
 from .base import Backend
+from .triton_fused import LOG2E
 from .triton_launch import launch_kernel
 
 try:
@@ -42,7 +43,6 @@ try:
 except ImportError:  # the portable and SDPA backends need no Triton
     triton = None
 
-LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
 
 

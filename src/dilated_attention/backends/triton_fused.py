@@ -44,6 +44,7 @@ try:
 except ImportError:
     triton = None
 
+LOG2E = 1.4426950408889634  # scores in log2 units: exp2 in the kernels
 BLOCKS = (128, 64, 32, 16)
 
 
@@ -428,8 +429,7 @@ def forward(q, k, v, plan: Plan, scale: float, causal: bool, key_mask, block_m: 
     out = torch.empty_like(q)
     lse = torch.empty((b, n, h), dtype=torch.float32, device=q.device)
     tensors = (q, k, v, out, lse, q if key_mask is None else key_mask.view(torch.uint8), branches, spans)
-    scalars = (nb, *_strides(q, k, lse, key_mask), lcm, plan[0].head_base, plan[0].kv_group,
-               scale * 1.4426950408889634)
+    scalars = (nb, *_strides(q, k, lse, key_mask), lcm, plan[0].head_base, plan[0].kv_group, scale * LOG2E)
 
     def launch(cfg):
         launch_kernel(_fused_fwd, (count * lcm, h, b), tensors, scalars, IS_CAUSAL=causal,
@@ -450,8 +450,8 @@ def backward(dout, q, k, v, lse, delta, plan: Plan, scale: float, causal: bool, 
     km = q if key_mask is None else key_mask.view(torch.uint8)
     meta = dict(IS_CAUSAL=causal, HAS_MASK=key_mask is not None, HEAD_DIM=d, num_warps=warps, num_stages=stages)
 
-    strides, tail = _strides(q, k, lse, key_mask), (plan[0].head_base, plan[0].kv_group, scale * 1.4426950408889634,
-                                                     scale)
+    strides = _strides(q, k, lse, key_mask)
+    tail = (plan[0].head_base, plan[0].kv_group, scale * LOG2E, scale)
 
     def tables(block):  # the grid's first axis; the tables of this tile size; the scalars around them
         branches, spans, count, lcm, nb = _tables(plan, n, block, q.device)

@@ -34,7 +34,7 @@ except ImportError:
         return torch.cuda.current_stream(device).cuda_stream
 
 _DIRECT_VERSIONS = ((3, 6),)
-_DIRECT = (knobs is not None and tuple(int(x) for x in triton.__version__.split(".")[:2]) in _DIRECT_VERSIONS)
+_DIRECT = knobs is not None and tuple(int(x) for x in triton.__version__.split(".")[:2]) in _DIRECT_VERSIONS
 _MAX_ENTRIES = 4096  # distinct (shape, pointer alignment, config) keys kept; cleared when exceeded
 _COMPILED: dict = {}
 
