@@ -431,12 +431,12 @@ def test_direct_launches_equal_tritons_own(causal, mode, monkeypatch):
             results.append([out, *torch.autograd.grad(out, ins, dout)])
             added.append(len(triton_launch._COMPILED) - entries)
         assert added[0] == 0 and added[1] > 0 and added[2] == 0, added  # the last run launched every kernel direct
-        ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+        ref_in = [t.cpu().double().requires_grad_() for t in (q, k, v)]
         ref = reference(ref_in[0], *(t.repeat_interleave(h // h_kv, 2) for t in ref_in[1:]), [512, 1024, 2048],
                         [1, 2, 4], causal, None, mode, key_padding_mask=mask)
-        refs = [ref, *torch.autograd.grad(ref, ref_in, dout.double())]
+        refs = [ref, *torch.autograd.grad(ref, ref_in, dout.cpu().double())]
         for name, *runs, r in zip(["out", "dq", "dk", "dv"], *results, refs):
-            assert rel_err(runs[-1], r) < 3e-2, f"{name} {n} {h_kv} {misaligned}: bf16 against float64"
+            assert rel_err(runs[-1].cpu(), r) < 3e-2, f"{name} {n} {h_kv} {misaligned}: bf16 against float64"
             for other in runs[1:]:
                 torch.testing.assert_close(other, runs[0], rtol=0, atol=0, msg=f"{name} {n} {h_kv} {misaligned}")
 

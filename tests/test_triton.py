@@ -58,7 +58,7 @@ def test_kernels_compile_for_hopper():
                 sig[name] = in_dtype
             elif name == "KM":
                 sig[name] = "*u8"
-            elif name in ("T", "TS", "ST"):
+            elif name in ("T", "TS", "ST", "RO"):
                 sig[name] = "*i32"
             else:
                 sig[name] = "i32"
@@ -160,6 +160,21 @@ def test_grid_keeps_segments_on_the_large_axis():
     lse = torch.empty(2, 4_480_000, 12, device="meta")
     grid = _branch_launch(q, q, lse, None, q, Branch(64, 1, PER_HEAD, 0, 12)).grid(128)
     assert grid == (70_000, 12, 2)
+
+
+def test_fused_launches_take_heavy_residues_first():
+    """The fused kernels' launch order: residues (relative to the head) where more branches are active
+    come first, so a launch ends on the lightest tiles; every residue exactly once."""
+    from dilated_attention.backends.triton_fused import residue_order
+    from dilated_attention.plan import build_plan
+
+    order, heavy = residue_order(build_plan(1 << 17, 12, [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16],
+                                            "paper"), 1 << 17)
+    assert sorted(order) == list(range(16)) and heavy == 8
+    assert set(order[:8]) == set(range(0, 16, 2))  # r = 1 and 2 at least; odd residues run r = 1 alone
+    order, heavy = residue_order(build_plan(600, 4, [60, 120], [2, 3], "paper"), 600)
+    assert order == [0, 2, 3, 4, 1, 5] and heavy == 4  # 1 and 5 run no branch
+    assert residue_order(build_plan(600, 4, [60, 120], [1, 1], "paper"), 600) == ([0], 0)
 
 
 def test_fused_forward_picks_the_faster_candidate(monkeypatch):

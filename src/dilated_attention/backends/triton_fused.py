@@ -74,18 +74,33 @@ def tiling(plan: Plan, n: int, num_heads: int, largest: int) -> int:
     return 0
 
 
+def residue_order(plan: Plan, n: int) -> tuple[list[int], int]:
+    """Residues u = (c - head) mod lcm in launch order, and how many come first: those whose tiles
+    run more than the fewest branches (c % r == head % r for every rate r dividing u), so a launch
+    ends on its lightest tiles instead of a few tiles with every branch active."""
+    branches = next(iter(documents(plan, n).items()))
+    (_, length), branches = branches
+    lcm = functools.reduce(math.lcm, (b.rate for b in plan))
+    work = [sum(min(b.segment, length) / b.rate for b in branches if u % b.rate == 0) for u in range(lcm)]
+    heavy = [u for u in range(lcm) if work[u] > min(work)]
+    return heavy + [u for u in range(lcm) if work[u] == min(work)], len(heavy)
+
+
 @functools.lru_cache(maxsize=64)
 def _tables(plan: Plan, n: int, block: int, device: torch.device):
     """Device tables (made once per plan, tile and device): each document's branches' (segment,
-    rate); each span's (document's first row, its length, span start in it, document index).
-    Then the number of spans, the rates' least common multiple and the branches per document."""
+    rate); each span's (document's first row, its length, span start in it, document index); the
+    residues in launch order (``residue_order``). Then the number of spans, the rates' least common
+    multiple, the branches per document and the number of heavy residues."""
     docs = documents(plan, n)
     lcm = functools.reduce(math.lcm, (b.rate for b in plan))
     branches = [x for doc in docs.values() for b in doc for x in (b.segment, b.rate)]
     spans = [x for i, (start, length) in enumerate(docs) for span in range(0, length, block * lcm)
              for x in (start, length, span, i)]
+    order, heavy = residue_order(plan, n)
     as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
-    return as_tensor(branches), as_tensor(spans), len(spans) // 4, lcm, len(next(iter(docs.values())))
+    return (as_tensor(branches), as_tensor(spans), as_tensor(order), len(spans) // 4, lcm,
+            len(next(iter(docs.values()))), heavy)
 
 
 if triton is not None:
@@ -99,26 +114,39 @@ if triton is not None:
         return tl.dot(a, b)
 
     @triton.jit
-    def _residue_tile(TS, T, NB, BLOCK: tl.constexpr, LCM):
-        """This program's rows: its document's first row, length and branch table, the span's
-        first position and the residue c in the document, and the positions span + c + i * LCM
-        (i < BLOCK) with which of them exist (positions count from the document's first row)."""
-        tile = tl.program_id(0)
-        e = tile // LCM
+    def _residue_tile(TS, T, NB, RO, HEAVY, BLOCK: tl.constexpr, LCM, HEAD_BASE, HEAD_STEP):
+        """This program's head (grid axis 1: query head, or k/v head of query heads HEAD_STEP apart) and
+        batch; its document's first row, length and branch table; the span's first position, the residue
+        c in the document, and the positions span + c + i * LCM (i < BLOCK) with which of them exist
+        (positions count from the document's first row).
+
+        The grid (spans x LCM, heads, batch) is read in launch order as (group, batch, head, span,
+        residue): the HEAVY residues ``RO[:HEAVY]`` (relative to the head, ``residue_order``) of every
+        batch, head and span first, then the rest; a span's residues stay neighbours (they read the
+        same keys)."""
+        spans = tl.num_programs(0) // LCM
+        heads = tl.num_programs(1)
+        linear = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + heads * tl.program_id(2).to(tl.int64))
+        light = linear >= spans * HEAVY * heads * tl.num_programs(2)
+        idx = tl.where(light, linear - spans * HEAVY * heads * tl.num_programs(2), linear)
+        ranks = tl.where(light, LCM - HEAVY, HEAVY)
+        rank = tl.where(light, HEAVY, 0) + idx % ranks
+        rest = idx // ranks
+        e = (rest % spans).to(tl.int32)
+        head = (rest // spans % heads).to(tl.int32)
+        b = rest // spans // heads
+        c = (head * HEAD_STEP + HEAD_BASE + tl.load(RO + rank)) % LCM
         doc0 = tl.load(TS + 4 * e).to(tl.int64)
         n = tl.load(TS + 4 * e + 1)
         span = tl.load(TS + 4 * e + 2)
-        c = tile % LCM
         pos = span + c + tl.arange(0, BLOCK) * LCM
-        return doc0, n, T + tl.load(TS + 4 * e + 3) * 2 * NB, span, c, pos, pos < n
+        return head, b, doc0, n, T + tl.load(TS + 4 * e + 3) * 2 * NB, span, c, pos, pos < n
 
     @triton.jit
-    def _query_side(doc0, KV_GROUP, qb, qh, qu, kb, kh, ku, mb, mu):
-        """A query-tile program's head and batch, and row 0 of its document in q (out, dout, dq),
-        in its k/v head of k (v), and in the key mask."""
-        head = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
-        return head, b, b * qb + head * qh + doc0 * qu, b * kb + (head // KV_GROUP) * kh + doc0 * ku, b * mb + doc0 * mu
+    def _query_side(head, b, doc0, KV_GROUP, qb, qh, qu, kb, kh, ku, mb, mu):
+        """Row 0 of a query-tile program's document in q (out, dout, dq), in its k/v head of k (v), and in
+        the key mask."""
+        return b * qb + head * qh + doc0 * qu, b * kb + (head // KV_GROUP) * kh + doc0 * ku, b * mb + doc0 * mu
 
     @triton.jit
     def _branch(T, br, span, c, head_g, N):
@@ -189,13 +217,13 @@ if triton is not None:
         return qidx, full, hi
 
     @triton.jit
-    def _fused_fwd(Q, K, V, O, L, KM, T, TS, NB, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM, HEAD_BASE,
+    def _fused_fwd(Q, K, V, O, L, KM, T, TS, RO, NB, HEAVY, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM, HEAD_BASE,
                    KV_GROUP, qk_scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-        doc0, N, T, span, c, pos, row_ok = _residue_tile(TS, T, NB, BLOCK_M, LCM)
+        head, b, doc0, N, T, span, c, pos, row_ok = _residue_tile(TS, T, NB, RO, HEAVY, BLOCK_M, LCM, HEAD_BASE, 1)
         if span + c >= N:
             return
-        head, b, q_base, k_base, m_base = _query_side(doc0, KV_GROUP, qb, qh, qu, kb, kh, ku, mb, mu)
+        q_base, k_base, m_base = _query_side(head, b, doc0, KV_GROUP, qb, qh, qu, kb, kh, ku, mb, mu)
         dims = tl.arange(0, HEAD_DIM)
         q = rows_at(Q, q_base, pos, row_ok, qu, dims)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -257,13 +285,13 @@ if triton is not None:
         return dq + dot(ds.to(k.dtype), k)
 
     @triton.jit
-    def _fused_dq(Q, K, V, DO, L, D, KM, DQ, T, TS, NB, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM, HEAD_BASE,
-                  KV_GROUP, qk_scale, scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-        doc0, N, T, span, c, pos, row_ok = _residue_tile(TS, T, NB, BLOCK_M, LCM)
+    def _fused_dq(Q, K, V, DO, L, D, KM, DQ, T, TS, RO, NB, HEAVY, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM,
+                  HEAD_BASE, KV_GROUP, qk_scale, scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+        head, b, doc0, N, T, span, c, pos, row_ok = _residue_tile(TS, T, NB, RO, HEAVY, BLOCK_M, LCM, HEAD_BASE, 1)
         if span + c >= N:
             return
-        head, b, q_base, k_base, m_base = _query_side(doc0, KV_GROUP, qb, qh, qu, kb, kh, ku, mb, mu)
+        q_base, k_base, m_base = _query_side(head, b, doc0, KV_GROUP, qb, qh, qu, kb, kh, ku, mb, mu)
         dims = tl.arange(0, HEAD_DIM)
         q = rows_at(Q, q_base, pos, row_ok, qu, dims)
         do = rows_at(DO, q_base, pos, row_ok, qu, dims)
@@ -303,17 +331,16 @@ if triton is not None:
         return dk + dot(tl.trans(ds.to(q.dtype)), q), dv + dot(tl.trans(p.to(do.dtype)), do)
 
     @triton.jit
-    def _fused_dkdv(Q, K, V, DO, L, D, KM, DK, DV, T, TS, NB, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM,
-                    HEAD_BASE, KV_GROUP, qk_scale, scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    def _fused_dkdv(Q, K, V, DO, L, D, KM, DK, DV, T, TS, RO, NB, HEAVY, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu,
+                    LCM, HEAD_BASE, KV_GROUP, qk_scale, scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         """dK, dV of BLOCK_N keys (a residue tile) over query blocks of BLOCK_M. Keys past n and
         query rows past the class (zeros) add nothing that is stored, so only the key mask masks P
         (and causality, on the query blocks that cross the tile's keys)."""
-        doc0, N, T, span, c, kpos, col_ok = _residue_tile(TS, T, NB, BLOCK_N, LCM)
+        kv_head, b, doc0, N, T, span, c, kpos, col_ok = _residue_tile(TS, T, NB, RO, HEAVY, BLOCK_N, LCM, HEAD_BASE,
+                                                                      KV_GROUP)
         if span + c >= N:
             return
-        kv_head = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
         dims = tl.arange(0, HEAD_DIM)
         k_base = b * kb + kv_head * kh + doc0 * ku
         k, v = kv_rows(K, V, k_base, kpos, col_ok, ku, dims, True)
@@ -425,11 +452,11 @@ def forward(q, k, v, plan: Plan, scale: float, causal: bool, key_mask, block_m: 
     """q: (b, n, h, d), k, v: (b, n, h_kv, d) contiguous; key_mask (b, n) bool or None; block_m from
     ``fwd_tile`` -> out (b, n, h, d) in q.dtype, lse (b, n, h) float32."""
     b, n, h, d = q.shape
-    branches, spans, count, lcm, nb = _tables(plan, n, block_m, q.device)
+    branches, spans, order, count, lcm, nb, heavy = _tables(plan, n, block_m, q.device)
     out = torch.empty_like(q)
     lse = torch.empty((b, n, h), dtype=torch.float32, device=q.device)
-    tensors = (q, k, v, out, lse, q if key_mask is None else key_mask.view(torch.uint8), branches, spans)
-    scalars = (nb, *_strides(q, k, lse, key_mask), lcm, plan[0].head_base, plan[0].kv_group, scale * LOG2E)
+    tensors = (q, k, v, out, lse, q if key_mask is None else key_mask.view(torch.uint8), branches, spans, order)
+    scalars = (nb, heavy, *_strides(q, k, lse, key_mask), lcm, plan[0].head_base, plan[0].kv_group, scale * LOG2E)
 
     def launch(cfg):
         launch_kernel(_fused_fwd, (count * lcm, h, b), tensors, scalars, IS_CAUSAL=causal,
@@ -454,8 +481,8 @@ def backward(dout, q, k, v, lse, delta, plan: Plan, scale: float, causal: bool, 
     tail = (plan[0].head_base, plan[0].kv_group, scale * LOG2E, scale)
 
     def tables(block):  # the grid's first axis; the tables of this tile size; the scalars around them
-        branches, spans, count, lcm, nb = _tables(plan, n, block, q.device)
-        return count * lcm, (branches, spans), (nb, *strides, lcm, *tail)
+        branches, spans, order, count, lcm, nb, heavy = _tables(plan, n, block, q.device)
+        return count * lcm, (branches, spans, order), (nb, heavy, *strides, lcm, *tail)
 
     programs, kv_tables, kv_scalars = tables(tiles[0])
     launch_kernel(_fused_dkdv, (programs, k.shape[2], b), (q, k, v, dout, lse, delta, km, dk, dv, *kv_tables),
