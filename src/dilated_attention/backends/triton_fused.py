@@ -14,6 +14,10 @@ per-query-head buffers with GQA) and over queries for dQ; every program stores i
 once. Plans this tiling does not fit (head_groups mode, a segment that is no multiple of the span,
 documents shorter than a span) run branch by branch (``triton.Triton``).
 
+Launch order: a tile with every branch active runs several times the keys of one with the fewest,
+so the grid runs the heavier residues (``residue_order``) of every span first and ends on the
+lightest tiles (NOTES.md v14).
+
 Causal: a tile's rows spread over its whole span, so in a segment of s spans a tile computes
 (s + 1) / s of a branch's causal work, where the per-branch tiles of consecutive class rows
 compute about 1 (at 1M tokens the fused causal forward ran 1.5x the per-branch launches'
@@ -78,8 +82,7 @@ def residue_order(plan: Plan, n: int) -> tuple[list[int], int]:
     """Residues u = (c - head) mod lcm in launch order, and how many come first: those whose tiles
     run more than the fewest branches (c % r == head % r for every rate r dividing u), so a launch
     ends on its lightest tiles instead of a few tiles with every branch active."""
-    branches = next(iter(documents(plan, n).items()))
-    (_, length), branches = branches
+    (_, length), branches = next(iter(documents(plan, n).items()))
     lcm = functools.reduce(math.lcm, (b.rate for b in plan))
     work = [sum(min(b.segment, length) / b.rate for b in branches if u % b.rate == 0) for u in range(lcm)]
     heavy = [u for u in range(lcm) if work[u] > min(work)]
@@ -127,8 +130,9 @@ if triton is not None:
         spans = tl.num_programs(0) // LCM
         heads = tl.num_programs(1)
         linear = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + heads * tl.program_id(2).to(tl.int64))
-        light = linear >= spans * HEAVY * heads * tl.num_programs(2)
-        idx = tl.where(light, linear - spans * HEAVY * heads * tl.num_programs(2), linear)
+        first = tl.num_programs(2).to(tl.int64) * heads * spans * HEAVY  # programs of the heavy residues
+        light = linear >= first
+        idx = tl.where(light, linear - first, linear)
         ranks = tl.where(light, LCM - HEAVY, HEAVY)
         rank = tl.where(light, HEAVY, 0) + idx % ranks
         rest = idx // ranks
