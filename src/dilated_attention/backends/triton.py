@@ -522,8 +522,11 @@ class Triton(Backend):
             return triton_fused.forward(q, k, v, plan, scale, causal, key_mask, block)
 
         def branches():
-            out = torch.zeros_like(q)
-            lse = torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
+            if plan[0].rate == 1 and (plan[0].head_start, plan[0].head_stop) == (0, h):  # its launch stores every row
+                out, lse = torch.empty_like(q), torch.empty((b, n, h), dtype=torch.float32, device=q.device)
+            else:  # rows no branch links keep 0 and -inf
+                out = torch.zeros_like(q)
+                lse = torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
             self._branch_forwards(out, lse, q, k, v, plan, scale, causal, key_mask, out_scale, fresh=True)
             return out, lse
 
