@@ -83,8 +83,8 @@ def test_kernels_compile_for_hopper():
                     compile_(src, num_warps=warps, num_stages=stages)
             bm, bn, warps, stages = tk._bwd_config(d, dtype)
             for has_mask in (False, True):
-                consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, TABLE=not has_mask, COMPACT=has_mask and not causal,
-                              BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
+                consts = dict(IS_CAUSAL=causal, FIRST=not has_mask, HAS_MASK=has_mask, TABLE=not has_mask,
+                              COMPACT=has_mask and not causal, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
                 for fn in (tk._bwd_dkdv, tk._bwd_dq):
                     src = ASTSource(fn, signature(fn, "*fp32", consts, io), consts)
                     compile_(src, num_warps=warps, num_stages=stages)

@@ -146,10 +146,14 @@ if triton is not None:
         return tl.load(L + offs, mask=row_ok, other=0.0) * 1.4426950408889634, tl.load(D + offs, mask=row_ok, other=0.0)
 
     @triton.jit
-    def _add_tile(ptr, base, idx, ok, RATE, su, dims, value):
-        """Rows idx at ptr + base += value (gradients no other program of the launch touches)."""
+    def _add_tile(ptr, base, idx, ok, RATE, su, dims, value, FIRST: tl.constexpr):
+        """Rows idx at ptr + base += value (gradients no other program of the launch touches); FIRST: = value
+        (the first launch into gradients that hold nothing yet)."""
         offs = _row_offs(base, idx, RATE, su)[:, None] + dims[None, :]
-        tl.store(ptr + offs, tl.load(ptr + offs, mask=ok[:, None]) + value, mask=ok[:, None])
+        if FIRST:
+            tl.store(ptr + offs, value, mask=ok[:, None])
+        else:
+            tl.store(ptr + offs, tl.load(ptr + offs, mask=ok[:, None]) + value, mask=ok[:, None])
 
     @triton.jit
     def _fwd(Q, K, V, O, L, KM, ST, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
@@ -210,9 +214,9 @@ if triton is not None:
     @triton.jit
     def _bwd_dkdv(Q, K, V, DO, L, D, KM, DK, DV, ST, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
                   gb, gs, gh, gu, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
-                  Q_SHIFT, qk_scale, scale, do_scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                  TABLE: tl.constexpr, COMPACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HEAD_DIM: tl.constexpr):
+                  Q_SHIFT, qk_scale, scale, do_scale, IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr,
+                  HAS_MASK: tl.constexpr, TABLE: tl.constexpr, COMPACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_n, q_count, k_count, q_base, k_base, l_base = _program(
             BLOCK_N, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
             qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE, COMPACT)
@@ -241,14 +245,14 @@ if triton is not None:
             dk += dot(tl.trans(ds.to(q.dtype)), q)
         # dK, dV of this query head's view of the keys (per query head: no two programs share rows)
         g_base = _side_base(BLOCK_N, MAX_ROWS, RATE, OFFSET, HEAD_BASE, gb, gs, gh, gu, ST, TABLE, COMPACT)
-        _add_tile(DK, g_base, cols, col_ok, kr, gu, dims, dk * scale)
-        _add_tile(DV, g_base, cols, col_ok, kr, gu, dims, dv * do_scale)
+        _add_tile(DK, g_base, cols, col_ok, kr, gu, dims, dk * scale, FIRST)
+        _add_tile(DV, g_base, cols, col_ok, kr, gu, dims, dv * do_scale, FIRST)
 
     @triton.jit
     def _bwd_dq(Q, K, V, DO, L, D, KM, DQ, ST, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
                 MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, Q_SHIFT, qk_scale, scale, do_scale,
-                IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, TABLE: tl.constexpr, COMPACT: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr, HAS_MASK: tl.constexpr, TABLE: tl.constexpr,
+                COMPACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(
             BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
             qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE, COMPACT)
@@ -277,7 +281,7 @@ if triton is not None:
         for start in range(full, hi, BLOCK_N):
             dq = dq_block(q, do, lse, delta, K, V, KM, k_base, m_base, 0, kr, k_count, start, qidx, row_ok, dq, ku,
                           mu, qk_scale, do_scale, dims, IS_CAUSAL, HAS_MASK, True, BLOCK_N)
-        _add_tile(DQ, q_base, rows, row_ok, RATE, qu, dims, dq * scale)
+        _add_tile(DQ, q_base, rows, row_ok, RATE, qu, dims, dq * scale, FIRST)
 
 
     @triton.jit
@@ -417,13 +421,14 @@ def _run_forward(q, k, v, out, lse, mask, launch: _Launch, scale: float, causal:
 
 
 def _run_backward(dout, q, k, v, lse, delta, mask, dq, dk, dv, launch: _Launch, scale: float, causal: bool,
-                  do_scale: float = 1.0, passes: str = "kq") -> None:
-    """dk, dv: laid out per query head (``launch.grad_strides``); passes: "k" dK/dV, "q" dQ, or both."""
+                  do_scale: float = 1.0, passes: str = "kq", first: bool = False) -> None:
+    """dk, dv: laid out per query head (``launch.grad_strides``); passes: "k" dK/dV, "q" dQ, or both;
+    first: store the gradients' rows rather than add (they hold nothing yet)."""
     bm, bn, warps, stages = _bwd_config(q.shape[-1], q.dtype)
     sizes = (*launch.sizes, scale * LOG2E, scale, do_scale)
-    meta = dict(IS_CAUSAL=causal, HAS_MASK=mask is not None, TABLE=launch.table is not None, COMPACT=launch.compact,
-                BLOCK_M=bm, BLOCK_N=bn,
-                HEAD_DIM=q.shape[-1], num_warps=warps, num_stages=stages)
+    meta = dict(IS_CAUSAL=causal, FIRST=first, HAS_MASK=mask is not None, TABLE=launch.table is not None,
+                COMPACT=launch.compact, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=q.shape[-1], num_warps=warps,
+                num_stages=stages)
     km, st = _mask_arg(mask, q), _table_arg(launch, q)
     if "k" in passes:
         launch_kernel(_bwd_dkdv, launch.grid(bn), (q, k, v, dout, lse, delta, km, dk, dv, st),
@@ -431,6 +436,12 @@ def _run_backward(dout, q, k, v, lse, delta, mask, dq, dk, dv, launch: _Launch, 
     if "q" in passes:
         launch_kernel(_bwd_dq, launch.grid(bm), (q, k, v, dout, lse, delta, km, dq, st), (*launch.strides, *sizes),
                       **meta)
+
+
+def _stores_every_row(plan: Plan, num_heads: int) -> bool:
+    """Whether the plan's first launch covers every row of every head (rate 1 over all heads): fresh
+    accumulators and gradients then need no fill (the first launch stores them)."""
+    return plan[0].rate == 1 and (plan[0].head_start, plan[0].head_stop) == (0, num_heads)
 
 
 def _same_strides(names: str, *tensors) -> None:
@@ -522,7 +533,7 @@ class Triton(Backend):
             return triton_fused.forward(q, k, v, plan, scale, causal, key_mask, block)
 
         def branches():
-            if plan[0].rate == 1 and (plan[0].head_start, plan[0].head_stop) == (0, h):  # its launch stores every row
+            if _stores_every_row(plan, h):
                 out, lse = torch.empty_like(q), torch.empty((b, n, h), dtype=torch.float32, device=q.device)
             else:  # rows no branch links keep 0 and -inf
                 out = torch.zeros_like(q)
@@ -571,8 +582,10 @@ class Triton(Backend):
             return triton_fused.backward(dout, q, k, v, lse, delta, plan, scale, causal, key_mask, tiles)
 
         def branches():
-            dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
-            self.attend_plan_backward_(dq, dk, dv, dout, q, k, v, out, lse, plan, scale, causal, out_scale, key_mask)
+            fresh = _stores_every_row(plan, q.shape[2])
+            dq, dk, dv = (torch.empty_like(t) if fresh else torch.zeros_like(t) for t in (q, k, v))
+            self._branch_backwards(dq, dk, dv, dout, q, k, v, out, lse, plan, scale, causal, out_scale, key_mask,
+                                   fresh)
             return dq, dk, dv
 
         if tiles and (not causal or fused_causal("backward", plan, q, key_mask, fused, branches)):
@@ -589,26 +602,32 @@ class Triton(Backend):
                                                  key_mask)
         _same_strides("q, dout and dq", q, dout, dq)
         _same_strides("k, v, dk and dv", k, v, dk, dv)
+        self._branch_backwards(dq, dk, dv, dout, q, k, v, out, lse, plan, scale, causal, out_scale, key_mask, False)
+
+    def _branch_backwards(self, dq, dk, dv, dout, q, k, v, out, lse, plan, scale, causal, out_scale, key_mask,
+                          fresh: bool) -> None:
+        """``attend_plan_backward_``'s launches; fresh: dq, dk, dv hold nothing yet and the plan's first
+        launch stores every row of them (``_stores_every_row``), so it stores instead of adding."""
         lse = lse.contiguous()
         delta = _row_dot(dout, out, lse)  # rowsum(dO' O) for dO' = s dout, O = out / s
         group = q.shape[2] // k.shape[2]
-        for branch, table in _launches(plan, q.shape[1], q.device):
+        for i, (branch, table) in enumerate(_launches(plan, q.shape[1], q.device)):
             qv, lv, grad = _heads(q, branch), _heads(lse, branch), _heads(dk, branch) if group == 1 else None
             launch = _branch_launch(qv, k, lv, key_mask, qv if grad is None else grad, branch, table)
             _run_backward(_heads(dout, branch), qv, k, v, lv, _heads(delta, branch), key_mask, _heads(dq, branch), grad,
                           None if grad is None else _heads(dv, branch), launch, scale, causal, out_scale,
-                          passes="kq" if group == 1 else "q")
+                          passes="kq" if group == 1 else "q", first=fresh and i == 0)
             if group == 1:
                 continue
-            for first in range(branch.head_start, min(branch.head_stop, branch.head_start + group)):
-                h = slice(first, branch.head_stop, group)  # one query head of each k/v head from first // group
+            for head0 in range(branch.head_start, min(branch.head_stop, branch.head_start + group)):
+                h = slice(head0, branch.head_stop, group)  # one query head of each k/v head from head0 // group
                 qv, lv = q[:, :, h], lse[:, :, h]
-                kvs = [t[:, :, first // group :] for t in (k, v, dk, dv)]
+                kvs = [t[:, :, head0 // group :] for t in (k, v, dk, dv)]
                 phase = replace(branch, offset=-group if branch.offset == PER_HEAD else branch.offset,
-                                head_base=branch.head_base + first, head_start=0, head_stop=qv.shape[2], kv_group=1)
+                                head_base=branch.head_base + head0, head_start=0, head_stop=qv.shape[2], kv_group=1)
                 launch = _branch_launch(qv, kvs[0], lv, key_mask, kvs[2], phase, table)
                 _run_backward(dout[:, :, h], qv, *kvs[:2], lv, delta[:, :, h], key_mask, None, *kvs[2:], launch,
-                              scale, causal, out_scale, passes="k")
+                              scale, causal, out_scale, passes="k", first=fresh and i == 0 and head0 == 0)
 
     def attend_classes_(self, out, lse, q, kc, vc, branch, scale: float, key_mask=None) -> None:
         """One launch; keys read from their class layout (``COMPACT``)."""
