@@ -67,7 +67,7 @@ def tiling(plan: Plan, n: int, num_heads: int, largest: int) -> int:
     per_doc = list(docs.values())
     if any([b.rate for b in branches] != [b.rate for b in per_doc[0]] for branches in per_doc):
         return 0
-    lcm = functools.reduce(math.lcm, (b.rate for b in plan))
+    lcm = math.lcm(*(b.rate for b in plan))
     shortest = min(length for _, length in docs)
     for block in BLOCKS:
         span = block * lcm
@@ -83,7 +83,7 @@ def residue_order(plan: Plan, n: int) -> tuple[list[int], int]:
     run more than the fewest branches (c % r == head % r for every rate r dividing u), so a launch
     ends on its lightest tiles instead of a few tiles with every branch active."""
     (_, length), branches = next(iter(documents(plan, n).items()))
-    lcm = functools.reduce(math.lcm, (b.rate for b in plan))
+    lcm = math.lcm(*(b.rate for b in plan))
     work = [sum(min(b.segment, length) / b.rate for b in branches if u % b.rate == 0) for u in range(lcm)]
     heavy = [u for u in range(lcm) if work[u] > min(work)]
     return heavy + [u for u in range(lcm) if work[u] == min(work)], len(heavy)
@@ -96,7 +96,7 @@ def _tables(plan: Plan, n: int, block: int, device: torch.device):
     residues in launch order (``residue_order``). Then the number of spans, the rates' least common
     multiple, the branches per document and the number of heavy residues."""
     docs = documents(plan, n)
-    lcm = functools.reduce(math.lcm, (b.rate for b in plan))
+    lcm = math.lcm(*(b.rate for b in plan))
     branches = [x for doc in docs.values() for b in doc for x in (b.segment, b.rate)]
     spans = [x for i, (start, length) in enumerate(docs) for span in range(0, length, block * lcm)
              for x in (start, length, span, i)]
@@ -135,10 +135,11 @@ if triton is not None:
         idx = tl.where(light, linear - first, linear)
         ranks = tl.where(light, LCM - HEAVY, HEAVY)
         rank = tl.where(light, HEAVY, 0) + idx % ranks
-        rest = idx // ranks
+        rest = idx // ranks  # (batch, head, span) of the group
         e = (rest % spans).to(tl.int32)
-        head = (rest // spans % heads).to(tl.int32)
-        b = rest // spans // heads
+        rest = rest // spans
+        head = (rest % heads).to(tl.int32)
+        b = rest // heads
         c = (head * HEAD_STEP + HEAD_BASE + tl.load(RO + rank)) % LCM
         doc0 = tl.load(TS + 4 * e).to(tl.int64)
         n = tl.load(TS + 4 * e + 1)
