@@ -129,7 +129,7 @@ def sweep_rows():
     from kernels import SWEEP
 
     rows = []
-    fwd_configs, bwd_config = triton_fused.fwd_configs, triton_fused.bwd_config
+    fwd_configs, bwd_configs = triton_fused.fwd_configs, triton_fused.bwd_configs
     for b, n in ((8, 1024), (8, 2048), (4, 8192)):
         q, k, v = (torch.randn(b, n, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         do = torch.randn_like(q)
@@ -142,10 +142,10 @@ def sweep_rows():
         rows.append(dict(b=b, n=n, kind="fwd", ms=ms))
         ms = {}
         for cfg in SWEEP[torch.bfloat16, False][1]:
-            triton_fused.bwd_config = lambda *_, cfg=cfg: cfg
+            triton_fused.bwd_configs = lambda *_, cfg=cfg: cfg
             ms[str(cfg)] = do_bench(lambda: torch.autograd.grad(ours(q, k, v, False), (q, k, v), do),
                                     return_mode="median")
-        triton_fused.bwd_config = bwd_config
+        triton_fused.bwd_configs = bwd_configs
         rows.append(dict(b=b, n=n, kind="fwd+bwd", ms=ms))
         for row in rows[-2:]:
             print(f"b={b} n={n} {row['kind']:7} " + " | ".join(f"{c} {t:.3f}" for c, t in row["ms"].items()), flush=True)

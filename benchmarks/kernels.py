@@ -8,7 +8,7 @@ dense SDPA on b = n / 2048 sequences of 2048 (every LongNet branch
 is 2048 x 2048 attention per segment), forward and forward+backward, causal and not. Useful
 TFLOP/s count linked pairs only (``plan.useful_flops``; forward+backward 3.5x, causal half).
 ``--sweep`` also times the fused kernels' block configs (``triton_fused.fwd_configs`` /
-``bwd_config``); ``--variants`` times each forward candidate and the one picked at run time. Also the host time of one
+``bwd_configs``); ``--variants`` times each forward candidate and the one picked at run time. Also the host time of one
 call at n = 64 against SDPA's. Prints tables; writes $OUT/kernels.json (default
 bench-results/).
 """
@@ -80,19 +80,22 @@ def variants(n, heads, d, dtype):
     return rows
 
 
-SWEEP = {  # (dtype, d > 64): fused forward configs, fused backward configs timed by --sweep and --variants
-    (torch.bfloat16, False): ([(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (128, 64, 8, 2), (128, 128, 8, 3),
-                               (128, 128, 8, 2), (128, 128, 4, 3), (128, 32, 4, 3), (128, 32, 8, 3)],
-                              [(64, 64, 64, 64, 4, 3), (64, 64, 64, 64, 4, 4), (128, 32, 64, 32, 4, 4),
-                               (64, 32, 64, 64, 4, 3), (64, 64, 128, 64, 8, 3), (128, 64, 128, 64, 8, 3),
-                               (64, 32, 64, 32, 4, 3), (64, 64, 64, 64, 8, 3), (64, 64, 64, 64, 4, 2),
-                               (32, 64, 64, 32, 4, 3), (64, 64, 64, 32, 4, 3)]),
-    (torch.float32, False): ([(128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2)],
-                             [(32, 64, 64, 32, 4, 2), (32, 64, 32, 64, 4, 2), (32, 32, 32, 32, 4, 2),
-                              (32, 64, 64, 32, 4, 1), (32, 32, 64, 32, 4, 2), (32, 64, 64, 64, 4, 2)]),
-    (torch.float32, True): ([(64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2)],
-                            [(32, 64, 64, 32, 4, 1), (16, 32, 32, 32, 4, 1), (32, 32, 32, 64, 4, 1),
-                             (32, 64, 32, 32, 4, 1), (16, 64, 16, 64, 4, 2)]),
+SWEEP = {  # (dtype, d > 64): fused forward configs, fused backward (dK/dV, dQ) configs (--sweep, --variants)
+    (torch.bfloat16, False): (
+        [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (128, 64, 8, 2), (128, 128, 8, 3), (128, 128, 8, 2),
+         (128, 128, 4, 3), (128, 32, 4, 3), (128, 32, 8, 3)],
+        [((64, 64, 4, 3), (128, 32, 8, 3)), ((64, 64, 4, 3), (64, 32, 4, 3)), ((64, 64, 4, 3), (64, 64, 4, 3)),
+         ((64, 64, 4, 4), (64, 64, 4, 4)), ((128, 32, 4, 4), (64, 32, 4, 4)), ((64, 32, 4, 3), (64, 64, 4, 3)),
+         ((64, 64, 8, 3), (128, 64, 8, 3)), ((128, 64, 8, 3), (128, 64, 8, 3)), ((64, 32, 4, 3), (64, 32, 4, 3)),
+         ((64, 64, 8, 3), (64, 64, 8, 3)), ((64, 64, 4, 2), (64, 64, 4, 2)), ((32, 64, 4, 3), (64, 32, 4, 3))]),
+    (torch.float32, False): (
+        [(128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2)],
+        [((32, 64, 4, 2), (64, 32, 4, 2)), ((32, 64, 4, 2), (32, 64, 4, 2)), ((32, 32, 4, 2), (32, 32, 4, 2)),
+         ((32, 64, 4, 1), (64, 32, 4, 1)), ((32, 32, 4, 2), (64, 32, 4, 2)), ((32, 64, 4, 2), (64, 64, 4, 2))]),
+    (torch.float32, True): (
+        [(64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2)],
+        [((32, 64, 4, 1), (64, 32, 4, 1)), ((16, 32, 4, 1), (32, 32, 4, 1)), ((32, 32, 4, 1), (32, 64, 4, 1)),
+         ((32, 64, 4, 1), (32, 32, 4, 1)), ((16, 64, 4, 2), (16, 64, 4, 2))]),
 }
 SWEEP[torch.bfloat16, True] = SWEEP[torch.bfloat16, False]
 SWEEP[torch.float16, False] = SWEEP[torch.float16, True] = SWEEP[torch.bfloat16, False]
@@ -149,7 +152,7 @@ def main():
                       f" | sdpa {t['sdpa']:5.0f} TFLOP/s | fused/sdpa {t['fused'] / t['sdpa']:.2f}", flush=True)
                 if a.sweep and not causal:  # fused configs
                     configs = SWEEP[dtype, a.head_dim > 64][backward]
-                    name = "bwd_config" if backward else "fwd_configs"
+                    name = "bwd_configs" if backward else "fwd_configs"
                     default = getattr(triton_fused, name)
                     for cfg in configs:
                         setattr(triton_fused, name, lambda *_, cfg=cfg, one=not backward: (cfg,) if one else cfg)

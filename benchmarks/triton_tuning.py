@@ -50,12 +50,12 @@ def main():
     dtype, n, h = getattr(torch, a.dtype), a.n, 12
     fwd_candidates, bwd_candidates = CANDIDATES[dtype]
     out, results = os.environ.get("OUT", "bench-results"), {"dtype": a.dtype, "fwd": [], "bwd": []}
-    default_fwd, default_bwd, tiling = tk._config, tk._bwd_config, triton_fused.tiling
+    default_fwd, default_bwd, tiling = tk._config, tk._bwd_configs, triton_fused.tiling
     triton_fused.tiling = lambda *args: 0  # every plan branch by branch
     for d in a.head_dims:
         q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=dtype) for _ in range(3))
         flops = useful_flops(n, h, d, SEGS, RATES) / 2
-        for cfg in [default_fwd(d, dtype)] + fwd_candidates[d]:
+        for cfg in [default_fwd(d, dtype, True, False)] + fwd_candidates[d]:
             tk._config = lambda *_, cfg=cfg: cfg
             try:
                 ms = bench(lambda: dilated_attention(q, k, v, SEGS, RATES, is_causal=True))
@@ -69,8 +69,8 @@ def main():
         q, k, v, do = (torch.randn(1, n, h, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(4))
         o = dilated_attention(q, k, v, SEGS, RATES, is_causal=True)
         flops = useful_flops(n, h, d, SEGS, RATES) * 5 // 4
-        for cfg in [default_bwd(d, dtype)] + bwd_candidates[d]:
-            tk._bwd_config = lambda *_, cfg=cfg: cfg
+        for cfg in [default_bwd(d, dtype, True, False)] + [(c, c) for c in bwd_candidates[d]]:  # (dK/dV, dQ)
+            tk._bwd_configs = lambda *_, cfg=cfg: cfg
             try:
                 ms = bench(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
             except Exception as e:
@@ -78,7 +78,7 @@ def main():
                 continue
             results["bwd"].append({"d": d, "n": n, "config": cfg, "ms": ms, "tflops": flops / ms / 1e9})
             print(f"bwd causal d={d} n={n} {cfg}: {ms:.2f} ms {flops / ms / 1e9:.1f} TFLOP/s", flush=True)
-    tk._bwd_config, triton_fused.tiling = default_bwd, tiling
+    tk._bwd_configs, triton_fused.tiling = default_bwd, tiling
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "triton-tuning.json"), "w") as f:
         json.dump(results, f, indent=1)

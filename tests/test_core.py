@@ -351,7 +351,8 @@ def test_fused_kernels_within_twice_torch_math(dtype, h_kv, masked, bounds, caus
     monkeypatch.setattr(triton_backend, "fused_causal", lambda *args: True)
     b, n, h, d, segs, rates = 1, 4396, 4, 64, [512, 1024, 2048], [1, 2, 4]
     plan = build_plan(n, h, segs, rates, "paper", kv_heads=h_kv, cu_seqlens=bounds)
-    assert triton_fused.fwd_tile(plan, n, h, d, dtype) == 128 and triton_fused.bwd_tiles(plan, n, h, d, dtype)
+    assert triton_fused.fwd_tile(plan, n, h, d, dtype) == 128
+    assert triton_fused.bwd_tiles(plan, n, h, d, dtype, causal, masked)
     g = torch.Generator().manual_seed(h_kv)
     q, dout = (torch.randn(b, n, h, d, generator=g, dtype=torch.float64) for _ in range(2))
     k, v = (torch.randn(b, n, h_kv, d, generator=g, dtype=torch.float64) for _ in range(2))

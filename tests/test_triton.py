@@ -73,19 +73,19 @@ def test_kernels_compile_for_hopper():
     for d, dtype in itertools.product((64, 128), (torch.bfloat16, torch.float32)):
         io = "*bf16" if dtype == torch.bfloat16 else "*fp32"
         for causal in (False, True):
-            bm, bn, warps, stages = tk._config(d, dtype)
             for first in (False, True):
                 for out_dtype, has_mask in ((io, False), ("*fp32", True)):  # merging in the inputs' dtype, or fp32
+                    bm, bn, warps, stages = tk._config(d, dtype, causal, has_mask)
                     compact = not (causal or first)  # the ring's visiting keys in their class layout
                     consts = dict(IS_CAUSAL=causal, FIRST=first, HAS_MASK=has_mask, TABLE=has_mask and not compact,
                                   COMPACT=compact, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
                     src = ASTSource(tk._fwd, signature(tk._fwd, out_dtype, consts, io), consts)
                     compile_(src, num_warps=warps, num_stages=stages)
-            bm, bn, warps, stages = tk._bwd_config(d, dtype)
             for has_mask in (False, True):
-                consts = dict(IS_CAUSAL=causal, FIRST=not has_mask, HAS_MASK=has_mask, TABLE=not has_mask,
-                              COMPACT=has_mask and not causal, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
-                for fn in (tk._bwd_dkdv, tk._bwd_dq):
+                configs = tk._bwd_configs(d, dtype, causal, has_mask)
+                for fn, (bm, bn, warps, stages) in zip((tk._bwd_dkdv, tk._bwd_dq), configs):
+                    consts = dict(IS_CAUSAL=causal, FIRST=not has_mask, HAS_MASK=has_mask, TABLE=not has_mask,
+                                  COMPACT=has_mask and not causal, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
                     src = ASTSource(fn, signature(fn, "*fp32", consts, io), consts)
                     compile_(src, num_warps=warps, num_stages=stages)
         consts = dict(D=d, BLOCK=64)
@@ -95,9 +95,11 @@ def test_kernels_compile_for_hopper():
         fused = tk.triton_fused
         if not fused._fused_runs(d, dtype):
             continue
-        kv_keys, kv_queries, dq_rows, dq_keys, warps, stages = fused.bwd_config(d, dtype)
         for causal, has_mask in ((False, False), (False, True), (True, False), (True, True)):
-            for fn, bm, bn in ((fused._fused_dkdv, kv_queries, kv_keys), (fused._fused_dq, dq_rows, dq_keys)):
+            kv_config, dq_config = fused.bwd_configs(d, dtype, causal, has_mask)
+            (kv_keys, kv_queries, *kv_launch), (dq_rows, dq_keys, *dq_launch) = kv_config, dq_config
+            for fn, bm, bn, (warps, stages) in ((fused._fused_dkdv, kv_queries, kv_keys, kv_launch),
+                                                (fused._fused_dq, dq_rows, dq_keys, dq_launch)):
                 consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
                 src = ASTSource(fn, signature(fn, io, consts, io), consts)
                 compile_(src, num_warps=warps, num_stages=stages)

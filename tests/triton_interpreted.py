@@ -222,7 +222,8 @@ def _fused_failures():
             (1, 576, 4, 2, [32, 256], [1, 2], True, (0, 256, 576), True)):  # documents
         docs = None if bounds is None else torch.tensor(bounds, dtype=torch.int32)
         plan = build_plan(n, h, segs, rates, "paper", kv_heads=h_kv, cu_seqlens=bounds)
-        tiled = triton_fused.fwd_tile(plan, n, h, 16, torch.float32), triton_fused.bwd_tiles(plan, n, h, 16, torch.float32)
+        tiled = (triton_fused.fwd_tile(plan, n, h, 16, torch.float32),
+                 triton_fused.bwd_tiles(plan, n, h, 16, torch.float32, causal, masked))
         if not all(tiled):
             failures.append(f"fused kernels do not take {segs}, {rates} at n={n}, documents {bounds}")
         g = torch.Generator().manual_seed(n)

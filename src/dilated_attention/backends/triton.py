@@ -295,21 +295,29 @@ if triton is not None:
         tl.store(OUT + rows, tl.sum(a * b, 1), mask=ok)
 
 
-def _config(d: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel (float32 tiles take twice the
-    shared memory)."""
+def _config(d: int, dtype: torch.dtype, causal: bool, masked: bool):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel: 64-row tiles for causal plans
+    (less of the diagonal block wasted), 128 rows over 8 warps for plain ones, 4 warps with a key
+    mask (NOTES.md v15, 128K d = 64: causal 2.78 vs 2.84 ms, plain 4.35 vs 5.03, masked 5.30 vs 8.92
+    at 8 warps); float32 tiles take twice the shared memory."""
     if dtype == torch.float32:  # NOTES.md v12: causal at 128K, 16.7 ms (d = 64), 39.2 vs 75.7 ms with (64, 64, 8, 2)
         return (128, 64, 8, 2) if d <= 64 else (32, 64, 4, 2)
-    if d <= 64:
-        return 128, 64, 4, 3
-    return 128, 64, 8, 3  # benchmarks/NOTES.md: 358 vs 296 TFLOP/s with 2 stages at d = 128
+    if d > 64:
+        return 128, 64, 8, 3  # benchmarks/NOTES.md: 358 vs 296 TFLOP/s with 2 stages at d = 128
+    if causal:
+        return 64, 64, 4, 3
+    return (128, 64, 4, 3) if masked else (128, 64, 8, 3)
 
 
-def _bwd_config(d: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of both backward kernels."""
+def _bwd_configs(d: int, dtype: torch.dtype, causal: bool, masked: bool):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel, then of the dQ kernel (plain
+    non-causal d = 64: 128 query rows over 8 warps, NOTES.md v15: 4.28 vs 4.69 ms at 128K)."""
     if dtype == torch.float32:  # NOTES.md v12, causal: d = 64 66.0 vs 126.2 ms (64, 64, 8, 2), d = 128 46.9 vs 92.1
-        return (64, 32, 4, 2) if d <= 64 else (32, 32, 4, 1)
-    return 64, 64, (4 if d <= 64 else 8), 3
+        cfg = (64, 32, 4, 2) if d <= 64 else (32, 32, 4, 1)
+        return cfg, cfg
+    if d > 64:
+        return (64, 64, 8, 3), (64, 64, 8, 3)
+    return (64, 64, 4, 3), ((64, 64, 4, 3) if causal or masked else (128, 64, 8, 3))
 
 
 class _Launch:
@@ -411,7 +419,7 @@ def _table_arg(launch: _Launch, like):
 
 def _run_forward(q, k, v, out, lse, mask, launch: _Launch, scale: float, causal: bool, first: bool,
                  out_scale: float = 1.0) -> None:
-    bm, bn, warps, stages = _config(q.shape[-1], q.dtype)
+    bm, bn, warps, stages = _config(q.shape[-1], q.dtype, causal, mask is not None)
     launch_kernel(
         _fwd, launch.grid(bm), (q, k, v, out, lse, _mask_arg(mask, q), _table_arg(launch, q)),
         (*launch.strides, *launch.sizes, scale * LOG2E, out_scale), IS_CAUSAL=causal, FIRST=first,
@@ -424,18 +432,21 @@ def _run_backward(dout, q, k, v, lse, delta, mask, dq, dk, dv, launch: _Launch, 
                   do_scale: float = 1.0, passes: str = "kq", first: bool = False) -> None:
     """dk, dv: laid out per query head (``launch.grad_strides``); passes: "k" dK/dV, "q" dQ, or both;
     first: store the gradients' rows rather than add (they hold nothing yet)."""
-    bm, bn, warps, stages = _bwd_config(q.shape[-1], q.dtype)
     sizes = (*launch.sizes, scale * LOG2E, scale, do_scale)
-    meta = dict(IS_CAUSAL=causal, FIRST=first, HAS_MASK=mask is not None, TABLE=launch.table is not None,
-                COMPACT=launch.compact, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=q.shape[-1], num_warps=warps,
-                num_stages=stages)
     km, st = _mask_arg(mask, q), _table_arg(launch, q)
+    kv_cfg, q_cfg = _bwd_configs(q.shape[-1], q.dtype, causal, mask is not None)
+    flags = dict(IS_CAUSAL=causal, FIRST=first, HAS_MASK=mask is not None, TABLE=launch.table is not None,
+                 COMPACT=launch.compact, HEAD_DIM=q.shape[-1])
+
+    def meta(bm, bn, warps, stages):
+        return dict(flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+
     if "k" in passes:
-        launch_kernel(_bwd_dkdv, launch.grid(bn), (q, k, v, dout, lse, delta, km, dk, dv, st),
-                      (*launch.strides, *launch.grad_strides, *sizes), **meta)
+        launch_kernel(_bwd_dkdv, launch.grid(kv_cfg[1]), (q, k, v, dout, lse, delta, km, dk, dv, st),
+                      (*launch.strides, *launch.grad_strides, *sizes), **meta(*kv_cfg))
     if "q" in passes:
-        launch_kernel(_bwd_dq, launch.grid(bm), (q, k, v, dout, lse, delta, km, dq, st), (*launch.strides, *sizes),
-                      **meta)
+        launch_kernel(_bwd_dq, launch.grid(q_cfg[0]), (q, k, v, dout, lse, delta, km, dq, st),
+                      (*launch.strides, *sizes), **meta(*q_cfg))
 
 
 def _stores_every_row(plan: Plan, num_heads: int) -> bool:
@@ -575,11 +586,12 @@ class Triton(Backend):
         if q.shape[1] != k.shape[1]:
             return super().backward_plan(dout, q, k, v, out, lse, plan, scale, causal, out_scale, key_mask)
         q, k, v, dout, lse = (t.contiguous() for t in (q, k, v, dout.to(q.dtype), lse))
-        tiles = triton_fused.bwd_tiles(plan, *q.shape[1:3], q.shape[-1], q.dtype) if out_scale == 1.0 else None
+        configs = None if out_scale != 1.0 else triton_fused.bwd_tiles(plan, *q.shape[1:3], q.shape[-1], q.dtype,
+                                                                       causal, key_mask is not None)
 
         def fused():
             delta = _row_dot(dout, out, lse)
-            return triton_fused.backward(dout, q, k, v, lse, delta, plan, scale, causal, key_mask, tiles)
+            return triton_fused.backward(dout, q, k, v, lse, delta, plan, scale, causal, key_mask, configs)
 
         def branches():
             fresh = _stores_every_row(plan, q.shape[2])
@@ -588,7 +600,7 @@ class Triton(Backend):
                                    fresh)
             return dq, dk, dv
 
-        if tiles and (not causal or fused_causal("backward", plan, q, key_mask, fused, branches)):
+        if configs and (not causal or fused_causal("backward", plan, q, key_mask, fused, branches)):
             return fused()
         return branches()
 

@@ -425,11 +425,18 @@ def pick(key, candidates, launch):
     return _PICKED[key]
 
 
-def bwd_config(d: int, dtype: torch.dtype):
-    """(dK/dV key tile, its query block, dQ row tile, its key block, num_warps, num_stages)."""
+def bwd_configs(d: int, dtype: torch.dtype, causal: bool, masked: bool):
+    """((dK/dV keys per program, its query block, num_warps, num_stages), (dQ rows per program, its
+    key block, num_warps, num_stages)); rows per program at most (the plan's tiling may take fewer).
+    Plain non-causal d = 64: dQ on 128 rows over 8 warps (NOTES.md v15: 4.36 vs 4.77 ms at 128K;
+    with a key mask 8 warps ran slower); causal dQ on 64 rows and 32 keys (0.39 vs 0.45 ms at 8 x 2K)."""
     if dtype == torch.float32:  # NOTES.md v12: 128K, d = 64, 150.6 vs 264.3 ms with (64, 64, 64, 64, 8, 2)
-        return 32, 64, 64, 32, 4, 2
-    return (64, 64, 64, 64, 4, 3) if d <= 64 else (64, 64, 64, 64, 8, 2)
+        return (32, 64, 4, 2), (64, 32, 4, 2)
+    if d > 64:
+        return (64, 64, 8, 2), (64, 64, 8, 2)
+    if causal:
+        return (64, 64, 4, 3), (64, 32, 4, 3)
+    return (64, 64, 4, 3), ((64, 64, 4, 3) if masked else (128, 32, 8, 3))
 
 
 def _fused_runs(d: int, dtype: torch.dtype) -> bool:
@@ -444,13 +451,17 @@ def fwd_tile(plan: Plan, n: int, h: int, d: int, dtype: torch.dtype) -> int:
     return tiling(plan, n, h, min(cfg[0] for cfg in fwd_configs(d, dtype))) if _fused_runs(d, dtype) else 0
 
 
-def bwd_tiles(plan: Plan, n: int, h: int, d: int, dtype: torch.dtype) -> tuple[int, int] | None:
-    """(keys per dK/dV program, rows per dQ program) of the fused backward, or None."""
+def bwd_tiles(plan: Plan, n: int, h: int, d: int, dtype: torch.dtype, causal: bool, masked: bool):
+    """``bwd_configs`` with the plan's tile sizes (at most one warp per 16 rows of a tile), or None:
+    run it branch by branch."""
     if not _fused_runs(d, dtype):
         return None
-    cfg = bwd_config(d, dtype)
-    tiles = tiling(plan, n, h, cfg[0]), tiling(plan, n, h, cfg[2])
-    return tiles if all(tiles) else None
+    kv, dq = bwd_configs(d, dtype, causal, masked)
+    kv_tile, dq_tile = tiling(plan, n, h, kv[0]), tiling(plan, n, h, dq[0])
+    if not (kv_tile and dq_tile):
+        return None
+    warps = lambda cfg, tile: min(cfg[2], max(4, tile // 16))  # noqa: E731
+    return (kv_tile, kv[1], warps(kv, kv_tile), kv[3]), (dq_tile, dq[1], warps(dq, dq_tile), dq[3])
 
 
 def forward(q, k, v, plan: Plan, scale: float, causal: bool, key_mask, block_m: int):
@@ -473,15 +484,12 @@ def forward(q, k, v, plan: Plan, scale: float, causal: bool, key_mask, block_m: 
     return out, lse
 
 
-def backward(dout, q, k, v, lse, delta, plan: Plan, scale: float, causal: bool, key_mask, tiles: tuple[int, int]):
+def backward(dout, q, k, v, lse, delta, plan: Plan, scale: float, causal: bool, key_mask, configs):
     """Gradients of ``forward`` (contiguous inputs; delta = rowsum(dout * out), laid out like lse):
-    dq, dk, dv in q.dtype. ``tiles``: from ``bwd_tiles``."""
+    dq, dk, dv in q.dtype. ``configs``: from ``bwd_tiles``."""
     b, n, h, d = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _, kv_queries, _, dq_keys, warps, stages = bwd_config(d, q.dtype)
     km = q if key_mask is None else key_mask.view(torch.uint8)
-    meta = dict(IS_CAUSAL=causal, HAS_MASK=key_mask is not None, HEAD_DIM=d, num_warps=warps, num_stages=stages)
-
     strides = _strides(q, k, lse, key_mask)
     tail = (plan[0].head_base, plan[0].kv_group, scale * LOG2E, scale)
 
@@ -489,10 +497,15 @@ def backward(dout, q, k, v, lse, delta, plan: Plan, scale: float, causal: bool, 
         branches, spans, order, count, lcm, nb, heavy = _tables(plan, n, block, q.device)
         return count * lcm, (branches, spans, order), (nb, heavy, *strides, lcm, *tail)
 
-    programs, kv_tables, kv_scalars = tables(tiles[0])
+    def meta(tile_m, tile_n, warps, stages):
+        return dict(IS_CAUSAL=causal, HAS_MASK=key_mask is not None, BLOCK_M=tile_m, BLOCK_N=tile_n, HEAD_DIM=d,
+                    num_warps=warps, num_stages=stages)
+
+    (kv_tile, kv_queries, kv_warps, kv_stages), (dq_tile, dq_keys, dq_warps, dq_stages) = configs
+    programs, kv_tables, kv_scalars = tables(kv_tile)
     launch_kernel(_fused_dkdv, (programs, k.shape[2], b), (q, k, v, dout, lse, delta, km, dk, dv, *kv_tables),
-                  kv_scalars, BLOCK_M=kv_queries, BLOCK_N=tiles[0], **meta)
-    programs, q_tables, q_scalars = tables(tiles[1])
+                  kv_scalars, **meta(kv_queries, kv_tile, kv_warps, kv_stages))
+    programs, q_tables, q_scalars = tables(dq_tile)
     launch_kernel(_fused_dq, (programs, h, b), (q, k, v, dout, lse, delta, km, dq, *q_tables), q_scalars,
-                  BLOCK_M=tiles[1], BLOCK_N=dq_keys, **meta)
+                  **meta(dq_tile, dq_keys, dq_warps, dq_stages))
     return dq, dk, dv
