@@ -179,6 +179,24 @@ def test_fused_launches_take_heavy_residues_first():
     assert residue_order(build_plan(600, 4, [60, 120], [1, 1], "paper"), 600) == ([0], 0)
 
 
+def test_fused_backward_tiles_follow_the_plan():
+    """The fused backward's configs: dQ on 128 rows over 8 warps for plain non-causal bf16 plans, on
+    the plan's smaller tile with at most one warp per 16 rows where 128 rows do not tile it, and the
+    64-row configs when causal or masked; None (branch by branch) where no tile fits."""
+    from dilated_attention.backends.triton_fused import bwd_tiles
+    from dilated_attention.plan import build_plan
+
+    segs, rates = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16]
+    long, short = build_plan(1 << 15, 12, segs, rates, "paper"), build_plan(1024, 12, segs, rates, "paper")
+    bf16 = torch.bfloat16
+    assert bwd_tiles(long, 1 << 15, 12, 64, bf16, False, False) == ((64, 64, 4, 3), (128, 32, 8, 3))
+    assert bwd_tiles(short, 1024, 12, 64, bf16, False, False) == ((64, 64, 4, 3), (64, 32, 4, 3))
+    assert bwd_tiles(long, 1 << 15, 12, 64, bf16, True, False) == ((64, 64, 4, 3), (64, 32, 4, 3))
+    assert bwd_tiles(long, 1 << 15, 12, 64, bf16, False, True) == ((64, 64, 4, 3), (64, 64, 4, 3))
+    ragged = build_plan(3000, 12, [1000, 3000], [1, 2], "paper")  # w = 1000 is no multiple of any tile's span
+    assert bwd_tiles(ragged, 3000, 12, 64, bf16, False, False) is None
+
+
 def test_fused_forward_picks_the_faster_candidate(monkeypatch):
     """``pick`` times each candidate once per key and keeps the fastest; it times nothing while a CUDA
     graph is captured (CUDA events stand in for a GPU here)."""

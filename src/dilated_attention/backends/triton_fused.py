@@ -460,8 +460,8 @@ def bwd_tiles(plan: Plan, n: int, h: int, d: int, dtype: torch.dtype, causal: bo
     kv_tile, dq_tile = tiling(plan, n, h, kv[0]), tiling(plan, n, h, dq[0])
     if not (kv_tile and dq_tile):
         return None
-    warps = lambda cfg, tile: min(cfg[2], max(4, tile // 16))  # noqa: E731
-    return (kv_tile, kv[1], warps(kv, kv_tile), kv[3]), (dq_tile, dq[1], warps(dq, dq_tile), dq[3])
+    return tuple((tile, keys_or_rows, min(warps, max(4, tile // 16)), stages)
+                 for (_, keys_or_rows, warps, stages), tile in ((kv, kv_tile), (dq, dq_tile)))
 
 
 def forward(q, k, v, plan: Plan, scale: float, causal: bool, key_mask, block_m: int):
