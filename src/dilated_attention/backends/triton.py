@@ -51,7 +51,7 @@ def available() -> bool:
 
 
 if triton is not None:
-    from .triton_fused import dot, dq_block, fwd_block, kv_rows, probs, rows_at, visible_keys
+    from .triton_fused import dkdv_block, dot, dq_block, fwd_block, kv_rows, rows_at, visible_keys
 
     @triton.jit
     def _offset(head, RATE, OFFSET, HEAD_BASE):
@@ -231,18 +231,16 @@ if triton is not None:
         col_keep = visible_keys(KM, m_base, cols * kr, col_ok, mu, HAS_MASK)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-        lo = 0
+        lo, mid = 0, 0  # causal: query blocks [lo, mid) cross the diagonal of this tile's keys
         if IS_CAUSAL:
             lo = tl.maximum(pid_n * BLOCK_N - Q_SHIFT, 0) // BLOCK_M * BLOCK_M
-        for start in range(lo, q_count, BLOCK_M):
-            rows = start + tl.arange(0, BLOCK_M)
-            row_ok = rows < q_count
-            q = rows_at(Q, q_base, rows * RATE, row_ok, qu, dims)
-            do = rows_at(DO, q_base, rows * RATE, row_ok, qu, dims)
-            lse, delta = _row_stats(L, D, l_base, rows, row_ok, RATE, lu)
-            p, ds = probs(q, k, v, do, lse, delta, rows, cols, row_ok, col_keep, qk_scale, do_scale, Q_SHIFT, IS_CAUSAL)
-            dv += dot(tl.trans(p.to(do.dtype)), do)
-            dk += dot(tl.trans(ds.to(q.dtype)), q)
+            mid = tl.minimum(tl.cdiv(tl.maximum((pid_n + 1) * BLOCK_N - 1 - Q_SHIFT, 0), BLOCK_M) * BLOCK_M, q_count)
+        for start in range(lo, mid, BLOCK_M):
+            dk, dv = dkdv_block(Q, DO, L, D, q_base, l_base, 0, RATE, q_count, start, k, v, cols, col_keep, dk, dv,
+                                qu, lu, qk_scale, do_scale, Q_SHIFT, dims, True, HAS_MASK, BLOCK_M)
+        for start in range(mid, q_count, BLOCK_M):  # every row sees every key of the tile (or the mask says)
+            dk, dv = dkdv_block(Q, DO, L, D, q_base, l_base, 0, RATE, q_count, start, k, v, cols, col_keep, dk, dv,
+                                qu, lu, qk_scale, do_scale, Q_SHIFT, dims, False, HAS_MASK, BLOCK_M)
         # dK, dV of this query head's view of the keys (per query head: no two programs share rows)
         g_base = _side_base(BLOCK_N, MAX_ROWS, RATE, OFFSET, HEAD_BASE, gb, gs, gh, gu, ST, TABLE, COMPACT)
         _add_tile(DK, g_base, cols, col_ok, kr, gu, dims, dk * scale, FIRST)

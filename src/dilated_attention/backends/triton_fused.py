@@ -316,10 +316,13 @@ if triton is not None:
                  mask=row_ok[:, None])
 
     @triton.jit
-    def _dkdv_block(Q, DO, L, D, q_base, l_base, key0, r, count, start, k, v, kidx, col_keep, dk, dv, qu, lu,
-                    qk_scale, dims, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr):
-        """dk, dv += one block of the class's query rows (class indices start + i) against the tile's keys
-        (class indices kidx, used only when IS_CAUSAL)."""
+    def dkdv_block(Q, DO, L, D, q_base, l_base, key0, r, count, start, k, v, kidx, col_keep, dk, dv, qu, lu,
+                   qk_scale, do_scale, q_shift, dims, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                   BLOCK_M: tl.constexpr):
+        """dk, dv += one block of the class's query rows (class indices start + i, at key0 + i r) against
+        the tile's keys (class indices kidx, used only when IS_CAUSAL: row i sees keys <= i + q_shift).
+        dv comes without do_scale (the caller scales it once). Rows past the class load as zeros and
+        add nothing, so only the key mask and causality mask P."""
         u = start + tl.arange(0, BLOCK_M)
         qpos = key0 + u * r
         row_ok = u < count
@@ -327,12 +330,12 @@ if triton is not None:
         do = rows_at(DO, q_base, qpos, row_ok, qu, dims)
         lse, delta = _stats(L, D, l_base, qpos, row_ok, lu)
         if IS_CAUSAL:
-            p, ds = probs(q, k, v, do, lse, delta, u, kidx, row_ok, col_keep, qk_scale, 1.0, 0, True)
+            p, ds = probs(q, k, v, do, lse, delta, u, kidx, row_ok, col_keep, qk_scale, do_scale, q_shift, True)
         else:
             p = tl.exp2(dot(q, tl.trans(k)) * qk_scale - lse[:, None])
             if HAS_MASK:  # a row whose keys are all masked has lse -inf: P is 0 on its masked keys
                 p = tl.where(col_keep[None, :], p, 0.0)
-            ds = p * (dot(do, tl.trans(v)) - delta[:, None])
+            ds = p * (dot(do, tl.trans(v)) * do_scale - delta[:, None])
         return dk + dot(tl.trans(ds.to(q.dtype)), q), dv + dot(tl.trans(p.to(do.dtype)), do)
 
     @triton.jit
@@ -366,11 +369,11 @@ if triton is not None:
                         mid = tl.minimum(tl.cdiv(first + (BLOCK_N - 1) * (LCM // r), BLOCK_M) * BLOCK_M, count)
                         kidx = (kpos - key0) // r
                     for start in range(lo, mid, BLOCK_M):
-                        dk, dv = _dkdv_block(Q, DO, L, D, q_base, l_base, key0, r, count, start, k, v, kidx, col_keep,
-                                             dk, dv, qu, lu, qk_scale, dims, True, HAS_MASK, BLOCK_M)
+                        dk, dv = dkdv_block(Q, DO, L, D, q_base, l_base, key0, r, count, start, k, v, kidx, col_keep,
+                                            dk, dv, qu, lu, qk_scale, 1.0, 0, dims, True, HAS_MASK, BLOCK_M)
                     for start in range(mid, count, BLOCK_M):
-                        dk, dv = _dkdv_block(Q, DO, L, D, q_base, l_base, key0, r, count, start, k, v, kpos, col_keep,
-                                             dk, dv, qu, lu, qk_scale, dims, False, HAS_MASK, BLOCK_M)
+                        dk, dv = dkdv_block(Q, DO, L, D, q_base, l_base, key0, r, count, start, k, v, kpos, col_keep,
+                                            dk, dv, qu, lu, qk_scale, 1.0, 0, dims, False, HAS_MASK, BLOCK_M)
         offs = k_base + kpos.to(tl.int64)[:, None] * ku + dims[None, :]
         tl.store(DK + offs, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
         tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
