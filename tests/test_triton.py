@@ -78,7 +78,7 @@ def test_kernels_compile_for_hopper():
                     bm, bn, warps, stages = tk._config(d, dtype, causal, has_mask)
                     compact = not (causal or first)  # the ring's visiting keys in their class layout
                     consts = dict(IS_CAUSAL=causal, FIRST=first, HAS_MASK=has_mask, TABLE=has_mask and not compact,
-                                  COMPACT=compact, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
+                                  COMPACT=compact, NEG_SCALE=first and causal, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
                     src = ASTSource(tk._fwd, signature(tk._fwd, out_dtype, consts, io), consts)
                     compile_(src, num_warps=warps, num_stages=stages)
             for has_mask in (False, True):
@@ -104,7 +104,8 @@ def test_kernels_compile_for_hopper():
                 src = ASTSource(fn, signature(fn, io, consts, io), consts)
                 compile_(src, num_warps=warps, num_stages=stages)
             for bm, bn, fwarps, fstages in fused.fwd_configs(d, dtype):
-                consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
+                consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, NEG_SCALE=has_mask and causal, BLOCK_M=bm,
+                              BLOCK_N=bn, HEAD_DIM=d)
                 src = ASTSource(fused._fused_fwd, signature(fused._fused_fwd, io, consts, io), consts)
                 compile_(src, num_warps=fwarps, num_stages=fstages)
 

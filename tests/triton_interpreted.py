@@ -79,7 +79,8 @@ def _scale_failures():
     the scores span hundreds (in log2 units): a running max taken on the wrong side overflows.
     float32 scores that large err ~1e-5 against float64."""
     failures = []
-    for n, segs, rates in ((256, [64, 128, 256], [1, 2, 4]), (37, [8, 16, 40], [1, 3, 4])):  # fused; per-branch
+    for n, segs, rates in ((256, [64, 128, 256], [1, 2, 4]), (37, [8, 16, 40], [1, 3, 4]),  # fused; per-branch
+                           (300, [100, 300], [1, 3])):  # per-branch with key blocks every row sees in full
         for scale, causal in ((-6.0, False), (-6.0, True), (0.0, False)):
             q, k, v, do = (torch.randn(1, n, 4, 16, dtype=torch.float64) for _ in range(4))
             ours = [t.float().requires_grad_() for t in (q, k, v)]

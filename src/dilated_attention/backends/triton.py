@@ -159,7 +159,8 @@ if triton is not None:
     def _fwd(Q, K, V, O, L, KM, ST, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
              MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, Q_SHIFT, qk_scale, out_scale,
              IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr, HAS_MASK: tl.constexpr, TABLE: tl.constexpr,
-             COMPACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+             COMPACT: tl.constexpr, NEG_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             HEAD_DIM: tl.constexpr):
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(
             BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
             qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE, COMPACT)
@@ -184,10 +185,10 @@ if triton is not None:
         qidx = rows + Q_SHIFT  # causal: the last key row each query row sees
         for start in range(0, full, BLOCK_N):
             m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, m_base, 0, kr, k_count, start, qidx, m_i, l_i, acc,
-                                      ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, False, BLOCK_N)
+                                      ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, False, NEG_SCALE, BLOCK_N)
         for start in range(full, hi, BLOCK_N):  # without a key mask every masked block starts with a kept key
             m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, m_base, 0, kr, k_count, start, qidx, m_i, l_i, acc,
-                                      ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, True, BLOCK_N)
+                                      ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, True, NEG_SCALE, BLOCK_N)
         l_safe = tl.where(row_ok & (l_i > 0), l_i, 1.0)
         out_b = acc / l_safe[:, None]
         lse_b = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))  # natural log
@@ -421,8 +422,8 @@ def _run_forward(q, k, v, out, lse, mask, launch: _Launch, scale: float, causal:
     launch_kernel(
         _fwd, launch.grid(bm), (q, k, v, out, lse, _mask_arg(mask, q), _table_arg(launch, q)),
         (*launch.strides, *launch.sizes, scale * LOG2E, out_scale), IS_CAUSAL=causal, FIRST=first,
-        HAS_MASK=mask is not None, TABLE=launch.table is not None, COMPACT=launch.compact, BLOCK_M=bm, BLOCK_N=bn,
-        HEAD_DIM=q.shape[-1], num_warps=warps, num_stages=stages,
+        HAS_MASK=mask is not None, TABLE=launch.table is not None, COMPACT=launch.compact, NEG_SCALE=scale < 0,
+        BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=q.shape[-1], num_warps=warps, num_stages=stages,
     )
 
 

@@ -185,23 +185,32 @@ if triton is not None:
 
     @triton.jit
     def fwd_block(q, K, V, KM, k_base, m_base, key0, r, count, start, qidx, m_i, l_i, acc, ku, mu, qk_scale, dims,
-                   IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+                  IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr, NEG_SCALE: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
         """One key block of one branch into the running (max, sum, acc); MASKED: check key bounds,
-        the key mask and causality (blocks every row sees in full skip that)."""
+        the key mask and causality (blocks every row sees in full skip that, and take the row maxima
+        of the scores before scaling, so scaling and subtracting the maximum are one FMA per score:
+        the minima when the scale is negative, NEG_SCALE)."""
         t = start + tl.arange(0, BLOCK_N)
         kpos = key0 + t * r
         ok = t < count
         k, v = kv_rows(K, V, k_base, kpos, ok, ku, dims, MASKED)
-        s = dot(q, tl.trans(k)) * qk_scale
+        s = dot(q, tl.trans(k))
         if MASKED:
             keep = visible_keys(KM, m_base, kpos, ok, mu, HAS_MASK)[None, :]
             if IS_CAUSAL:
                 keep = keep & (t[None, :] <= qidx[:, None])
-            s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if HAS_MASK:  # rows that have seen no visible key yet
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_new[:, None])
+            s = tl.where(keep, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            if HAS_MASK:  # rows that have seen no visible key yet
+                m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_new[:, None])
+        else:
+            if NEG_SCALE:
+                m_new = tl.maximum(m_i, tl.min(s, 1) * qk_scale)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + dot(p.to(v.dtype), v)
 
@@ -223,8 +232,8 @@ if triton is not None:
 
     @triton.jit
     def _fused_fwd(Q, K, V, O, L, KM, T, TS, RO, NB, HEAVY, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM, HEAD_BASE,
-                   KV_GROUP, qk_scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                   KV_GROUP, qk_scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, NEG_SCALE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         head, b, doc0, N, T, span, c, pos, row_ok = _residue_tile(TS, T, NB, RO, HEAVY, BLOCK_M, LCM, HEAD_BASE, 1)
         if span + c >= N:
             return
@@ -240,10 +249,12 @@ if triton is not None:
                 qidx, full, hi = _key_blocks(pos, span + c, key0, r, count, LCM, IS_CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N)
                 for start in range(0, full, BLOCK_N):
                     m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, m_base, key0, r, count, start, qidx, m_i, l_i,
-                                              acc, ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, False, BLOCK_N)
+                                              acc, ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, False, NEG_SCALE,
+                                              BLOCK_N)
                 for start in range(full, hi, BLOCK_N):
                     m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, m_base, key0, r, count, start, qidx, m_i, l_i,
-                                              acc, ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, True, BLOCK_N)
+                                              acc, ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, True, NEG_SCALE,
+                                              BLOCK_N)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         offs = q_base + pos.to(tl.int64)[:, None] * qu + dims[None, :]
         tl.store(O + offs, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -479,8 +490,8 @@ def forward(q, k, v, plan: Plan, scale: float, causal: bool, key_mask, block_m: 
 
     def launch(cfg):
         launch_kernel(_fused_fwd, (count * lcm, h, b), tensors, scalars, IS_CAUSAL=causal,
-                      HAS_MASK=key_mask is not None, BLOCK_M=block_m, BLOCK_N=cfg[1], HEAD_DIM=d, num_warps=cfg[2],
-                      num_stages=cfg[3])
+                      HAS_MASK=key_mask is not None, NEG_SCALE=scale < 0, BLOCK_M=block_m, BLOCK_N=cfg[1], HEAD_DIM=d,
+                      num_warps=cfg[2], num_stages=cfg[3])
 
     key = (d, causal, key_mask is not None, plan[0].kv_group, nb, lcm, block_m, q.dtype, q.device)
     launch(pick(key, fwd_configs(d, q.dtype), launch))
