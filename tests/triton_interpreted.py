@@ -203,6 +203,19 @@ def _packed_failures():
     return failures
 
 
+def _nan_failures():
+    """test_core's NaN check on the kernels, with plans whose key blocks are full (the forward's
+    unmasked blocks take the row maxima of the raw scores), per-branch and fused."""
+    from test_core import _check_nan_rows, _nan_cases
+
+    cases = _nan_cases() + [(1, 200, 3, 16, [128, 200], [1, 2]), (1, 256, 4, 16, [64, 128, 256], [1, 2, 4])]
+    try:
+        _check_nan_rows("triton", torch.float32, "cpu", head_dim=16, cases=cases)
+    except AssertionError as e:
+        return [f"NaN rows: {e}"]
+    return []
+
+
 def _fused_failures():
     """Plans the fused all-branch kernels take (segments multiples of the tile span, or one segment):
     with GQA, a key mask, rates without r = 1, a ragged last segment and packed documents, against
@@ -273,6 +286,7 @@ def main():
     failures += _short_query_failures()
     failures += _packed_failures()
     failures += _fused_failures()
+    failures += _nan_failures()
     if failures:
         raise SystemExit("\n".join(failures))
     print("triton kernels under the interpreter: all cases match")
