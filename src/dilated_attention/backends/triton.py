@@ -51,7 +51,7 @@ def available() -> bool:
 
 
 if triton is not None:
-    from .triton_fused import dkdv_block, dot, dq_block, fwd_block, kv_rows, rows_at, visible_keys
+    from .triton_fused import dkdv_block, dot, dq_block, fwd_block, kv_rows, row_stats, rows_at, visible_keys
 
     @triton.jit
     def _offset(head, RATE, OFFSET, HEAD_BASE):
@@ -138,12 +138,6 @@ if triton is not None:
     def _row_offs(base, idx, RATE, su):
         """Offsets of rows idx of a class whose row 0 is at base (su: one row of the tensor)."""
         return base + (idx * RATE).to(tl.int64) * su
-
-    @triton.jit
-    def _row_stats(L, D, l_base, rows, row_ok, RATE, lu):
-        """lse (log2 units) and delta of these query rows."""
-        offs = _row_offs(l_base, rows, RATE, lu)
-        return tl.load(L + offs, mask=row_ok, other=0.0) * 1.4426950408889634, tl.load(D + offs, mask=row_ok, other=0.0)
 
     @triton.jit
     def _add_tile(ptr, base, idx, ok, RATE, su, dims, value, FIRST: tl.constexpr):
@@ -262,7 +256,7 @@ if triton is not None:
         row_ok = rows < q_count
         q = rows_at(Q, q_base, rows * RATE, row_ok, qu, dims)
         do = rows_at(DO, q_base, rows * RATE, row_ok, qu, dims)
-        lse, delta = _row_stats(L, D, l_base, rows, row_ok, RATE, lu)
+        lse, delta = row_stats(L, D, l_base, rows * RATE, row_ok, lu)
         m_base = _side_base(BLOCK_M, MAX_ROWS, RATE, OFFSET, HEAD_BASE, mb, ms, mh, mu, ST, TABLE, COMPACT)
         kr = _key_rate(RATE, COMPACT)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)

@@ -277,7 +277,7 @@ if triton is not None:
         return p, p * (dp - delta[:, None])
 
     @triton.jit
-    def _stats(L, D, base, pos, ok, lu):
+    def row_stats(L, D, base, pos, ok, lu):
         """lse (log2 units) and delta of the rows at these positions."""
         offs = base + pos.to(tl.int64) * lu
         return tl.load(L + offs, mask=ok, other=0.0) * 1.4426950408889634, tl.load(D + offs, mask=ok, other=0.0)
@@ -311,7 +311,7 @@ if triton is not None:
         dims = tl.arange(0, HEAD_DIM)
         q = rows_at(Q, q_base, pos, row_ok, qu, dims)
         do = rows_at(DO, q_base, pos, row_ok, qu, dims)
-        lse, delta = _stats(L, D, b * lb + head * lh + doc0 * lu, pos, row_ok, lu)
+        lse, delta = row_stats(L, D, b * lb + head * lh + doc0 * lu, pos, row_ok, lu)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         for br in range(NB):
             active, key0, count, r = _branch(T, br, span, c, head + HEAD_BASE, N)
@@ -339,7 +339,7 @@ if triton is not None:
         row_ok = u < count
         q = rows_at(Q, q_base, qpos, row_ok, qu, dims)
         do = rows_at(DO, q_base, qpos, row_ok, qu, dims)
-        lse, delta = _stats(L, D, l_base, qpos, row_ok, lu)
+        lse, delta = row_stats(L, D, l_base, qpos, row_ok, lu)
         if IS_CAUSAL:
             p, ds = probs(q, k, v, do, lse, delta, u, kidx, row_ok, col_keep, qk_scale, do_scale, q_shift, True)
         else:
