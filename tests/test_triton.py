@@ -72,13 +72,15 @@ def test_kernels_compile_for_hopper():
 
     for d, dtype in itertools.product((64, 128), (torch.bfloat16, torch.float32)):
         io = "*bf16" if dtype == torch.bfloat16 else "*fp32"
+        tma = dtype != torch.float32  # keys and values through tensor descriptors, as on sm_90 (tma_loads)
         for causal in (False, True):
             for first in (False, True):
                 for out_dtype, has_mask in ((io, False), ("*fp32", True)):  # merging in the inputs' dtype, or fp32
                     bm, bn, warps, stages = tk._config(d, dtype, causal, has_mask)
                     compact = not (causal or first)  # the ring's visiting keys in their class layout
                     consts = dict(IS_CAUSAL=causal, FIRST=first, HAS_MASK=has_mask, TABLE=has_mask and not compact,
-                                  COMPACT=compact, NEG_SCALE=first and causal, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
+                                  COMPACT=compact, NEG_SCALE=first and causal, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d,
+                                  TMA=tma)
                     src = ASTSource(tk._fwd, signature(tk._fwd, out_dtype, consts, io), consts)
                     compile_(src, num_warps=warps, num_stages=stages)
             for has_mask in (False, True):
@@ -86,6 +88,8 @@ def test_kernels_compile_for_hopper():
                 for fn, (bm, bn, warps, stages) in zip((tk._bwd_dkdv, tk._bwd_dq), configs):
                     consts = dict(IS_CAUSAL=causal, FIRST=not has_mask, HAS_MASK=has_mask, TABLE=not has_mask,
                                   COMPACT=has_mask and not causal, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
+                    if fn is tk._bwd_dq:
+                        consts["TMA"] = tma and causal
                     src = ASTSource(fn, signature(fn, "*fp32", consts, io), consts)
                     compile_(src, num_warps=warps, num_stages=stages)
         consts = dict(D=d, BLOCK=64)
@@ -101,11 +105,13 @@ def test_kernels_compile_for_hopper():
             for fn, bm, bn, (warps, stages) in ((fused._fused_dkdv, kv_queries, kv_keys, kv_launch),
                                                 (fused._fused_dq, dq_rows, dq_keys, dq_launch)):
                 consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
+                if fn is fused._fused_dq:
+                    consts["TMA"] = tma and causal
                 src = ASTSource(fn, signature(fn, io, consts, io), consts)
                 compile_(src, num_warps=warps, num_stages=stages)
             for bm, bn, fwarps, fstages in fused.fwd_configs(d, dtype):
                 consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, NEG_SCALE=has_mask and causal, BLOCK_M=bm,
-                              BLOCK_N=bn, HEAD_DIM=d)
+                              BLOCK_N=bn, HEAD_DIM=d, TMA=tma)
                 src = ASTSource(fused._fused_fwd, signature(fused._fused_fwd, io, consts, io), consts)
                 compile_(src, num_warps=fwarps, num_stages=fstages)
 
@@ -317,3 +323,52 @@ def test_direct_launches_reuse_what_triton_compiled(monkeypatch):
     Kernel.params = Kernel.params[:2] + [Param("BLOCK", True), Param("n", False)]
     with pytest.raises(TypeError, match="must be constexprs"):
         triton_launch.launch_kernel(kernel, (1,), (a, b), (), BLOCK=64)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="tensor descriptors (TMA) need sm_90")
+def test_tma_loads_where_they_pay_and_fit():
+    """Descriptor loads on long 16-bit calls with aligned keys; pointer loads for float32, short calls
+    and keys whose rows or first row are not 16-byte aligned (these give an aligned copy's results)."""
+    from dilated_attention import dilated_attention
+    from dilated_attention.backends import triton_fused
+
+    n = triton_fused.TMA_MIN_ROWS
+    k = torch.randn(1, n, 2, 64, device="cuda", dtype=torch.bfloat16)
+    assert triton_fused.tma_loads(k, k)
+    assert not triton_fused.tma_loads(k.float(), k.float())
+    assert not triton_fused.tma_loads(k[:, : n // 2], k[:, : n // 2])
+    rows = torch.randn(1, n, 2, 65, device="cuda", dtype=torch.bfloat16)[..., 1:]  # rows 130 bytes apart
+    assert not triton_fused.tma_loads(rows, rows)
+    odd = torch.randn(k.numel() + 1, device="cuda", dtype=torch.bfloat16)[1:].view(k.shape)  # contiguous, 2 bytes off
+    assert odd.is_contiguous() and not triton_fused.tma_loads(odd, odd)
+    q = torch.randn(1, n, 2, 64, device="cuda", dtype=torch.bfloat16)
+    segs, rates = [2048, 8192], [1, 4]
+    for causal in (False, True):
+        out = dilated_attention(q, odd, odd, segs, rates, is_causal=causal)
+        assert torch.equal(out, dilated_attention(q, odd.contiguous(), odd.contiguous(), segs, rates, is_causal=causal))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="tensor descriptors (TMA) need sm_90")
+def test_tma_loads_give_the_pointer_loads_results(monkeypatch):
+    """On the GPU, out, dq, dk, dv with keys and values through tensor descriptors equal the pointer
+    loads' bit for bit: fused and per-branch (head_groups, key mask) plans, GQA, causal or not."""
+    from dilated_attention import dilated_attention
+    from dilated_attention.backends import triton_fused
+
+    n, rule = triton_fused.TMA_MIN_ROWS, triton_fused.tma_loads
+    q, do = (torch.randn(1, n, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(1, n, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    assert rule(k, v)
+    mask = torch.rand(1, n, device="cuda") < 0.1
+    segs, rates = [2048, 4096, 8192], [1, 2, 4]
+    for mode, key_mask in (("paper", None), ("head_groups", None), ("paper", mask)):
+        for causal in (False, True):
+            results = []
+            for loads in (rule, lambda k, v: False):
+                monkeypatch.setattr(triton_fused, "tma_loads", loads)
+                ins = [t.clone().requires_grad_() for t in (q, k, v)]
+                out = dilated_attention(*ins, segs, rates, is_causal=causal, mode=mode, key_padding_mask=key_mask)
+                results.append((out, *torch.autograd.grad(out, ins, do)))
+            assert all(torch.equal(a, b) for a, b in zip(*results)), (mode, key_mask is not None, causal)

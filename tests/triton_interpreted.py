@@ -259,6 +259,45 @@ def _fused_failures():
     return failures
 
 
+def _tma_failures():
+    """Keys and values through tensor descriptors (TMA: sm_90's forward, causal dQ) give exactly the
+    pointer loads' outputs and gradients: fused and per-branch plans, GQA, key masks, head_groups,
+    documents, causal or not (fp16; a descriptor off by one row changes every case)."""
+    import triton
+
+    from dilated_attention.backends import triton_fused
+
+    failures = []
+    pointer_loads = triton_fused.tma_loads
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8))
+    for n, h, h_kv, segs, rates, mode, masked, bounds in (
+            (200, 5, 5, [64, 128, 256], [1, 2, 4], "paper", False, None),  # fused
+            (293, 4, 2, [64, 128], [1, 4], "paper", True, None),  # fused, GQA, key mask
+            (300, 4, 2, [32, 64], [1, 2], "paper", False, (0, 64, 192, 300)),  # fused documents
+            (37, 5, 5, [8, 16, 40], [1, 3, 4], "paper", False, None),  # per-branch
+            (37, 6, 2, [8, 16, 40], [1, 3, 4], "head_groups", True, None),  # per-branch, GQA, key mask
+            (51, 6, 3, [8, 16, 40], [1, 3, 4], "paper", False, (0, 13, 44, 51))):  # per-branch documents
+        g = torch.Generator().manual_seed(n)
+        q, do = (torch.randn(1, n, h, 16, generator=g).half() for _ in range(2))
+        k, v = (torch.randn(1, n, h_kv, 16, generator=g).half() for _ in range(2))
+        mask = (torch.rand(1, n, generator=g) < 0.3) if masked else None
+        docs = None if bounds is None else torch.tensor(bounds, dtype=torch.int32)
+        for causal in (False, True):
+            results = []
+            for tma in (False, True):
+                triton_fused.tma_loads = (lambda k, v: True) if tma else pointer_loads
+                ins = [t.clone().requires_grad_() for t in (q, k, v)]
+                out = dilated_attention(*ins, segs, rates, is_causal=causal, mode=mode, backend="triton",
+                                        key_padding_mask=mask, cu_seqlens=docs)
+                results.append((out, *torch.autograd.grad(out, ins, do)))
+            triton_fused.tma_loads = pointer_loads
+            for name, a, b in zip(["out", "dq", "dk", "dv"], *results):
+                if not torch.equal(a, b):
+                    failures.append(f"TMA {segs} {rates} n={n} h_kv={h_kv} {mode} causal={causal} {name}: "
+                                    f"max difference {(a - b).abs().max().item():.2e}")
+    return failures
+
+
 def main():
     assert os.environ.get("TRITON_INTERPRET") == "1"
     torch.use_deterministic_algorithms(True)  # torch.empty fills with NaN: rows no kernel writes show
@@ -287,6 +326,7 @@ def main():
     failures += _packed_failures()
     failures += _fused_failures()
     failures += _nan_failures()
+    failures += _tma_failures()
     if failures:
         raise SystemExit("\n".join(failures))
     print("triton kernels under the interpreter: all cases match")

@@ -51,7 +51,7 @@ def available() -> bool:
 
 
 if triton is not None:
-    from .triton_fused import dkdv_block, dot, dq_block, fwd_block, kv_rows, row_stats, rows_at, visible_keys
+    from .triton_fused import class_keys, dkdv_block, dot, dq_block, fwd_block, kv_rows, row_stats, rows_at, visible_keys
 
     @triton.jit
     def _offset(head, RATE, OFFSET, HEAD_BASE):
@@ -154,7 +154,7 @@ if triton is not None:
              MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, Q_SHIFT, qk_scale, out_scale,
              IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr, HAS_MASK: tl.constexpr, TABLE: tl.constexpr,
              COMPACT: tl.constexpr, NEG_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             HEAD_DIM: tl.constexpr):
+             HEAD_DIM: tl.constexpr, TMA: tl.constexpr = False):
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(
             BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
             qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE, COMPACT)
@@ -177,12 +177,13 @@ if triton is not None:
         if HAS_MASK:
             full = 0
         qidx = rows + Q_SHIFT  # causal: the last key row each query row sees
+        kc, vc = class_keys(K, V, k_base, k_count, kr, ku, TMA, BLOCK_N, HEAD_DIM)
         for start in range(0, full, BLOCK_N):
-            m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, m_base, 0, kr, k_count, start, qidx, m_i, l_i, acc,
-                                      ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, False, NEG_SCALE, BLOCK_N)
+            m_i, l_i, acc = fwd_block(q, kc, vc, KM, k_base, m_base, 0, kr, k_count, start, qidx, m_i, l_i, acc,
+                                      ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, False, NEG_SCALE, BLOCK_N, TMA)
         for start in range(full, hi, BLOCK_N):  # without a key mask every masked block starts with a kept key
-            m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, m_base, 0, kr, k_count, start, qidx, m_i, l_i, acc,
-                                      ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, True, NEG_SCALE, BLOCK_N)
+            m_i, l_i, acc = fwd_block(q, kc, vc, KM, k_base, m_base, 0, kr, k_count, start, qidx, m_i, l_i, acc,
+                                      ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, True, NEG_SCALE, BLOCK_N, TMA)
         l_safe = tl.where(row_ok & (l_i > 0), l_i, 1.0)
         out_b = acc / l_safe[:, None]
         lse_b = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))  # natural log
@@ -245,7 +246,8 @@ if triton is not None:
     def _bwd_dq(Q, K, V, DO, L, D, KM, DQ, ST, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
                 MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, Q_SHIFT, qk_scale, scale, do_scale,
                 IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr, HAS_MASK: tl.constexpr, TABLE: tl.constexpr,
-                COMPACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                COMPACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                TMA: tl.constexpr = False):
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(
             BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
             qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE, COMPACT)
@@ -268,12 +270,13 @@ if triton is not None:
         if HAS_MASK:
             full = 0
         qidx = rows + Q_SHIFT
+        kc, vc = class_keys(K, V, k_base, k_count, kr, ku, TMA, BLOCK_N, HEAD_DIM)
         for start in range(0, full, BLOCK_N):
-            dq = dq_block(q, do, lse, delta, K, V, KM, k_base, m_base, 0, kr, k_count, start, qidx, row_ok, dq, ku,
-                          mu, qk_scale, do_scale, dims, IS_CAUSAL, HAS_MASK, False, BLOCK_N)
+            dq = dq_block(q, do, lse, delta, kc, vc, KM, k_base, m_base, 0, kr, k_count, start, qidx, row_ok, dq, ku,
+                          mu, qk_scale, do_scale, dims, IS_CAUSAL, HAS_MASK, False, BLOCK_N, TMA)
         for start in range(full, hi, BLOCK_N):
-            dq = dq_block(q, do, lse, delta, K, V, KM, k_base, m_base, 0, kr, k_count, start, qidx, row_ok, dq, ku,
-                          mu, qk_scale, do_scale, dims, IS_CAUSAL, HAS_MASK, True, BLOCK_N)
+            dq = dq_block(q, do, lse, delta, kc, vc, KM, k_base, m_base, 0, kr, k_count, start, qidx, row_ok, dq, ku,
+                          mu, qk_scale, do_scale, dims, IS_CAUSAL, HAS_MASK, True, BLOCK_N, TMA)
         _add_tile(DQ, q_base, rows, row_ok, RATE, qu, dims, dq * scale, FIRST)
 
 
@@ -417,7 +420,8 @@ def _run_forward(q, k, v, out, lse, mask, launch: _Launch, scale: float, causal:
         _fwd, launch.grid(bm), (q, k, v, out, lse, _mask_arg(mask, q), _table_arg(launch, q)),
         (*launch.strides, *launch.sizes, scale * LOG2E, out_scale), IS_CAUSAL=causal, FIRST=first,
         HAS_MASK=mask is not None, TABLE=launch.table is not None, COMPACT=launch.compact, NEG_SCALE=scale < 0,
-        BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=q.shape[-1], num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=q.shape[-1], TMA=triton_fused.tma_loads(k, v),
+        num_warps=warps, num_stages=stages,
     )
 
 
@@ -439,7 +443,7 @@ def _run_backward(dout, q, k, v, lse, delta, mask, dq, dk, dv, launch: _Launch, 
                       (*launch.strides, *launch.grad_strides, *sizes), **meta(*kv_cfg))
     if "q" in passes:
         launch_kernel(_bwd_dq, launch.grid(q_cfg[0]), (q, k, v, dout, lse, delta, km, dq, st),
-                      (*launch.strides, *sizes), **meta(*q_cfg))
+                      (*launch.strides, *sizes), TMA=causal and triton_fused.tma_loads(k, v), **meta(*q_cfg))
 
 
 def _stores_every_row(plan: Plan, num_heads: int) -> bool:

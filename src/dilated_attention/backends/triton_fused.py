@@ -186,7 +186,7 @@ if triton is not None:
     @triton.jit
     def fwd_block(q, K, V, KM, k_base, m_base, key0, r, count, start, qidx, m_i, l_i, acc, ku, mu, qk_scale, dims,
                   IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr, NEG_SCALE: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  BLOCK_N: tl.constexpr, TMA: tl.constexpr = False):
         """One key block of one branch into the running (max, sum, acc); MASKED: check key bounds,
         the key mask and causality (blocks every row sees in full skip that, and take the row maxima
         of the scores before scaling, so scaling and subtracting the maximum are one FMA per score:
@@ -194,7 +194,10 @@ if triton is not None:
         t = start + tl.arange(0, BLOCK_N)
         kpos = key0 + t * r
         ok = t < count
-        k, v = kv_rows(K, V, k_base, kpos, ok, ku, dims, MASKED)
+        if TMA:  # K, V: descriptors over this branch's class (``class_keys``); rows past it load as zeros
+            k, v = K.load([start, 0]), V.load([start, 0])
+        else:
+            k, v = kv_rows(K, V, k_base, kpos, ok, ku, dims, MASKED)
         s = dot(q, tl.trans(k))
         if MASKED:
             keep = visible_keys(KM, m_base, kpos, ok, mu, HAS_MASK)[None, :]
@@ -215,6 +218,18 @@ if triton is not None:
         return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + dot(p.to(v.dtype), v)
 
     @triton.jit
+    def class_keys(K, V, base, count, r, ku, TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """TMA: tensor descriptors over one class's keys and values (count rows r rows apart from
+        base), else K, V themselves."""
+        if TMA:
+            rows = tl.maximum(count, 1)
+            kc = tl.make_tensor_descriptor(K + base, [rows, HEAD_DIM], [r * ku, 1], [BLOCK_N, HEAD_DIM])
+            vc = tl.make_tensor_descriptor(V + base, [rows, HEAD_DIM], [r * ku, 1], [BLOCK_N, HEAD_DIM])
+        else:
+            kc, vc = K, V
+        return kc, vc
+
+    @triton.jit
     def _key_blocks(pos, pos0, key0, r, count, LCM, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """For a query tile at positions pos (BLOCK_M rows LCM apart, from pos0) in a branch whose class
@@ -233,7 +248,7 @@ if triton is not None:
     @triton.jit
     def _fused_fwd(Q, K, V, O, L, KM, T, TS, RO, NB, HEAVY, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM, HEAD_BASE,
                    KV_GROUP, qk_scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, NEG_SCALE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr = False):
         head, b, doc0, N, T, span, c, pos, row_ok = _residue_tile(TS, T, NB, RO, HEAVY, BLOCK_M, LCM, HEAD_BASE, 1)
         if span + c >= N:
             return
@@ -247,14 +262,15 @@ if triton is not None:
             active, key0, count, r = _branch(T, br, span, c, head + HEAD_BASE, N)
             if active:
                 qidx, full, hi = _key_blocks(pos, span + c, key0, r, count, LCM, IS_CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N)
+                kc, vc = class_keys(K, V, k_base + key0.to(tl.int64) * ku, count, r, ku, TMA, BLOCK_N, HEAD_DIM)
                 for start in range(0, full, BLOCK_N):
-                    m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, m_base, key0, r, count, start, qidx, m_i, l_i,
+                    m_i, l_i, acc = fwd_block(q, kc, vc, KM, k_base, m_base, key0, r, count, start, qidx, m_i, l_i,
                                               acc, ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, False, NEG_SCALE,
-                                              BLOCK_N)
+                                              BLOCK_N, TMA)
                 for start in range(full, hi, BLOCK_N):
-                    m_i, l_i, acc = fwd_block(q, K, V, KM, k_base, m_base, key0, r, count, start, qidx, m_i, l_i,
+                    m_i, l_i, acc = fwd_block(q, kc, vc, KM, k_base, m_base, key0, r, count, start, qidx, m_i, l_i,
                                               acc, ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, True, NEG_SCALE,
-                                              BLOCK_N)
+                                              BLOCK_N, TMA)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         offs = q_base + pos.to(tl.int64)[:, None] * qu + dims[None, :]
         tl.store(O + offs, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -285,13 +301,16 @@ if triton is not None:
     @triton.jit
     def dq_block(q, do, lse, delta, K, V, KM, k_base, m_base, key0, r, count, start, qidx, row_ok, dq, ku, mu,
                  qk_scale, do_scale, dims, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+                 BLOCK_N: tl.constexpr, TMA: tl.constexpr = False):
         """dq += dS K over one key block (keys key0 + t*r); MASKED as in ``fwd_block`` (rows that do not
         exist load zeros, so their dS is 0 either way)."""
         t = start + tl.arange(0, BLOCK_N)
         kpos = key0 + t * r
         ok = t < count
-        k, v = kv_rows(K, V, k_base, kpos, ok, ku, dims, MASKED)
+        if TMA:  # K, V: descriptors over this branch's class (``class_keys``)
+            k, v = K.load([start, 0]), V.load([start, 0])
+        else:
+            k, v = kv_rows(K, V, k_base, kpos, ok, ku, dims, MASKED)
         if MASKED:
             keep = visible_keys(KM, m_base, kpos, ok, mu, HAS_MASK)
             p, ds = probs(q, k, v, do, lse, delta, qidx, t, row_ok, keep, qk_scale, do_scale, 0, IS_CAUSAL)
@@ -303,7 +322,7 @@ if triton is not None:
     @triton.jit
     def _fused_dq(Q, K, V, DO, L, D, KM, DQ, T, TS, RO, NB, HEAVY, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM,
                   HEAD_BASE, KV_GROUP, qk_scale, scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr = False):
         head, b, doc0, N, T, span, c, pos, row_ok = _residue_tile(TS, T, NB, RO, HEAVY, BLOCK_M, LCM, HEAD_BASE, 1)
         if span + c >= N:
             return
@@ -317,12 +336,13 @@ if triton is not None:
             active, key0, count, r = _branch(T, br, span, c, head + HEAD_BASE, N)
             if active:
                 qidx, full, hi = _key_blocks(pos, span + c, key0, r, count, LCM, IS_CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N)
+                kc, vc = class_keys(K, V, k_base + key0.to(tl.int64) * ku, count, r, ku, TMA, BLOCK_N, HEAD_DIM)
                 for start in range(0, full, BLOCK_N):
-                    dq = dq_block(q, do, lse, delta, K, V, KM, k_base, m_base, key0, r, count, start, qidx, row_ok,
-                                  dq, ku, mu, qk_scale, 1.0, dims, IS_CAUSAL, HAS_MASK, False, BLOCK_N)
+                    dq = dq_block(q, do, lse, delta, kc, vc, KM, k_base, m_base, key0, r, count, start, qidx, row_ok,
+                                  dq, ku, mu, qk_scale, 1.0, dims, IS_CAUSAL, HAS_MASK, False, BLOCK_N, TMA)
                 for start in range(full, hi, BLOCK_N):
-                    dq = dq_block(q, do, lse, delta, K, V, KM, k_base, m_base, key0, r, count, start, qidx, row_ok,
-                                  dq, ku, mu, qk_scale, 1.0, dims, IS_CAUSAL, HAS_MASK, True, BLOCK_N)
+                    dq = dq_block(q, do, lse, delta, kc, vc, KM, k_base, m_base, key0, r, count, start, qidx, row_ok,
+                                  dq, ku, mu, qk_scale, 1.0, dims, IS_CAUSAL, HAS_MASK, True, BLOCK_N, TMA)
         tl.store(DQ + q_base + pos.to(tl.int64)[:, None] * qu + dims[None, :], (dq * scale).to(DQ.dtype.element_ty),
                  mask=row_ok[:, None])
 
@@ -409,6 +429,39 @@ def fwd_configs(d: int, dtype: torch.dtype) -> tuple[tuple[int, int, int, int], 
     return (128, 64, 8, 3), (128, 64, 4, 3)
 
 
+TMA_MIN_ROWS = 32768  # key rows (b x n) below which a call is host-bound: the scratch allocation costs more
+
+
+def tma_loads(k, v) -> bool:
+    """Whether the kernels load k and v through tensor descriptors (TMA): on sm_90 and newer, 16-bit
+    inputs (float32 keeps pointer loads: not measured), 16-byte aligned bases and row strides, at least
+    ``TMA_MIN_ROWS`` key rows (8 x 1K ran 3% slower: the descriptors' scratch allocation on the host).
+    The forward takes them always, dQ when causal (NOTES.md v17). Descriptors made in a kernel need
+    scratch memory: where no Triton allocator is set, torch's is set as Triton's."""
+    if k.dtype == torch.float32 or not k.is_cuda or k.shape[0] * k.shape[1] < TMA_MIN_ROWS \
+            or not _has_tma(k.device.index) or any(
+                t.data_ptr() % 16 or t.stride(-1) != 1 or any(s * t.element_size() % 16 for s in t.stride()[:-1])
+                for t in (k, v)):
+        return False
+    from triton.runtime import _allocation
+
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(_scratch)
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(device: int | None) -> bool:
+    """sm_90 or newer, and a Triton with in-kernel tensor descriptors."""
+    return (hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Triton's scratch memory for in-kernel tensor descriptors, from torch's caching allocator."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 _PICKED: dict = {}
 
 
@@ -488,10 +541,12 @@ def forward(q, k, v, plan: Plan, scale: float, causal: bool, key_mask, block_m: 
     tensors = (q, k, v, out, lse, q if key_mask is None else key_mask.view(torch.uint8), branches, spans, order)
     scalars = (nb, heavy, *_strides(q, k, lse, key_mask), lcm, plan[0].head_base, plan[0].kv_group, scale * LOG2E)
 
+    tma = tma_loads(k, v)
+
     def launch(cfg):
         launch_kernel(_fused_fwd, (count * lcm, h, b), tensors, scalars, IS_CAUSAL=causal,
                       HAS_MASK=key_mask is not None, NEG_SCALE=scale < 0, BLOCK_M=block_m, BLOCK_N=cfg[1], HEAD_DIM=d,
-                      num_warps=cfg[2], num_stages=cfg[3])
+                      TMA=tma, num_warps=cfg[2], num_stages=cfg[3])
 
     key = (d, causal, key_mask is not None, plan[0].kv_group, nb, lcm, block_m, q.dtype, q.device)
     launch(pick(key, fwd_configs(d, q.dtype), launch))
@@ -521,5 +576,5 @@ def backward(dout, q, k, v, lse, delta, plan: Plan, scale: float, causal: bool, 
                   kv_scalars, **meta(kv_queries, kv_tile, kv_warps, kv_stages))
     programs, q_tables, q_scalars = tables(dq_tile)
     launch_kernel(_fused_dq, (programs, h, b), (q, k, v, dout, lse, delta, km, dq, *q_tables), q_scalars,
-                  **meta(dq_tile, dq_keys, dq_warps, dq_stages))
+                  TMA=causal and tma_loads(k, v), **meta(dq_tile, dq_keys, dq_warps, dq_stages))
     return dq, dk, dv
