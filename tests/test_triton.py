@@ -205,8 +205,9 @@ def test_fused_backward_tiles_follow_the_plan():
 
 
 def test_fused_forward_picks_the_faster_candidate(monkeypatch):
-    """``pick`` times each candidate once per key and keeps the fastest; it times nothing while a CUDA
-    graph is captured (CUDA events stand in for a GPU here)."""
+    """``pick`` times the candidates in turn over rounds once per key and keeps the fastest by its best
+    round (one slow round does not decide); it times nothing while a CUDA graph is captured (CUDA events
+    stand in for a GPU here)."""
     from dilated_attention.backends import triton_fused
 
     clock = {"now": 0.0}
@@ -225,10 +226,14 @@ def test_fused_forward_picks_the_faster_candidate(monkeypatch):
         def elapsed_time(self, end):
             return end.t - self.t
 
+    launches = []
+
     def launch(cfg):
         if cfg == "too big":
             raise triton.runtime.errors.OutOfResources(300_000, 232_448, "shared memory")
-        clock["now"] += cost[cfg]
+        launches.append(cfg)
+        slowed = cfg == "fast" and launches.count(cfg) in (2, 3)  # its first timed round runs 5x slower
+        clock["now"] += cost[cfg] * (5 if slowed else 1)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "Event", Event)
@@ -238,7 +243,8 @@ def test_fused_forward_picks_the_faster_candidate(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     assert triton_fused.pick("test-key", ("slow", "fast"), launch) == "fast"
     timed = clock["now"]
-    assert timed == 4 * 3.0 + 4 * 1.0  # one compile launch and three timed ones each
+    assert launches == ["slow", "fast"] + ["slow", "slow", "fast", "fast"] * 3  # compile, then rounds in turn
+    assert timed == 3.0 * 7 + 1.0 * (1 + 2 * 5 + 4)
     assert triton_fused.pick("test-key", ("slow", "fast"), launch) == "fast" and clock["now"] == timed  # cached
     assert triton_fused.pick("other-key", ("too big", "slow"), launch) == "slow"  # one that cannot run is passed over
 

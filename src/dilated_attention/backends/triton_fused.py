@@ -465,30 +465,34 @@ def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
 _PICKED: dict = {}
 
 
-def pick(key, candidates, launch):
+def pick(key, candidates, launch, rounds: int = 3):
     """The candidate whose ``launch(candidate)`` ran fastest for this key: each is launched once to
-    compile, then timed over three launches with CUDA events, once per key and process; one that
-    does not fit the device (shared memory, registers) is passed over. The first candidate,
-    untimed, off CUDA (the interpreter) and while a CUDA graph is being captured."""
+    compile, then timed with CUDA events over two launches in each of ``rounds`` rounds that take the
+    candidates in turn, keeping each one's best round (a round slowed by clocks settling or another
+    process counts for nothing), once per key and process; one that does not fit the device (shared
+    memory, registers) is passed over. The first candidate, untimed, off CUDA (the interpreter) and
+    while a CUDA graph is being captured."""
     key = (key, candidates)
     if key not in _PICKED:
         if len(candidates) == 1 or not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
             return candidates[0]
-        times = []
+        times = {}
         for cfg in candidates:
             try:
                 launch(cfg)
+                times[cfg] = float("inf")
             except triton.runtime.errors.OutOfResources:
-                times.append(float("inf"))
-                continue
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(3):
-                launch(cfg)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        _PICKED[key] = candidates[times.index(min(times))]
+                pass
+        for _ in range(rounds):
+            for cfg in times:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(2):
+                    launch(cfg)
+                end.record()
+                end.synchronize()
+                times[cfg] = min(times[cfg], start.elapsed_time(end))
+        _PICKED[key] = min(times, key=times.get)
     return _PICKED[key]
 
 
