@@ -78,10 +78,12 @@ if triton is not None:
 
     @triton.jit
     def _program(BLOCK: tl.constexpr, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
-                 qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE: tl.constexpr, COMPACT: tl.constexpr):
+                 qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE: tl.constexpr, COMPACT: tl.constexpr,
+                 LAST_FIRST: tl.constexpr = False):
         """This program's row block, query and key row counts, offsets of row 0 in q, k, lse; its
         head, class offset and segment. COMPACT: k holds only each query head's class, row i at
-        ``i * ku`` (``_key_rate``).
+        ``i * ku`` (``_key_rate``). LAST_FIRST: a segment's row blocks run from its last (causal
+        query blocks: the longest first, so a launch ends on short ones).
 
         Grid: (row blocks x segments, heads, batch); axis 0 has room for 2**31 programs. Query
         head ``head`` reads k/v head ``(KV_HEAD0 + head) // KV_GROUP`` (GQA). With a segment
@@ -89,6 +91,8 @@ if triton is not None:
         row_blocks = tl.cdiv(MAX_ROWS, BLOCK)
         pid = tl.program_id(0)
         block = pid % row_blocks
+        if LAST_FIRST:
+            block = row_blocks - 1 - block
         seg = (pid // row_blocks).to(tl.int64)
         head = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -157,7 +161,7 @@ if triton is not None:
              HEAD_DIM: tl.constexpr, TMA: tl.constexpr = False):
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(
             BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
-            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE, COMPACT)
+            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE, COMPACT, IS_CAUSAL)
         if pid_m * BLOCK_M >= q_count:
             return
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -250,7 +254,7 @@ if triton is not None:
                 TMA: tl.constexpr = False):
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(
             BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
-            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE, COMPACT)
+            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE, COMPACT, IS_CAUSAL)
         if pid_m * BLOCK_M >= q_count:
             return
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
