@@ -155,6 +155,32 @@ def _triton_worker(rank, world):
              against_reference=True)
     assert chunked["forward"] == chunked["backward"] == 3
     assert backends.select(torch.ones(1, 1, 1, 16), "triton") is backends.BACKENDS["triton"]
+    _ring_tma_loads_match(rank, n)
+
+
+def _ring_tma_loads_match(rank, n):
+    """The ring's steps with keys and values through tensor descriptors (sm_90's forward and causal dQ;
+    forced here, fp16) give the pointer loads' out, dq, dk, dv bit for bit: visiting keys in their
+    class layout, zigzag causal steps."""
+    import triton
+
+    from dilated_attention.backends import triton_fused
+
+    pointer_loads = triton_fused.tma_loads
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8))
+    g = torch.Generator().manual_seed(5)
+    q, k, v, dout = (torch.randn(1, n, 4, 16, generator=g).half() for _ in range(4))
+    for causal in (False, True):
+        ring = RingDilatedAttention([8, 20, 2 * n], [1, 3, 4], backend="triton",
+                                    layout="zigzag" if causal else "contiguous")
+        results = []
+        for loads in (pointer_loads, lambda k, v: True):
+            triton_fused.tma_loads = loads
+            local = [ring.shard(t).requires_grad_() for t in (q, k, v)]
+            out = ring(*local, is_causal=causal)
+            results.append((out, *torch.autograd.grad(out, local, ring.shard(dout))))
+        triton_fused.tma_loads = pointer_loads
+        assert all(torch.equal(a, b) for a, b in zip(*results)), f"rank {rank} causal={causal}: TMA differs"
 
 
 @pytest.mark.parametrize("world", [2, 3])

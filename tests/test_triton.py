@@ -342,6 +342,8 @@ def test_tma_loads_where_they_pay_and_fit():
     n = triton_fused.TMA_MIN_ROWS
     k = torch.randn(1, n, 2, 64, device="cuda", dtype=torch.bfloat16)
     assert triton_fused.tma_loads(k, k)
+    segments = k.view(1, 4, n // 4, 2, 64)  # the per-branch launches' (batch, segment, row, head, dim) views
+    assert triton_fused.tma_loads(segments, segments)
     assert not triton_fused.tma_loads(k.float(), k.float())
     assert not triton_fused.tma_loads(k[:, : n // 2], k[:, : n // 2])
     rows = torch.randn(1, n, 2, 65, device="cuda", dtype=torch.bfloat16)[..., 1:]  # rows 130 bytes apart

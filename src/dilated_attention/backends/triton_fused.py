@@ -438,7 +438,7 @@ def tma_loads(k, v) -> bool:
     ``TMA_MIN_ROWS`` key rows (8 x 1K ran 3% slower: the descriptors' scratch allocation on the host).
     The forward takes them always, dQ when causal (NOTES.md v17). Descriptors made in a kernel need
     scratch memory: where no Triton allocator is set, torch's is set as Triton's."""
-    if k.dtype == torch.float32 or not k.is_cuda or k.shape[0] * k.shape[1] < TMA_MIN_ROWS \
+    if k.dtype == torch.float32 or not k.is_cuda or k.numel() < TMA_MIN_ROWS * k.shape[-2] * k.shape[-1] \
             or not _has_tma(k.device.index) or any(
                 t.data_ptr() % 16 or t.stride(-1) != 1 or any(s * t.element_size() % 16 for s in t.stride()[:-1])
                 for t in (k, v)):
