@@ -445,16 +445,19 @@ def tma_loads(k, v) -> bool:
         return False
     from triton.runtime import _allocation
 
-    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         triton.set_allocator(_scratch)
     return True
 
 
 @functools.lru_cache(maxsize=None)
 def _has_tma(device: int | None) -> bool:
-    """sm_90 or newer, and a Triton with in-kernel tensor descriptors."""
-    return (hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+    """sm_90 or newer, and a Triton with in-kernel tensor descriptors and a scratch allocator to set."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(tl, "make_tensor_descriptor") and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
