@@ -494,6 +494,12 @@ def _interpreted(q: torch.Tensor) -> bool:
     return _INTERPRET and q.device.type == "cpu"
 
 
+@functools.lru_cache(maxsize=256)
+def _document_rates(plan: Plan) -> tuple[int, ...]:
+    """The rates of the plan's first document's branches (every document has the same schedule)."""
+    return tuple(br.rate for br in itertools.takewhile(lambda br: br.row_start == plan[0].row_start, plan))
+
+
 def fused_causal(pass_name: str, plan: Plan, q, key_mask, fused, branches) -> bool:
     """Whether a causal plan the fused kernels tile runs fused (one launch, more work: a tile's rows
     span its segment) rather than branch by branch (a launch per branch, each adding host time):
@@ -502,9 +508,8 @@ def fused_causal(pass_name: str, plan: Plan, q, key_mask, fused, branches) -> bo
     documents that change every batch are not timed again (``triton_fused.pick``; fused off CUDA, so
     the interpreter checks the fused kernels)."""
     b, n, h, d = q.shape
-    first_document = itertools.takewhile(lambda br: br.row_start == plan[0].row_start, plan)
-    key = (pass_name, tuple(br.rate for br in first_document), plan[0].kv_group, d, q.dtype, q.device,
-           key_mask is not None, n.bit_length(), (b * h).bit_length())
+    key = (pass_name, _document_rates(plan), plan[0].kv_group, d, q.dtype, q.device, key_mask is not None,
+           n.bit_length(), (b * h).bit_length())
     run = {"fused": fused, "branches": branches}
     return triton_fused.pick(key, tuple(run), lambda name: run[name]()) == "fused"
 
