@@ -178,6 +178,14 @@ if triton is not None:
         return tl.load(K + offs), tl.load(V + offs)
 
     @triton.jit
+    def key_block(K, V, base, kpos, ok, start, ku, dims, MASKED: tl.constexpr, TMA: tl.constexpr):
+        """The key and value rows of the block from class index start: TMA, through the descriptors
+        of ``class_keys`` (rows past the class load as zeros); else at positions kpos (``kv_rows``)."""
+        if TMA:
+            return K.load([start, 0]), V.load([start, 0])
+        return kv_rows(K, V, base, kpos, ok, ku, dims, MASKED)
+
+    @triton.jit
     def visible_keys(KM, m_base, kpos, ok, mu, HAS_MASK: tl.constexpr):
         if HAS_MASK:
             return ok & (tl.load(KM + m_base + kpos.to(tl.int64) * mu, mask=ok, other=1) == 0)
@@ -194,10 +202,7 @@ if triton is not None:
         t = start + tl.arange(0, BLOCK_N)
         kpos = key0 + t * r
         ok = t < count
-        if TMA:  # K, V: descriptors over this branch's class (``class_keys``); rows past it load as zeros
-            k, v = K.load([start, 0]), V.load([start, 0])
-        else:
-            k, v = kv_rows(K, V, k_base, kpos, ok, ku, dims, MASKED)
+        k, v = key_block(K, V, k_base, kpos, ok, start, ku, dims, MASKED, TMA)
         s = dot(q, tl.trans(k))
         if MASKED:
             keep = visible_keys(KM, m_base, kpos, ok, mu, HAS_MASK)[None, :]
@@ -307,10 +312,7 @@ if triton is not None:
         t = start + tl.arange(0, BLOCK_N)
         kpos = key0 + t * r
         ok = t < count
-        if TMA:  # K, V: descriptors over this branch's class (``class_keys``)
-            k, v = K.load([start, 0]), V.load([start, 0])
-        else:
-            k, v = kv_rows(K, V, k_base, kpos, ok, ku, dims, MASKED)
+        k, v = key_block(K, V, k_base, kpos, ok, start, ku, dims, MASKED, TMA)
         if MASKED:
             keep = visible_keys(KM, m_base, kpos, ok, mu, HAS_MASK)
             p, ds = probs(q, k, v, do, lse, delta, qidx, t, row_ok, keep, qk_scale, do_scale, 0, IS_CAUSAL)
