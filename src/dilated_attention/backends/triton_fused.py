@@ -182,8 +182,10 @@ if triton is not None:
         """The key and value rows of the block from class index start: TMA, through the descriptors
         of ``class_keys`` (rows past the class load as zeros); else at positions kpos (``kv_rows``)."""
         if TMA:
-            return K.load([start, 0]), V.load([start, 0])
-        return kv_rows(K, V, base, kpos, ok, ku, dims, MASKED)
+            k, v = K.load([start, 0]), V.load([start, 0])
+        else:
+            k, v = kv_rows(K, V, base, kpos, ok, ku, dims, MASKED)
+        return k, v
 
     @triton.jit
     def visible_keys(KM, m_base, kpos, ok, mu, HAS_MASK: tl.constexpr):
