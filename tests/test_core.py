@@ -101,6 +101,17 @@ def test_triton_counts_every_branch_on_gpu(segs, rates, causal, mode):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not triton.available(), reason="the Triton kernels on CUDA")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_triton_head_dim_128_on_gpu(causal, mode):
+    """The per-branch kernels' d = 128 configs (a ragged last segment, w % r != 0)."""
+    ours, theirs = _low_precision_errors(torch.bfloat16, "cuda", "triton", causal, mode,
+                                         (2, 300, 4, 128, [50, 128, 256], [1, 3, 4]))
+    for name, a, t in zip(["out", "dq", "dk", "dv"], ours, theirs):
+        assert a <= 2 * t + 2e-4, f"{name}: error {a:.3g} vs torch math {t:.3g}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not triton.available(), reason="the Triton kernels on CUDA")
 def test_triton_runs_more_segments_than_a_grid_axis_holds():
     """n / w' = 70,000 segments: beyond the 65,535 programs of a CUDA grid's second axis (Triton, and the
     SDPA backend's flash and memory-efficient kernels), each within 2x of SDPA-flash bf16's error."""
@@ -339,8 +350,9 @@ def test_gqa_on_triton_within_twice_torch_math(causal, mode):
 @pytest.mark.skipif(not torch.cuda.is_available() or not triton.available(), reason="the Triton kernels on CUDA")
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("h_kv,masked,bounds", [(4, False, None), (2, True, None), (2, False, (0, 1024, 3072, 4396))])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_fused_kernels_within_twice_torch_math(dtype, h_kv, masked, bounds, causal, monkeypatch):
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 64), (torch.float32, 64), (torch.bfloat16, 128)],
+                         ids=["bf16", "fp32", "bf16-d128"])
+def test_fused_kernels_within_twice_torch_math(dtype, d, h_kv, masked, bounds, causal, monkeypatch):
     """The fused all-branch kernels at their full tile size (a ragged last segment, GQA, a key mask,
     packed documents), bf16 and float32 (3xTF32 dots); causal plans made to take them whichever path
     timed faster."""
@@ -349,7 +361,7 @@ def test_fused_kernels_within_twice_torch_math(dtype, h_kv, masked, bounds, caus
     from dilated_attention.plan import build_plan
 
     monkeypatch.setattr(triton_backend, "fused_causal", lambda *args: True)
-    b, n, h, d, segs, rates = 1, 4396, 4, 64, [512, 1024, 2048], [1, 2, 4]
+    b, n, h, segs, rates = 1, 4396, 4, [512, 1024, 2048], [1, 2, 4]
     plan = build_plan(n, h, segs, rates, "paper", kv_heads=h_kv, cu_seqlens=bounds)
     assert triton_fused.fwd_tile(plan, n, h, d, dtype) == 128
     assert triton_fused.bwd_tiles(plan, n, h, d, dtype, causal, masked)

@@ -78,12 +78,10 @@ if triton is not None:
 
     @triton.jit
     def _program(BLOCK: tl.constexpr, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
-                 qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE: tl.constexpr, COMPACT: tl.constexpr,
-                 LAST_FIRST: tl.constexpr = False):
+                 qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE: tl.constexpr, COMPACT: tl.constexpr):
         """This program's row block, query and key row counts, offsets of row 0 in q, k, lse; its
         head, class offset and segment. COMPACT: k holds only each query head's class, row i at
-        ``i * ku`` (``_key_rate``). LAST_FIRST: a segment's row blocks run from its last (causal
-        query blocks: the longest first, so a launch ends on short ones).
+        ``i * ku`` (``_key_rate``).
 
         Grid: (row blocks x segments, heads, batch); axis 0 has room for 2**31 programs. Query
         head ``head`` reads k/v head ``(KV_HEAD0 + head) // KV_GROUP`` (GQA). With a segment
@@ -91,8 +89,6 @@ if triton is not None:
         row_blocks = tl.cdiv(MAX_ROWS, BLOCK)
         pid = tl.program_id(0)
         block = pid % row_blocks
-        if LAST_FIRST:
-            block = row_blocks - 1 - block
         seg = (pid // row_blocks).to(tl.int64)
         head = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -161,7 +157,7 @@ if triton is not None:
              HEAD_DIM: tl.constexpr, TMA: tl.constexpr = False):
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(
             BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
-            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE, COMPACT, IS_CAUSAL)
+            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE, COMPACT)
         if pid_m * BLOCK_M >= q_count:
             return
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -254,7 +250,7 @@ if triton is not None:
                 TMA: tl.constexpr = False):
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(
             BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
-            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE, COMPACT, IS_CAUSAL)
+            qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE, COMPACT)
         if pid_m * BLOCK_M >= q_count:
             return
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -311,12 +307,11 @@ def _config(d: int, dtype: torch.dtype, causal: bool, masked: bool):
 
 def _bwd_configs(d: int, dtype: torch.dtype, causal: bool, masked: bool):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel, then of the dQ kernel (plain
-    non-causal d = 64: 128 query rows over 8 warps, NOTES.md v15: 4.28 vs 4.69 ms at 128K)."""
+    non-causal: 128 query rows over 8 warps, NOTES.md v15: 4.28 vs 4.69 ms at 128K, d = 64; d = 128
+    takes the same, v19: head_groups forward+backward 8.76 vs 14.96 ms with 8 warps in both)."""
     if dtype == torch.float32:  # NOTES.md v12, causal: d = 64 66.0 vs 126.2 ms (64, 64, 8, 2), d = 128 46.9 vs 92.1
         cfg = (64, 32, 4, 2) if d <= 64 else (32, 32, 4, 1)
         return cfg, cfg
-    if d > 64:
-        return (64, 64, 8, 3), (64, 64, 8, 3)
     return (64, 64, 4, 3), ((64, 64, 4, 3) if causal or masked else (128, 64, 8, 3))
 
 
