@@ -80,7 +80,7 @@ def test_kernels_compile_for_hopper():
                     compact = not (causal or first)  # the ring's visiting keys in their class layout
                     consts = dict(IS_CAUSAL=causal, FIRST=first, HAS_MASK=has_mask, TABLE=has_mask and not compact,
                                   COMPACT=compact, NEG_SCALE=first and causal, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d,
-                                  TMA=tma)
+                                  TMA=tma, OTHER_ROWS=first)
                     src = ASTSource(tk._fwd, signature(tk._fwd, out_dtype, consts, io), consts)
                     compile_(src, num_warps=warps, num_stages=stages)
             for has_mask in (False, True):
