@@ -478,7 +478,7 @@ def _stores_every_row(plan: Plan, num_heads: int) -> bool:
 def _one_branch_per_head(plan: Plan, num_heads: int) -> bool:
     """Whether every head has exactly one branch, over the whole sequence (head_groups without packed
     documents): each launch then stores its heads' other rows too (``_fwd``'s OTHER_ROWS), so out
-    and lse need no fill (at 128K, d = 64 the fill of out is about 7% of a head_groups forward)."""
+    and lse need no fill (NOTES.md v20: head_groups forward 2-4% faster at 128K)."""
     heads = sorted(j for br in plan for j in range(br.head_start, br.head_stop))
     return heads == list(range(num_heads)) and all(br.row_start == 0 and br.row_stop < 0 for br in plan)
 
