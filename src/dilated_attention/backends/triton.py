@@ -331,7 +331,7 @@ def _config(d: int, dtype: torch.dtype, causal: bool, masked: bool):
 def _bwd_configs(d: int, dtype: torch.dtype, causal: bool, masked: bool):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel, then of the dQ kernel (plain
     non-causal: 128 query rows over 8 warps, NOTES.md v15: 4.28 vs 4.69 ms at 128K, d = 64; d = 128
-    takes the same, v19: head_groups forward+backward 8.76 vs 14.96 ms with 8 warps in both)."""
+    takes the same, v19: head_groups forward+backward at 128K 8.76 vs 14.96 ms on (64, 64, 8, 3) in both)."""
     if dtype == torch.float32:  # NOTES.md v12, causal: d = 64 66.0 vs 126.2 ms (64, 64, 8, 2), d = 128 46.9 vs 92.1
         cfg = (64, 32, 4, 2) if d <= 64 else (32, 32, 4, 1)
         return cfg, cfg
