@@ -475,6 +475,7 @@ def _stores_every_row(plan: Plan, num_heads: int) -> bool:
     return plan[0].rate == 1 and (plan[0].head_start, plan[0].head_stop) == (0, num_heads)
 
 
+@functools.lru_cache(maxsize=256)
 def _one_branch_per_head(plan: Plan, num_heads: int) -> bool:
     """Whether every head has exactly one branch, over the whole sequence (head_groups without packed
     documents): each launch then stores its heads' other rows too (``_fwd``'s OTHER_ROWS), so out
