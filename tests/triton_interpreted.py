@@ -17,6 +17,7 @@ CASES = [  # (b, n, h, d, segment_lengths, dilation_rates)
     (1, 29, 4, 16, [6, 12, 24], [6, 12, 5]),  # r > h, r >= w
     (2, 37, 4, 16, [8, 40, 80], [1, 2, 2]),  # repeated rate, two branches clipped to w' = n
     (1, 40, 3, 16, [64, 128, 16, 16], [1, 1, 2, 2]),  # duplicated branches
+    (2, 37, 5, 16, [16], [3]),  # one branch, r > 1: its launch also stores the rows outside each head's class
 ]
 
 
