@@ -384,6 +384,35 @@ def test_fused_kernels_within_twice_torch_math(dtype, d, h_kv, masked, bounds, c
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not triton.available(), reason="the Triton kernels on CUDA")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_head_groups_launches_on_side_streams_match_one_after_another(causal, monkeypatch):
+    """head_groups' launches each on a side stream give the results of one launch after another, bit
+    for bit, eagerly and replayed from a CUDA graph (a ragged last segment, w % r != 0)."""
+    from dilated_attention.backends import triton as triton_backend
+
+    b, n, h, d, segs, rates = 2, 20000, 6, 64, [1000, 3000, 8192], [1, 3, 4]
+    q, k, v, dout = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def step():
+        out = dilated_attention(q, k, v, segs, rates, is_causal=causal, mode="head_groups")
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    monkeypatch.setattr(triton_backend, "CONCURRENT_MIN_ROWS", 1 << 40)
+    serial = step()
+    monkeypatch.setattr(triton_backend, "CONCURRENT_MIN_ROWS", 0)
+    concurrent = step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, a, c, g in zip(["out", "dq", "dk", "dv"], serial, concurrent, captured):
+        assert torch.equal(a, c), f"{name}: side streams differ from one launch after another"
+        assert torch.equal(a, g), f"{name}: the graph's replay differs"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not triton.available(), reason="the Triton kernels on CUDA")
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_forward_and_backward_replay_from_a_cuda_graph(causal, mode):
