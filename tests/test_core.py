@@ -384,6 +384,48 @@ def test_fused_kernels_within_twice_torch_math(dtype, d, h_kv, masked, bounds, c
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not triton.available(), reason="the Triton kernels on CUDA")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_head_groups_launches_on_side_streams_match_one_after_another(causal, monkeypatch):
+    """head_groups' launches each on a side stream give the results of one launch after another, bit
+    for bit (a ragged last segment, w % r != 0); a CUDA graph captures them one after another, and its
+    replay on new inputs equals an eager call."""
+    from dilated_attention.backends import triton as triton_backend
+
+    b, n, h, d, segs, rates = 2, 20000, 6, 64, [1000, 3000, 8192], [1, 3, 4]
+    q, k, v, dout = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    forks = []
+    side_streams = triton_backend._side_streams
+    monkeypatch.setattr(triton_backend, "_side_streams", lambda *a: forks.append(a) or side_streams(*a))
+
+    def step():
+        out = dilated_attention(q, k, v, segs, rates, is_causal=causal, mode="head_groups")
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    monkeypatch.setattr(triton_backend, "CONCURRENT_MIN_ROWS", 1 << 40)
+    serial = step()
+    assert not forks
+    monkeypatch.setattr(triton_backend, "CONCURRENT_MIN_ROWS", 0)
+    for name, a, c in zip(["out", "dq", "dk", "dv"], serial, step()):
+        assert torch.equal(a, c), f"{name}: side streams differ from one launch after another"
+    assert forks, "the launches ran one after another"
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for t in (q, k, v, dout):
+        with torch.no_grad():
+            t.copy_(torch.randn_like(t))
+    graph.replay()
+    for name, replayed, eager in zip(["out", "dq", "dk", "dv"], captured, step()):
+        assert torch.equal(replayed, eager), f"{name}: the graph's replay differs from an eager call"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not triton.available(), reason="the Triton kernels on CUDA")
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_forward_and_backward_replay_from_a_cuda_graph(causal, mode):

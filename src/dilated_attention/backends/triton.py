@@ -24,6 +24,7 @@ Addressing: row ``i`` of the class of offset ``o`` in segment ``s`` of head ``j`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
@@ -321,10 +322,10 @@ def _config(d: int, dtype: torch.dtype, causal: bool, masked: bool):
     at 8 warps); float32 tiles take twice the shared memory."""
     if dtype == torch.float32:  # NOTES.md v12: causal at 128K, 16.7 ms (d = 64), 39.2 vs 75.7 ms with (64, 64, 8, 2)
         return (128, 64, 8, 2) if d <= 64 else (32, 64, 4, 2)
+    if causal:  # d = 128 too (NOTES.md v22: paper causal at 128K 4.19 vs 4.40 ms on (128, 64, 8, 3))
+        return 64, 64, 4, 3
     if d > 64:
         return 128, 64, 8, 3  # benchmarks/NOTES.md: 358 vs 296 TFLOP/s with 2 stages at d = 128
-    if causal:
-        return 64, 64, 4, 3
     return (128, 64, 4, 3) if masked else (128, 64, 8, 3)
 
 
@@ -484,6 +485,36 @@ def _one_branch_per_head(plan: Plan, num_heads: int) -> bool:
     return heads == list(range(num_heads)) and all(br.row_start == 0 and br.row_stop < 0 for br in plan)
 
 
+CONCURRENT_MIN_ROWS = 32768  # b x n below which head_groups' launches run one after another (host-bound)
+
+
+def _concurrent(q) -> bool:
+    """Whether head_groups' launches (disjoint heads: independent) run each on a side stream, so one
+    launch's last wave overlaps the next one's first: CUDA, at least ``CONCURRENT_MIN_ROWS`` rows, and
+    not while a CUDA graph captures (a graph takes them one after another)."""
+    return q.is_cuda and q.shape[0] * q.shape[1] >= CONCURRENT_MIN_ROWS \
+        and not torch.cuda.is_current_stream_capturing()
+
+
+@functools.lru_cache(maxsize=None)
+def _stream_pool(device: torch.device, count: int) -> tuple:
+    return tuple(torch.cuda.Stream(device) for _ in range(count))
+
+
+def _side_streams(device: torch.device, count: int) -> tuple:
+    """count side streams of the device, each made to wait for the current stream's work so far."""
+    streams = _stream_pool(device, count)
+    main = torch.cuda.current_stream(device)
+    for stream in streams:
+        stream.wait_stream(main)
+    return streams
+
+
+def _on(streams, i: int):
+    """The context running launch i: its side stream, or the current stream (streams None)."""
+    return contextlib.nullcontext() if streams is None else torch.cuda.stream(streams[i])
+
+
 def _same_strides(names: str, *tensors) -> None:
     """The kernels address these with one set of strides (a dim of size 1 has no stride that matters)."""
     first = tensors[0]
@@ -605,15 +636,22 @@ class Triton(Backend):
                          other_rows: bool = False) -> None:
         """other_rows: every head has one branch and out, lse hold nothing yet (``_one_branch_per_head``)."""
         written = set()  # heads a launch has written: a fresh launch over fresh heads reads nothing
-        for branch, table in _launches(plan, q.shape[1], q.device):
+        launches = _launches(plan, q.shape[1], q.device)
+        streams = _side_streams(q.device, len(launches)) if other_rows and _concurrent(q) else None
+        for i, (branch, table) in enumerate(launches):
             new = set(range(branch.head_start, branch.head_stop))
             first = fresh and written.isdisjoint(new)
             written |= new
             if out_scale != 1.0 and not first:
                 raise ValueError("triton backend: out_scale needs branches over disjoint heads (head_groups)")
             qv, ov, lv = _heads(q, branch), _heads(out, branch), _heads(lse, branch)
-            _run_forward(qv, k, v, ov, lv, key_mask, _branch_launch(qv, k, lv, key_mask, qv, branch, table), scale,
-                         causal, first, out_scale, other_rows and branch.rate > 1)
+            with _on(streams, i):
+                _run_forward(qv, k, v, ov, lv, key_mask, _branch_launch(qv, k, lv, key_mask, qv, branch, table),
+                             scale, causal, first, out_scale, other_rows and branch.rate > 1)
+        if streams:
+            main = torch.cuda.current_stream(q.device)
+            for stream in streams:
+                main.wait_stream(stream)
 
     def backward_plan(self, dout, q, k, v, out, lse, plan: Plan, scale: float, causal: bool, out_scale: float,
                       key_mask=None):
