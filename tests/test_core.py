@@ -409,6 +409,8 @@ def test_head_groups_launches_on_side_streams_match_one_after_another(causal, mo
     for name, a, c in zip(["out", "dq", "dk", "dv"], serial, step()):
         assert torch.equal(a, c), f"{name}: side streams differ from one launch after another"
     assert forks, "the launches ran one after another"
+    del serial  # its autograd graph holds q, k, v's grad accumulators, made on the default stream: a capture
+    # while they live would make that stream wait on the capturing one (warm up on a side stream instead)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
