@@ -411,20 +411,7 @@ def test_head_groups_launches_on_side_streams_match_one_after_another(causal, mo
     assert forks, "the launches ran one after another"
     del serial  # its autograd graph holds q, k, v's grad accumulators, made on the default stream: a capture
     # while they live would make that stream wait on the capturing one (warm up on a side stream instead)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    for t in (q, k, v, dout):
-        with torch.no_grad():
-            t.copy_(torch.randn_like(t))
-    graph.replay()
-    for name, replayed, eager in zip(["out", "dq", "dk", "dv"], captured, step()):
-        assert torch.equal(replayed, eager), f"{name}: the graph's replay differs from an eager call"
+    assert_graph_replays_like_eager(step, (q, k, v, dout))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not triton.available(), reason="the Triton kernels on CUDA")
@@ -441,6 +428,12 @@ def test_forward_and_backward_replay_from_a_cuda_graph(causal, mode):
         out = dilated_attention(q, k, v, segs, rates, is_causal=causal, mode=mode)
         return (out, *torch.autograd.grad(out, (q, k, v), dout))
 
+    assert_graph_replays_like_eager(step, (q, k, v, dout))
+
+
+def assert_graph_replays_like_eager(step, inputs):
+    """Warm step() up on a side stream, capture it into a CUDA graph, give the inputs new values (read by
+    the graph where the static ones live) and replay: its (out, dq, dk, dv) equal an eager step's bit for bit."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -449,7 +442,7 @@ def test_forward_and_backward_replay_from_a_cuda_graph(causal, mode):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = step()
-    for t in (q, k, v, dout):  # new inputs, read by the graph where the static ones live
+    for t in inputs:
         with torch.no_grad():
             t.copy_(torch.randn_like(t))
     graph.replay()
