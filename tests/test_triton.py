@@ -380,3 +380,38 @@ def test_tma_loads_give_the_pointer_loads_results(monkeypatch):
                 out = dilated_attention(*ins, segs, rates, is_causal=causal, mode=mode, key_padding_mask=key_mask)
                 results.append((out, *torch.autograd.grad(out, ins, do)))
             assert all(torch.equal(a, b) for a, b in zip(*results)), (mode, key_mask is not None, causal)
+
+
+def test_per_branch_launches_are_prepared_once_per_call_geometry(monkeypatch):
+    """The per-branch path builds its launches (grids, scalars, configs) once per call geometry and replays
+    them: a second call launches the same kernels with the same arguments on its own tensors, and q, k, v
+    cut from longer tensors (other strides) get launches of their own. Backward with GQA: per branch a dQ
+    launch, then one dK/dV launch per query head of a k/v head."""
+    from dilated_attention.backends import triton as tk
+    from dilated_attention.plan import build_plan
+
+    launches, builds = [], {"forward": 0, "backward": 0}
+    monkeypatch.setattr(tk, "launch_kernel", lambda kernel, grid, tensors, scalars, **meta: launches.append(
+        (kernel.fn.__name__, grid, scalars, tuple(sorted(meta.items())), tensors[0].shape)))
+    for name, steps in (("forward", tk._forward_steps), ("backward", tk._backward_steps)):
+        monkeypatch.setattr(tk, f"_{name}_steps", lambda *a, name=name, steps=steps: builds.__setitem__(
+            name, builds[name] + 1) or steps(*a))
+    b, n, h, h_kv, d = 2, 64, 6, 3, 16
+    plan = build_plan(n, h, [16, 32], [1, 2], "paper", kv_heads=h_kv)
+
+    def run(rows):  # the plan's forward and backward on the first n of `rows` rows
+        q, dq = (torch.empty(b, rows, h, d, device="meta")[:, :n] for _ in range(2))
+        k, v, dk, dv = (torch.empty(b, rows, h_kv, d, device="meta")[:, :n] for _ in range(4))
+        out, dout = torch.empty_like(q), torch.empty_like(q)
+        lse = torch.empty(b, n, h, device="meta")
+        tk.Triton()._branch_forwards(out, lse, q, k, v, plan, 0.25, True, None, 1.0, fresh=True)
+        tk.Triton()._branch_backwards(dq, dk, dv, dout, q, k, v, out, lse, plan, 0.25, True, 1.0, None, fresh=True)
+        calls = launches[:]
+        launches.clear()
+        return calls
+
+    first = run(n)
+    assert run(n) == first and builds == {"forward": 1, "backward": 1}
+    assert [name for name, *_ in first] == ["_fwd"] * 2 + ["_bwd_dq", "_bwd_dkdv", "_bwd_dkdv"] * 2
+    longer = run(2 * n)  # batch strides double
+    assert builds == {"forward": 2, "backward": 2} and len(longer) == len(first) and longer != first

@@ -24,7 +24,6 @@ Addressing: row ``i`` of the class of offset ``o`` in segment ``s`` of head ``j`
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import os
@@ -368,8 +367,18 @@ def _flat(t, seg: int):
 
 def _heads(t, branch: Branch):
     """t[:, :, branch's heads], or t itself when they are all of its heads (a view costs ~1.5 us of host time)."""
+    return _view(t, _head_slice(branch, t.shape[2]))
+
+
+def _head_slice(branch: Branch, num_heads: int):
+    """The branch's heads as a slice, or None when they are all of them."""
     start, stop = branch.head_start, branch.head_stop
-    return t if start == 0 and stop == t.shape[2] else t[:, :, start:stop]
+    return None if start == 0 and stop == num_heads else slice(start, stop)
+
+
+def _view(t, heads):
+    """t[:, :, heads], or t itself (heads None)."""
+    return t if heads is None else t[:, :, heads]
 
 
 def _branch_launch(q, k, lse, mask, grad, branch: Branch, table=None) -> _Launch:
@@ -436,38 +445,121 @@ def _table_arg(launch: _Launch, like):
     return like if launch.table is None else launch.table
 
 
-def _run_forward(q, k, v, out, lse, mask, launch: _Launch, scale: float, causal: bool, first: bool,
-                 out_scale: float = 1.0, other_rows: bool = False) -> None:
-    """other_rows: the launch also stores 0 / -inf at its segments' rows outside its classes (``_fwd``)."""
-    bm, bn, warps, stages = _config(q.shape[-1], q.dtype, causal, mask is not None)
-    launch_kernel(
-        _fwd, launch.grid(bm), (q, k, v, out, lse, _mask_arg(mask, q), _table_arg(launch, q)),
-        (*launch.strides, *launch.sizes, scale * LOG2E, out_scale), IS_CAUSAL=causal, FIRST=first,
-        HAS_MASK=mask is not None, TABLE=launch.table is not None, COMPACT=launch.compact, NEG_SCALE=scale < 0,
-        BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=q.shape[-1], TMA=triton_fused.tma_loads(k, v), OTHER_ROWS=other_rows,
-        num_warps=warps, num_stages=stages,
-    )
+def _forward_launch(d: int, dtype, launch: _Launch, scale: float, causal: bool, first: bool, masked: bool, tma: bool,
+                    out_scale: float = 1.0, other_rows: bool = False):
+    """(kernel, grid, scalars, constexprs) of one forward launch; its tensors: q, k, v, out, lse, the key
+    mask and the segment table (``_mask_arg``, ``_table_arg``). other_rows: the launch also stores 0 /
+    -inf at its segments' rows outside its classes (``_fwd``)."""
+    bm, bn, warps, stages = _config(d, dtype, causal, masked)
+    return _fwd, launch.grid(bm), (*launch.strides, *launch.sizes, scale * LOG2E, out_scale), dict(
+        IS_CAUSAL=causal, FIRST=first, HAS_MASK=masked, TABLE=launch.table is not None, COMPACT=launch.compact,
+        NEG_SCALE=scale < 0, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d, TMA=tma, OTHER_ROWS=other_rows, num_warps=warps,
+        num_stages=stages)
+
+
+def _run_forward(q, k, v, out, lse, mask, launch: _Launch, scale: float, causal: bool, first: bool) -> None:
+    kernel, grid, scalars, meta = _forward_launch(q.shape[-1], q.dtype, launch, scale, causal, first, mask is not None,
+                                                  triton_fused.tma_loads(k, v))
+    launch_kernel(kernel, grid, (q, k, v, out, lse, _mask_arg(mask, q), _table_arg(launch, q)), scalars, **meta)
+
+
+def _backward_launches(d: int, dtype, launch: _Launch, scale: float, causal: bool, masked: bool, tma: bool,
+                       do_scale: float = 1.0, passes: str = "kq", first: bool = False):
+    """(kernel, grid, scalars, constexprs) of the dK/dV launch ("k" in passes; tensors q, k, v, dout, lse,
+    delta, key mask, dk, dv, table; dk, dv laid out per query head, ``launch.grad_strides``) and of the dQ
+    launch ("q"; tensors q, k, v, dout, lse, delta, key mask, dq, table), or None; first: store the
+    gradients' rows rather than add (they hold nothing yet)."""
+    sizes = (*launch.sizes, scale * LOG2E, scale, do_scale)
+    kv_cfg, q_cfg = _bwd_configs(d, dtype, causal, masked)
+    flags = dict(IS_CAUSAL=causal, FIRST=first, HAS_MASK=masked, TABLE=launch.table is not None,
+                 COMPACT=launch.compact, HEAD_DIM=d)
+
+    def meta(bm, bn, warps, stages, **extra):
+        return dict(flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **extra)
+
+    dkdv = (_bwd_dkdv, launch.grid(kv_cfg[1]), (*launch.strides, *launch.grad_strides, *sizes), meta(*kv_cfg))
+    dq = (_bwd_dq, launch.grid(q_cfg[0]), (*launch.strides, *sizes), meta(*q_cfg, TMA=causal and tma))
+    return dkdv if "k" in passes else None, dq if "q" in passes else None
 
 
 def _run_backward(dout, q, k, v, lse, delta, mask, dq, dk, dv, launch: _Launch, scale: float, causal: bool,
-                  do_scale: float = 1.0, passes: str = "kq", first: bool = False) -> None:
-    """dk, dv: laid out per query head (``launch.grad_strides``); passes: "k" dK/dV, "q" dQ, or both;
-    first: store the gradients' rows rather than add (they hold nothing yet)."""
-    sizes = (*launch.sizes, scale * LOG2E, scale, do_scale)
+                  do_scale: float = 1.0) -> None:
+    """Both passes of one launch (``_backward_launches``), adding into dq, dk, dv."""
+    dkdv, dq_pass = _backward_launches(q.shape[-1], q.dtype, launch, scale, causal, mask is not None,
+                                       triton_fused.tma_loads(k, v), do_scale)
     km, st = _mask_arg(mask, q), _table_arg(launch, q)
-    kv_cfg, q_cfg = _bwd_configs(q.shape[-1], q.dtype, causal, mask is not None)
-    flags = dict(IS_CAUSAL=causal, FIRST=first, HAS_MASK=mask is not None, TABLE=launch.table is not None,
-                 COMPACT=launch.compact, HEAD_DIM=q.shape[-1])
+    launch_kernel(*dkdv[:2], (q, k, v, dout, lse, delta, km, dk, dv, st), dkdv[2], **dkdv[3])
+    launch_kernel(*dq_pass[:2], (q, k, v, dout, lse, delta, km, dq, st), dq_pass[2], **dq_pass[3])
 
-    def meta(bm, bn, warps, stages):
-        return dict(flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
 
-    if "k" in passes:
-        launch_kernel(_bwd_dkdv, launch.grid(kv_cfg[1]), (q, k, v, dout, lse, delta, km, dk, dv, st),
-                      (*launch.strides, *launch.grad_strides, *sizes), **meta(*kv_cfg))
-    if "q" in passes:
-        launch_kernel(_bwd_dq, launch.grid(q_cfg[0]), (q, k, v, dout, lse, delta, km, dq, st),
-                      (*launch.strides, *sizes), TMA=causal and triton_fused.tma_loads(k, v), **meta(*q_cfg))
+_PREPARED: dict = {}  # a plan's launches per call geometry (``_prepared``)
+_MAX_PREPARED = 1024
+
+
+def _prepared(key: tuple, build):
+    """``build()``'s launches for a call geometry ``key``, made once: the hot path is then a loop of
+    kernel launches (no per-launch geometry, config or argument building)."""
+    steps = _PREPARED.get(key)
+    if steps is None:
+        steps = build()
+        if len(_PREPARED) >= _MAX_PREPARED:
+            _PREPARED.clear()
+        _PREPARED[key] = steps
+    return steps
+
+
+def _geometry(q, k, lse, mask) -> tuple:
+    """What a plan's launches read of the call's tensors: shapes, strides, dtype, device (out, dq share
+    q's strides, dk, dv k's: the callers check)."""
+    return (q.shape, q.stride(), k.shape, k.stride(), lse.stride(), None if mask is None else mask.stride(), q.dtype,
+            q.device)
+
+
+def _forward_steps(q, k, lse, key_mask, plan: Plan, scale, causal, out_scale, fresh, other_rows, tma) -> tuple:
+    """``Triton._branch_forwards``' launches: per branch, (its heads or None, its segment table or None,
+    ``_forward_launch``)."""
+    steps, written = [], set()  # heads a launch has written: a fresh launch over fresh heads reads nothing
+    for branch, table in _launches(plan, q.shape[1], q.device):
+        new = set(range(branch.head_start, branch.head_stop))
+        first = fresh and written.isdisjoint(new)
+        written |= new
+        if out_scale != 1.0 and not first:
+            raise ValueError("triton backend: out_scale needs branches over disjoint heads (head_groups)")
+        heads = _head_slice(branch, q.shape[2])
+        qv, lv = _view(q, heads), _view(lse, heads)
+        steps.append((heads, table, _forward_launch(q.shape[-1], q.dtype, _branch_launch(qv, k, lv, key_mask, qv, branch,
+                                                                                          table), scale, causal, first,
+                                                    key_mask is not None, tma, out_scale,
+                                                    other_rows and branch.rate > 1)))
+    return tuple(steps)
+
+
+def _backward_steps(q, k, lse, key_mask, plan: Plan, scale, causal, out_scale, fresh, tma) -> tuple:
+    """``Triton._branch_backwards``' launches: (``_backward_launches``' launch, the query heads, the k/v heads,
+    the dK/dV heads (each a slice or None: all), the segment table or None). Per branch a dK/dV launch and a dQ
+    launch; with GQA the branch's dQ launch, then one dK/dV launch per query head of a k/v head, each adding
+    into dk, dv straight (no per-query-head buffers)."""
+    group = q.shape[2] // k.shape[2]
+    d, masked, steps = q.shape[-1], key_mask is not None, []
+    for i, (branch, table) in enumerate(_launches(plan, q.shape[1], q.device)):
+        heads = _head_slice(branch, q.shape[2])
+        qv, lv = _view(q, heads), _view(lse, heads)
+        launch = _branch_launch(qv, k, lv, key_mask, qv if group > 1 else _view(k, heads), branch, table)
+        dkdv, dq = _backward_launches(d, q.dtype, launch, scale, causal, masked, tma, out_scale,
+                                      "kq" if group == 1 else "q", fresh and i == 0)
+        steps += [(dkdv, heads, None, heads, table)] if dkdv else []
+        steps.append((dq, heads, None, None, table))
+        for head0 in range(branch.head_start, min(branch.head_stop, branch.head_start + group)) if group > 1 else ():
+            h = slice(head0, branch.head_stop, group)  # one query head of each k/v head from head0 // group
+            kv = slice(head0 // group, None)
+            qv, lv = q[:, :, h], lse[:, :, h]
+            phase = replace(branch, offset=-group if branch.offset == PER_HEAD else branch.offset,
+                            head_base=branch.head_base + head0, head_start=0, head_stop=qv.shape[2], kv_group=1)
+            launch = _branch_launch(qv, k[:, :, kv], lv, key_mask, k[:, :, kv], phase, table)
+            dkdv, _ = _backward_launches(d, q.dtype, launch, scale, causal, masked, tma, out_scale, "k",
+                                         fresh and i == 0 and head0 == 0)
+            steps.append((dkdv, h, kv, kv, table))
+    return tuple(steps)
 
 
 def _stores_every_row(plan: Plan, num_heads: int) -> bool:
@@ -508,11 +600,6 @@ def _side_streams(device: torch.device, count: int) -> tuple:
     for stream in streams:
         stream.wait_stream(main)
     return streams
-
-
-def _on(streams, i: int):
-    """The context running launch i: its side stream, or the current stream (streams None)."""
-    return contextlib.nullcontext() if streams is None else torch.cuda.stream(streams[i])
 
 
 def _same_strides(names: str, *tensors) -> None:
@@ -634,20 +721,22 @@ class Triton(Backend):
 
     def _branch_forwards(self, out, lse, q, k, v, plan, scale, causal, key_mask, out_scale, fresh: bool,
                          other_rows: bool = False) -> None:
-        """other_rows: every head has one branch and out, lse hold nothing yet (``_one_branch_per_head``)."""
-        written = set()  # heads a launch has written: a fresh launch over fresh heads reads nothing
-        launches = _launches(plan, q.shape[1], q.device)
-        streams = _side_streams(q.device, len(launches)) if other_rows and _concurrent(q) else None
-        for i, (branch, table) in enumerate(launches):
-            new = set(range(branch.head_start, branch.head_stop))
-            first = fresh and written.isdisjoint(new)
-            written |= new
-            if out_scale != 1.0 and not first:
-                raise ValueError("triton backend: out_scale needs branches over disjoint heads (head_groups)")
-            qv, ov, lv = _heads(q, branch), _heads(out, branch), _heads(lse, branch)
-            with _on(streams, i):
-                _run_forward(qv, k, v, ov, lv, key_mask, _branch_launch(qv, k, lv, key_mask, qv, branch, table),
-                             scale, causal, first, out_scale, other_rows and branch.rate > 1)
+        """other_rows: every head has one branch and out, lse hold nothing yet (``_one_branch_per_head``).
+        The launches are made once per call geometry (``_prepared``)."""
+        tma = triton_fused.tma_loads(k, v)
+        key = ("forward", plan, *_geometry(q, k, lse, key_mask), scale, causal, out_scale, fresh, other_rows, tma)
+        steps = _prepared(key, lambda: _forward_steps(q, k, lse, key_mask, plan, scale, causal, out_scale, fresh,
+                                                      other_rows, tma))
+        streams = _side_streams(q.device, len(steps)) if other_rows and _concurrent(q) else None
+        km = _mask_arg(key_mask, q)
+        for i, (heads, table, (kernel, grid, scalars, meta)) in enumerate(steps):
+            qv = _view(q, heads)
+            tensors = (qv, k, v, _view(out, heads), _view(lse, heads), km, qv if table is None else table)
+            if streams is None:
+                launch_kernel(kernel, grid, tensors, scalars, **meta)
+                continue
+            with torch.cuda.stream(streams[i]):
+                launch_kernel(kernel, grid, tensors, scalars, **meta)
         if streams:
             main = torch.cuda.current_stream(q.device)
             for stream in streams:
@@ -694,28 +783,21 @@ class Triton(Backend):
 
     def _branch_backwards(self, dq, dk, dv, dout, q, k, v, out, lse, plan, scale, causal, out_scale, key_mask,
                           fresh: bool) -> None:
-        """``attend_plan_backward_``'s launches; fresh: dq, dk, dv hold nothing yet and the plan's first
-        launch stores every row of them (``_stores_every_row``), so it stores instead of adding."""
+        """``attend_plan_backward_``'s launches (made once per call geometry, ``_backward_steps``); fresh: dq,
+        dk, dv hold nothing yet and the plan's first launch stores every row of them (``_stores_every_row``),
+        so it stores instead of adding."""
         lse = lse.contiguous()
         delta = _row_dot(dout, out, lse)  # rowsum(dO' O) for dO' = s dout, O = out / s
-        group = q.shape[2] // k.shape[2]
-        for i, (branch, table) in enumerate(_launches(plan, q.shape[1], q.device)):
-            qv, lv, grad = _heads(q, branch), _heads(lse, branch), _heads(dk, branch) if group == 1 else None
-            launch = _branch_launch(qv, k, lv, key_mask, qv if grad is None else grad, branch, table)
-            _run_backward(_heads(dout, branch), qv, k, v, lv, _heads(delta, branch), key_mask, _heads(dq, branch), grad,
-                          None if grad is None else _heads(dv, branch), launch, scale, causal, out_scale,
-                          passes="kq" if group == 1 else "q", first=fresh and i == 0)
-            if group == 1:
-                continue
-            for head0 in range(branch.head_start, min(branch.head_stop, branch.head_start + group)):
-                h = slice(head0, branch.head_stop, group)  # one query head of each k/v head from head0 // group
-                qv, lv = q[:, :, h], lse[:, :, h]
-                kvs = [t[:, :, head0 // group :] for t in (k, v, dk, dv)]
-                phase = replace(branch, offset=-group if branch.offset == PER_HEAD else branch.offset,
-                                head_base=branch.head_base + head0, head_start=0, head_stop=qv.shape[2], kv_group=1)
-                launch = _branch_launch(qv, kvs[0], lv, key_mask, kvs[2], phase, table)
-                _run_backward(dout[:, :, h], qv, *kvs[:2], lv, delta[:, :, h], key_mask, None, *kvs[2:], launch,
-                              scale, causal, out_scale, passes="k", first=fresh and i == 0 and head0 == 0)
+        tma = triton_fused.tma_loads(k, v)
+        key = ("backward", plan, *_geometry(q, k, lse, key_mask), scale, causal, out_scale, fresh, tma)
+        steps = _prepared(key, lambda: _backward_steps(q, k, lse, key_mask, plan, scale, causal, out_scale, fresh, tma))
+        km = _mask_arg(key_mask, q)
+        for (kernel, grid, scalars, meta), heads, kv_heads, grad_heads, table in steps:
+            qv = _view(q, heads)
+            rows = (qv, _view(k, kv_heads), _view(v, kv_heads), _view(dout, heads), _view(lse, heads),
+                    _view(delta, heads), km)
+            grads = (_view(dq, heads),) if kernel is _bwd_dq else (_view(dk, grad_heads), _view(dv, grad_heads))
+            launch_kernel(kernel, grid, (*rows, *grads, qv if table is None else table), scalars, **meta)
 
     def attend_classes_(self, out, lse, q, kc, vc, branch, scale: float, key_mask=None) -> None:
         """One launch; keys read from their class layout (``COMPACT``)."""
