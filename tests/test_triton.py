@@ -387,9 +387,10 @@ def test_per_branch_launches_are_prepared_once_per_call_geometry(monkeypatch):
     them: a second call launches the same kernels with the same arguments on its own tensors, and q, k, v
     cut from longer tensors (other strides) get launches of their own. Backward with GQA: per branch a dQ
     launch, then one dK/dV launch per query head of a k/v head."""
-    from dilated_attention.backends import triton as tk
+    from dilated_attention.backends import triton as tk, triton_launch
     from dilated_attention.plan import build_plan
 
+    monkeypatch.setattr(triton_launch, "_PREPARED", {})
     launches, builds = [], {"forward": 0, "backward": 0}
     monkeypatch.setattr(tk, "launch_kernel", lambda kernel, grid, tensors, scalars, **meta: launches.append(
         (kernel.fn.__name__, grid, scalars, tuple(sorted(meta.items())), tensors[0].shape)))
@@ -415,3 +416,37 @@ def test_per_branch_launches_are_prepared_once_per_call_geometry(monkeypatch):
     assert [name for name, *_ in first] == ["_fwd"] * 2 + ["_bwd_dq", "_bwd_dkdv", "_bwd_dkdv"] * 2
     longer = run(2 * n)  # batch strides double
     assert builds == {"forward": 2, "backward": 2} and len(longer) == len(first) and longer != first
+
+
+def test_fused_launches_are_prepared_once_per_call_geometry(monkeypatch):
+    """The fused kernels' launches (grid, tables, scalars, the picked config) are made once per call geometry:
+    a second call of the same geometry launches the same arguments on its own tensors without building
+    them again; another batch size (strides, grid) builds its own."""
+    from dilated_attention.backends import triton_fused as tf, triton_launch
+    from dilated_attention.plan import build_plan
+
+    launches, builds = [], []
+    monkeypatch.setattr(tf, "launch_kernel", lambda kernel, grid, tensors, scalars, **meta: launches.append(
+        (kernel.fn.__name__, grid, scalars, tuple(sorted(meta.items())))))
+    real = triton_launch.prepared
+    monkeypatch.setattr(tf, "prepared", lambda key, build: real(key, lambda: builds.append(key[0]) or build()))
+    monkeypatch.setattr(triton_launch, "_PREPARED", {})
+    n, h, d = 256, 4, 16
+    plan = build_plan(n, h, [64, 128], [1, 2], "paper")
+    block = tf.fwd_tile(plan, n, h, d, torch.float16)
+    configs = tf.bwd_tiles(plan, n, h, d, torch.float16, False, False)
+
+    def run(b):
+        q, k, v, dout = (torch.empty(b, n, h, d, device="meta", dtype=torch.float16) for _ in range(4))
+        lse = torch.empty(b, n, h, device="meta")
+        tf.forward(q, k, v, plan, 0.25, False, None, block)
+        tf.backward(dout, q, k, v, lse, lse, plan, 0.25, False, None, configs)
+        calls = launches[:]
+        launches.clear()
+        return calls
+
+    first = run(2)
+    assert [name for name, *_ in first] == ["_fused_fwd", "_fused_dkdv", "_fused_dq"]
+    assert run(2) == first and builds == ["fused forward", "fused backward"]
+    other = run(3)
+    assert len(builds) == 4 and [c[1][2] for c in other] == [3, 3, 3] and other != first

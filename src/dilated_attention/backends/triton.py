@@ -35,7 +35,7 @@ from ..plan import PER_HEAD, Branch, Plan, documents
 from . import triton_fused
 from .base import Backend
 from .triton_fused import LOG2E
-from .triton_launch import launch_kernel
+from .triton_launch import launch_kernel, prepared
 
 try:
     import triton
@@ -492,22 +492,6 @@ def _run_backward(dout, q, k, v, lse, delta, mask, dq, dk, dv, launch: _Launch, 
     launch_kernel(*dq_pass[:2], (q, k, v, dout, lse, delta, km, dq, st), dq_pass[2], **dq_pass[3])
 
 
-_PREPARED: dict = {}  # a plan's launches per call geometry (``_prepared``)
-_MAX_PREPARED = 1024
-
-
-def _prepared(key: tuple, build):
-    """``build()``'s launches for a call geometry ``key``, made once: the hot path is then a loop of
-    kernel launches (no per-launch geometry, config or argument building)."""
-    steps = _PREPARED.get(key)
-    if steps is None:
-        steps = build()
-        if len(_PREPARED) >= _MAX_PREPARED:
-            _PREPARED.clear()
-        _PREPARED[key] = steps
-    return steps
-
-
 def _geometry(q, k, lse, mask) -> tuple:
     """What a plan's launches read of the call's tensors: shapes, strides, dtype, device (out, dq share
     q's strides, dk, dv k's: the callers check)."""
@@ -722,10 +706,10 @@ class Triton(Backend):
     def _branch_forwards(self, out, lse, q, k, v, plan, scale, causal, key_mask, out_scale, fresh: bool,
                          other_rows: bool = False) -> None:
         """other_rows: every head has one branch and out, lse hold nothing yet (``_one_branch_per_head``).
-        The launches are made once per call geometry (``_prepared``)."""
+        The launches are made once per call geometry (``prepared``)."""
         tma = triton_fused.tma_loads(k, v)
         key = ("forward", plan, *_geometry(q, k, lse, key_mask), scale, causal, out_scale, fresh, other_rows, tma)
-        steps = _prepared(key, lambda: _forward_steps(q, k, lse, key_mask, plan, scale, causal, out_scale, fresh,
+        steps = prepared(key, lambda: _forward_steps(q, k, lse, key_mask, plan, scale, causal, out_scale, fresh,
                                                       other_rows, tma))
         streams = _side_streams(q.device, len(steps)) if other_rows and _concurrent(q) else None
         km = _mask_arg(key_mask, q)
@@ -790,7 +774,7 @@ class Triton(Backend):
         delta = _row_dot(dout, out, lse)  # rowsum(dO' O) for dO' = s dout, O = out / s
         tma = triton_fused.tma_loads(k, v)
         key = ("backward", plan, *_geometry(q, k, lse, key_mask), scale, causal, out_scale, fresh, tma)
-        steps = _prepared(key, lambda: _backward_steps(q, k, lse, key_mask, plan, scale, causal, out_scale, fresh, tma))
+        steps = prepared(key, lambda: _backward_steps(q, k, lse, key_mask, plan, scale, causal, out_scale, fresh, tma))
         km = _mask_arg(key_mask, q)
         for (kernel, grid, scalars, meta), heads, kv_heads, grad_heads, table in steps:
             qv = _view(q, heads)

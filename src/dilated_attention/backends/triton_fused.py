@@ -39,7 +39,7 @@ import math
 import torch
 
 from ..plan import PER_HEAD, Plan, documents
-from .triton_launch import launch_kernel
+from .triton_launch import launch_kernel, prepared
 
 try:
     import triton
@@ -544,48 +544,62 @@ def bwd_tiles(plan: Plan, n: int, h: int, d: int, dtype: torch.dtype, causal: bo
 
 def forward(q, k, v, plan: Plan, scale: float, causal: bool, key_mask, block_m: int):
     """q: (b, n, h, d), k, v: (b, n, h_kv, d) contiguous; key_mask (b, n) bool or None; block_m from
-    ``fwd_tile`` -> out (b, n, h, d) in q.dtype, lse (b, n, h) float32."""
+    ``fwd_tile`` -> out (b, n, h, d) in q.dtype, lse (b, n, h) float32. The launch (grid, tables,
+    scalars, the config ``pick`` chose) is made once per call geometry (``prepared``)."""
     b, n, h, d = q.shape
-    branches, spans, order, count, lcm, nb, heavy = _tables(plan, n, block_m, q.device)
     out = torch.empty_like(q)
     lse = torch.empty((b, n, h), dtype=torch.float32, device=q.device)
-    tensors = (q, k, v, out, lse, q if key_mask is None else key_mask.view(torch.uint8), branches, spans, order)
-    scalars = (nb, heavy, *_strides(q, k, lse, key_mask), lcm, plan[0].head_base, plan[0].kv_group, scale * LOG2E)
-
+    mask = q if key_mask is None else key_mask.view(torch.uint8)
     tma = tma_loads(k, v)
 
-    def launch(cfg):
-        launch_kernel(_fused_fwd, (count * lcm, h, b), tensors, scalars, IS_CAUSAL=causal,
-                      HAS_MASK=key_mask is not None, NEG_SCALE=scale < 0, BLOCK_M=block_m, BLOCK_N=cfg[1], HEAD_DIM=d,
-                      TMA=tma, num_warps=cfg[2], num_stages=cfg[3])
+    def build():
+        branches, spans, order, count, lcm, nb, heavy = _tables(plan, n, block_m, q.device)
+        tables = (branches, spans, order)
+        scalars = (nb, heavy, *_strides(q, k, lse, key_mask), lcm, plan[0].head_base, plan[0].kv_group, scale * LOG2E)
+        meta = dict(IS_CAUSAL=causal, HAS_MASK=key_mask is not None, NEG_SCALE=scale < 0, BLOCK_M=block_m, HEAD_DIM=d,
+                    TMA=tma)
 
-    key = (d, causal, key_mask is not None, plan[0].kv_group, nb, lcm, block_m, q.dtype, q.device)
-    launch(pick(key, fwd_configs(d, q.dtype), launch))
+        def launch(cfg):
+            launch_kernel(_fused_fwd, (count * lcm, h, b), (q, k, v, out, lse, mask, *tables), scalars, **meta,
+                          BLOCK_N=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
+
+        key = (d, causal, key_mask is not None, plan[0].kv_group, nb, lcm, block_m, q.dtype, q.device)
+        cfg = pick(key, fwd_configs(d, q.dtype), launch)
+        return (count * lcm, h, b), tables, scalars, dict(meta, BLOCK_N=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
+
+    key = ("fused forward", plan, q.shape, k.shape, None if key_mask is None else key_mask.stride(), q.dtype, q.device,
+           scale, causal, block_m, tma)
+    grid, tables, scalars, meta = prepared(key, build)
+    launch_kernel(_fused_fwd, grid, (q, k, v, out, lse, mask, *tables), scalars, **meta)
     return out, lse
 
 
 def backward(dout, q, k, v, lse, delta, plan: Plan, scale: float, causal: bool, key_mask, configs):
     """Gradients of ``forward`` (contiguous inputs; delta = rowsum(dout * out), laid out like lse):
-    dq, dk, dv in q.dtype. ``configs``: from ``bwd_tiles``."""
+    dq, dk, dv in q.dtype. ``configs``: from ``bwd_tiles``. The two launches are made once per call
+    geometry (``prepared``)."""
     b, n, h, d = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     km = q if key_mask is None else key_mask.view(torch.uint8)
-    strides = _strides(q, k, lse, key_mask)
-    tail = (plan[0].head_base, plan[0].kv_group, scale * LOG2E, scale)
+    tma = causal and tma_loads(k, v)
 
-    def tables(block):  # the grid's first axis; the tables of this tile size; the scalars around them
-        branches, spans, order, count, lcm, nb, heavy = _tables(plan, n, block, q.device)
-        return count * lcm, (branches, spans, order), (nb, heavy, *strides, lcm, *tail)
+    def build():
+        strides = _strides(q, k, lse, key_mask)
+        tail = (plan[0].head_base, plan[0].kv_group, scale * LOG2E, scale)
 
-    def meta(tile_m, tile_n, warps, stages):
-        return dict(IS_CAUSAL=causal, HAS_MASK=key_mask is not None, BLOCK_M=tile_m, BLOCK_N=tile_n, HEAD_DIM=d,
-                    num_warps=warps, num_stages=stages)
+        def launch(tile, heads, tile_m, tile_n, warps, stages, **extra):  # grid, tables, scalars, constexprs
+            branches, spans, order, count, lcm, nb, heavy = _tables(plan, n, tile, q.device)
+            return ((count * lcm, heads, b), (branches, spans, order), (nb, heavy, *strides, lcm, *tail),
+                    dict(IS_CAUSAL=causal, HAS_MASK=key_mask is not None, BLOCK_M=tile_m, BLOCK_N=tile_n, HEAD_DIM=d,
+                         num_warps=warps, num_stages=stages, **extra))
 
-    (kv_tile, kv_queries, kv_warps, kv_stages), (dq_tile, dq_keys, dq_warps, dq_stages) = configs
-    programs, kv_tables, kv_scalars = tables(kv_tile)
-    launch_kernel(_fused_dkdv, (programs, k.shape[2], b), (q, k, v, dout, lse, delta, km, dk, dv, *kv_tables),
-                  kv_scalars, **meta(kv_queries, kv_tile, kv_warps, kv_stages))
-    programs, q_tables, q_scalars = tables(dq_tile)
-    launch_kernel(_fused_dq, (programs, h, b), (q, k, v, dout, lse, delta, km, dq, *q_tables), q_scalars,
-                  TMA=causal and tma_loads(k, v), **meta(dq_tile, dq_keys, dq_warps, dq_stages))
+        (kv_tile, kv_queries, kv_warps, kv_stages), (dq_tile, dq_keys, dq_warps, dq_stages) = configs
+        return (launch(kv_tile, k.shape[2], kv_queries, kv_tile, kv_warps, kv_stages),
+                launch(dq_tile, h, dq_tile, dq_keys, dq_warps, dq_stages, TMA=tma))
+
+    key = ("fused backward", plan, q.shape, k.shape, None if key_mask is None else key_mask.stride(), q.dtype,
+           q.device, scale, causal, configs, tma)
+    (kv_grid, kv_tables, kv_scalars, kv_meta), (q_grid, q_tables, q_scalars, q_meta) = prepared(key, build)
+    launch_kernel(_fused_dkdv, kv_grid, (q, k, v, dout, lse, delta, km, dk, dv, *kv_tables), kv_scalars, **kv_meta)
+    launch_kernel(_fused_dq, q_grid, (q, k, v, dout, lse, delta, km, dq, *q_tables), q_scalars, **q_meta)
     return dq, dk, dv

@@ -66,6 +66,25 @@ def launch_kernel(kernel, grid: tuple, tensors: tuple, scalars: tuple, **meta) -
         kernel[grid](*tensors, *scalars, **meta)
 
 
+_PREPARED: dict = {}  # launches per call geometry (``prepared``)
+
+
+def prepared(key: tuple, build):
+    """``build()``, made once per ``key`` (a call's geometry: plan, shapes, strides, dtype, device, flags)
+    and kept: a call's launches (grids, scalars, constexprs, configs) are then looked up, not rebuilt.
+    Cleared when ``_MAX_ENTRIES`` keys are held. Not kept when built while a CUDA graph captures (configs
+    are then taken untimed, ``triton_fused.pick``)."""
+    value = _PREPARED.get(key)
+    if value is None:
+        value = build()
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return value
+        if len(_PREPARED) >= _MAX_ENTRIES:
+            _PREPARED.clear()
+        _PREPARED[key] = value
+    return value
+
+
 def _give_up(error: Exception) -> None:
     """A Triton whose launcher takes other arguments than ``_DIRECT_VERSIONS``' (a patch release):
     every later launch goes through ``kernel[grid]``."""
