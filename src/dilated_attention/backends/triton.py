@@ -458,6 +458,7 @@ def _forward_launch(d: int, dtype, launch: _Launch, scale: float, causal: bool, 
 
 
 def _run_forward(q, k, v, out, lse, mask, launch: _Launch, scale: float, causal: bool, first: bool) -> None:
+    """One forward launch, made now (the ring's pieces and key classes: one launch a call)."""
     kernel, grid, scalars, meta = _forward_launch(q.shape[-1], q.dtype, launch, scale, causal, first, mask is not None,
                                                   triton_fused.tma_loads(k, v))
     launch_kernel(kernel, grid, (q, k, v, out, lse, _mask_arg(mask, q), _table_arg(launch, q)), scalars, **meta)
