@@ -1,0 +1,85 @@
+"""Where paper mode's causal forward time goes, on one GPU, against the plain forward in the same run.
+
+    python benchmarks/causal_parts.py [--seq-len 131072] [--head-dim 64] [--batches 1 4] [--json causal-parts.json]
+
+Branch by branch (the path causal plans take at long n), causal forward: as it runs; with tensor-descriptor
+(TMA) loads off; with every launch storing its (out, lse) instead of merging into the earlier branches' (a
+bound on what the merge costs: the result is wrong); both. At each batch size (a launch's last wave is a
+smaller share at larger b). The plain forward fused (one launch) and branch by branch. Medians of
+``triton.testing.do_bench``, best of two rounds, ms per batch; the ratio column is plain fused / (2 x
+causal): the causal forward's useful rate against the plain fused kernel's (1.0: the same rate).
+Prints a table; writes JSON.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from dilated_attention import dilated_attention  # noqa: E402
+from dilated_attention.backends import triton as triton_backend  # noqa: E402
+from dilated_attention.backends import triton_fused, triton_launch  # noqa: E402
+
+SEGS, RATES = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16]
+FORWARD_LAUNCH, TMA_MIN_ROWS, TILING = triton_backend._forward_launch, triton_fused.TMA_MIN_ROWS, triton_fused.tiling
+FUSED_CAUSAL = triton_backend.fused_causal
+
+
+def storing(d, dtype, launch, scale, causal, first, *rest):
+    """``_forward_launch`` with every launch storing (FIRST) instead of merging."""
+    return FORWARD_LAUNCH(d, dtype, launch, scale, causal, True, *rest)
+
+
+def variant(tma: bool = True, merge: bool = True, fused: bool = True) -> None:
+    """Set the library's switches for one variant; the prepared launches are made again."""
+    triton_fused.TMA_MIN_ROWS = TMA_MIN_ROWS if tma else 1 << 62
+    triton_backend._forward_launch = FORWARD_LAUNCH if merge else storing
+    triton_fused.tiling = TILING if fused else (lambda *_: 0)
+    triton_backend.fused_causal = lambda *_: False  # causal plans branch by branch
+    triton_launch._PREPARED.clear()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seq-len", type=int, default=131072)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    from triton.testing import do_bench
+
+    variants = {"causal": (True, {}), "causal, TMA off": (True, dict(tma=False)),
+                "causal, no merge (bound)": (True, dict(merge=False)),
+                "causal, TMA off, no merge": (True, dict(tma=False, merge=False)),
+                "plain fused": (False, {}), "plain branch by branch": (False, dict(fused=False))}
+    rows = []
+    print(torch.cuda.get_device_name(), torch.__version__)
+    for b in a.batches:
+        q, k, v = (torch.randn(b, a.seq_len, a.heads, a.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        ms = {}
+        for _ in range(2):
+            for name, (causal, switches) in variants.items():
+                variant(**switches)
+                with torch.no_grad():
+                    t = do_bench(lambda: dilated_attention(q, k, v, SEGS, RATES, is_causal=causal),
+                                 return_mode="median") / b
+                ms[name] = min(ms.get(name, float("inf")), t)
+        variant()
+        triton_backend.fused_causal = FUSED_CAUSAL
+        ratio = {name: ms["plain fused"] / (2 * t) for name, t in ms.items() if name.startswith("causal")}
+        rows.append(dict(b=b, n=a.seq_len, d=a.head_dim, ms=ms, causal_rate_over_plain_fused=ratio))
+        for name, t in ms.items():
+            extra = f" | plain fused / (2 x this) {ratio[name]:.3f}" if name in ratio else ""
+            print(f"b={b} n={a.seq_len} d={a.head_dim} {name:28} {t:8.3f} ms{extra}", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
