@@ -512,8 +512,8 @@ def _forward_steps(q, k, lse, key_mask, plan: Plan, scale, causal, out_scale, fr
             raise ValueError("triton backend: out_scale needs branches over disjoint heads (head_groups)")
         heads = _head_slice(branch, q.shape[2])
         qv, lv = _view(q, heads), _view(lse, heads)
-        steps.append((heads, table, _forward_launch(q.shape[-1], q.dtype, _branch_launch(qv, k, lv, key_mask, qv, branch,
-                                                                                          table), scale, causal, first,
+        launch = _branch_launch(qv, k, lv, key_mask, qv, branch, table)
+        steps.append((heads, table, _forward_launch(q.shape[-1], q.dtype, launch, scale, causal, first,
                                                     key_mask is not None, tma, out_scale,
                                                     other_rows and branch.rate > 1)))
     return tuple(steps)
@@ -529,6 +529,7 @@ def _backward_steps(q, k, lse, key_mask, plan: Plan, scale, causal, out_scale, f
     for i, (branch, table) in enumerate(_launches(plan, q.shape[1], q.device)):
         heads = _head_slice(branch, q.shape[2])
         qv, lv = _view(q, heads), _view(lse, heads)
+        # the dK/dV strides: dk has k's (callers check); with GQA this launch runs dQ alone
         launch = _branch_launch(qv, k, lv, key_mask, qv if group > 1 else _view(k, heads), branch, table)
         dkdv, dq = _backward_launches(d, q.dtype, launch, scale, causal, masked, tma, out_scale,
                                       "kq" if group == 1 else "q", fresh and i == 0)
