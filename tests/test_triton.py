@@ -297,8 +297,9 @@ def test_direct_launches_reuse_what_triton_compiled(monkeypatch):
     meta = dict(BLOCK=64, IS_CAUSAL=True, num_warps=4)
     for _ in range(2):
         triton_launch.launch_kernel(kernel, (3, 2), (a, b), (17, 0.5), **meta)
-    assert calls == [("triton", (3, 2), (a, b, 17, 0.5), meta),
-                     ("direct", (3, 2, 1, 1234, "function", "packed", None, None, None, a, b, 17, 0.5, True, 64, 7))]
+    assert calls == [("triton", (3, 2), (a, b, 17, 0.5), meta),  # pointers go direct as integers
+                     ("direct", (3, 2, 1, 1234, "function", "packed", None, None, None, 4096, 8192, 17, 0.5, True, 64,
+                                 7))]
     for changed in (dict(tensors=(a, Tensor(8200))), dict(tensors=(a, Tensor(8192, torch.float32))),
                     dict(scalars=(16, 0.5)), dict(meta=dict(meta, BLOCK=128))):
         calls.clear()
@@ -326,6 +327,28 @@ def test_direct_launches_reuse_what_triton_compiled(monkeypatch):
         triton_launch.launch_kernel(kernel, (3, 2), (a, b), (17, 0.5), **meta)
     assert [c[0] for c in calls] == ["triton"] and not triton_launch._DIRECT
     monkeypatch.setattr(triton_launch, "_DIRECT", True)
+    monkeypatch.setattr(Compiled, "run", lambda self, *args: calls.append(("direct", args)))
+    triton_launch._COMPILED.clear()
+    triton_launch.launch_kernel(kernel, (3, 2), (a, b), (17, 0.5), **meta)
+    calls.clear()
+    launch = triton_launch.Launch(kernel, (3, 2), (17, 0.5), meta)  # one prepared launch keeps its own entries
+    for tensors in ((a, b), (Tensor(512), Tensor(1024)), (a, Tensor(8200)), (a, Tensor(8200))):
+        launch(tensors)
+    assert [c[0] for c in calls] == ["direct", "direct", "triton", "direct"]  # the first from launch_kernel's cache
+    assert calls[1][1][9:11] == (512, 1024) and calls[3][1][9:11] == (4096, 8200)
+    calls.clear()
+    with monkeypatch.context() as m:
+        m.setattr(triton_launch, "launch_kernel", lambda *args, **meta: calls.append(("launch_kernel",)))
+        launch((Tensor(64), Tensor(128)))
+    assert [c[0] for c in calls] == ["direct"]  # not through launch_kernel: no key built, no lookup
+    calls.clear()
+    hooks.add(print)
+    try:
+        launch((Tensor(64), Tensor(128)))
+    finally:
+        hooks.remove(print)
+    assert [c[0] for c in calls] == ["triton"]  # a profiler's hook sees every launch
+    calls.clear()
     Kernel.params = Kernel.params[:2] + [Param("BLOCK", True), Param("n", False)]
     with pytest.raises(TypeError, match="must be constexprs"):
         triton_launch.launch_kernel(kernel, (1,), (a, b), (), BLOCK=64)
@@ -392,7 +415,7 @@ def test_per_branch_launches_are_prepared_once_per_call_geometry(monkeypatch):
 
     monkeypatch.setattr(triton_launch, "_PREPARED", {})
     launches, builds = [], {"forward": 0, "backward": 0}
-    monkeypatch.setattr(tk, "launch_kernel", lambda kernel, grid, tensors, scalars, **meta: launches.append(
+    monkeypatch.setattr(triton_launch, "launch_kernel", lambda kernel, grid, tensors, scalars, **meta: launches.append(
         (kernel.fn.__name__, grid, scalars, tuple(sorted(meta.items())), tensors[0].shape)))
     for name, steps in (("forward", tk._forward_steps), ("backward", tk._backward_steps)):
         monkeypatch.setattr(tk, f"_{name}_steps", lambda *a, name=name, steps=steps: builds.__setitem__(
@@ -426,7 +449,7 @@ def test_fused_launches_are_prepared_once_per_call_geometry(monkeypatch):
     from dilated_attention.plan import build_plan
 
     launches, builds = [], []
-    monkeypatch.setattr(tf, "launch_kernel", lambda kernel, grid, tensors, scalars, **meta: launches.append(
+    monkeypatch.setattr(triton_launch, "launch_kernel", lambda kernel, grid, tensors, scalars, **meta: launches.append(
         (kernel.fn.__name__, grid, scalars, tuple(sorted(meta.items())))))
     real = triton_launch.prepared
     monkeypatch.setattr(tf, "prepared", lambda key, build: real(key, lambda: builds.append(key[0]) or build()))

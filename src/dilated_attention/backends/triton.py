@@ -35,7 +35,7 @@ from ..plan import PER_HEAD, Branch, Plan, documents
 from . import triton_fused
 from .base import Backend
 from .triton_fused import LOG2E
-from .triton_launch import launch_kernel, prepared
+from .triton_launch import Launch, launch_kernel, prepared
 
 try:
     import triton
@@ -513,9 +513,9 @@ def _forward_steps(q, k, lse, key_mask, plan: Plan, scale, causal, out_scale, fr
         heads = _head_slice(branch, q.shape[2])
         qv, lv = _view(q, heads), _view(lse, heads)
         launch = _branch_launch(qv, k, lv, key_mask, qv, branch, table)
-        steps.append((heads, table, _forward_launch(q.shape[-1], q.dtype, launch, scale, causal, first,
-                                                    key_mask is not None, tma, out_scale,
-                                                    other_rows and branch.rate > 1)))
+        steps.append((heads, table, Launch(*_forward_launch(q.shape[-1], q.dtype, launch, scale, causal, first,
+                                                           key_mask is not None, tma, out_scale,
+                                                           other_rows and branch.rate > 1))))
     return tuple(steps)
 
 
@@ -533,8 +533,8 @@ def _backward_steps(q, k, lse, key_mask, plan: Plan, scale, causal, out_scale, f
         launch = _branch_launch(qv, k, lv, key_mask, qv if group > 1 else _view(k, heads), branch, table)
         dkdv, dq = _backward_launches(d, q.dtype, launch, scale, causal, masked, tma, out_scale,
                                       "kq" if group == 1 else "q", fresh and i == 0)
-        steps += [(dkdv, heads, None, heads, table)] if dkdv else []
-        steps.append((dq, heads, None, None, table))
+        steps += [(Launch(*dkdv), heads, None, heads, table)] if dkdv else []
+        steps.append((Launch(*dq), heads, None, None, table))
         for head0 in range(branch.head_start, min(branch.head_stop, branch.head_start + group)) if group > 1 else ():
             h = slice(head0, branch.head_stop, group)  # one query head of each k/v head from head0 // group
             kv = slice(head0 // group, None)
@@ -544,7 +544,7 @@ def _backward_steps(q, k, lse, key_mask, plan: Plan, scale, causal, out_scale, f
             launch = _branch_launch(qv, k[:, :, kv], lv, key_mask, k[:, :, kv], phase, table)
             dkdv, _ = _backward_launches(d, q.dtype, launch, scale, causal, masked, tma, out_scale, "k",
                                          fresh and i == 0 and head0 == 0)
-            steps.append((dkdv, h, kv, kv, table))
+            steps.append((Launch(*dkdv), h, kv, kv, table))
     return tuple(steps)
 
 
@@ -715,14 +715,14 @@ class Triton(Backend):
                                                       other_rows, tma))
         streams = _side_streams(q.device, len(steps)) if other_rows and _concurrent(q) else None
         km = _mask_arg(key_mask, q)
-        for i, (heads, table, (kernel, grid, scalars, meta)) in enumerate(steps):
+        for i, (heads, table, launch) in enumerate(steps):
             qv = _view(q, heads)
             tensors = (qv, k, v, _view(out, heads), _view(lse, heads), km, qv if table is None else table)
             if streams is None:
-                launch_kernel(kernel, grid, tensors, scalars, **meta)
+                launch(tensors)
                 continue
             with torch.cuda.stream(streams[i]):
-                launch_kernel(kernel, grid, tensors, scalars, **meta)
+                launch(tensors)
         if streams:
             main = torch.cuda.current_stream(q.device)
             for stream in streams:
@@ -778,12 +778,12 @@ class Triton(Backend):
         key = ("backward", plan, *_geometry(q, k, lse, key_mask), scale, causal, out_scale, fresh, tma)
         steps = prepared(key, lambda: _backward_steps(q, k, lse, key_mask, plan, scale, causal, out_scale, fresh, tma))
         km = _mask_arg(key_mask, q)
-        for (kernel, grid, scalars, meta), heads, kv_heads, grad_heads, table in steps:
+        for launch, heads, kv_heads, grad_heads, table in steps:
             qv = _view(q, heads)
             rows = (qv, _view(k, kv_heads), _view(v, kv_heads), _view(dout, heads), _view(lse, heads),
                     _view(delta, heads), km)
-            grads = (_view(dq, heads),) if kernel is _bwd_dq else (_view(dk, grad_heads), _view(dv, grad_heads))
-            launch_kernel(kernel, grid, (*rows, *grads, qv if table is None else table), scalars, **meta)
+            grads = (_view(dq, heads),) if launch.kernel is _bwd_dq else (_view(dk, grad_heads), _view(dv, grad_heads))
+            launch((*rows, *grads, qv if table is None else table))
 
     def attend_classes_(self, out, lse, q, kc, vc, branch, scale: float, key_mask=None) -> None:
         """One launch; keys read from their class layout (``COMPACT``)."""

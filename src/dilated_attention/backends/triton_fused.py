@@ -39,7 +39,7 @@ import math
 import torch
 
 from ..plan import PER_HEAD, Plan, documents
-from .triton_launch import launch_kernel, prepared
+from .triton_launch import Launch, launch_kernel, prepared
 
 try:
     import triton
@@ -565,12 +565,13 @@ def forward(q, k, v, plan: Plan, scale: float, causal: bool, key_mask, block_m: 
 
         key = (d, causal, key_mask is not None, plan[0].kv_group, nb, lcm, block_m, q.dtype, q.device)
         cfg = pick(key, fwd_configs(d, q.dtype), launch)
-        return (count * lcm, h, b), tables, scalars, dict(meta, BLOCK_N=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
+        return tables, Launch(_fused_fwd, (count * lcm, h, b), scalars,
+                              dict(meta, BLOCK_N=cfg[1], num_warps=cfg[2], num_stages=cfg[3]))
 
     key = ("fused forward", plan, q.shape, k.shape, None if key_mask is None else key_mask.stride(), q.dtype, q.device,
            scale, causal, block_m, tma)
-    grid, tables, scalars, meta = prepared(key, build)
-    launch_kernel(_fused_fwd, grid, (q, k, v, out, lse, mask, *tables), scalars, **meta)
+    tables, launch = prepared(key, build)
+    launch((q, k, v, out, lse, mask, *tables))
     return out, lse
 
 
@@ -587,19 +588,20 @@ def backward(dout, q, k, v, lse, delta, plan: Plan, scale: float, causal: bool, 
         strides = _strides(q, k, lse, key_mask)
         tail = (plan[0].head_base, plan[0].kv_group, scale * LOG2E, scale)
 
-        def launch(tile, heads, tile_m, tile_n, warps, stages, **extra):  # grid, tables, scalars, constexprs
+        def launch(kernel, tile, heads, tile_m, tile_n, warps, stages, **extra):  # (tables, Launch)
             branches, spans, order, count, lcm, nb, heavy = _tables(plan, n, tile, q.device)
-            return ((count * lcm, heads, b), (branches, spans, order), (nb, heavy, *strides, lcm, *tail),
-                    dict(IS_CAUSAL=causal, HAS_MASK=key_mask is not None, BLOCK_M=tile_m, BLOCK_N=tile_n, HEAD_DIM=d,
-                         num_warps=warps, num_stages=stages, **extra))
+            return (branches, spans, order), Launch(
+                kernel, (count * lcm, heads, b), (nb, heavy, *strides, lcm, *tail),
+                dict(IS_CAUSAL=causal, HAS_MASK=key_mask is not None, BLOCK_M=tile_m, BLOCK_N=tile_n, HEAD_DIM=d,
+                     num_warps=warps, num_stages=stages, **extra))
 
         (kv_tile, kv_queries, kv_warps, kv_stages), (dq_tile, dq_keys, dq_warps, dq_stages) = configs
-        return (launch(kv_tile, k.shape[2], kv_queries, kv_tile, kv_warps, kv_stages),
-                launch(dq_tile, h, dq_tile, dq_keys, dq_warps, dq_stages, TMA=tma))
+        return (launch(_fused_dkdv, kv_tile, k.shape[2], kv_queries, kv_tile, kv_warps, kv_stages),
+                launch(_fused_dq, dq_tile, h, dq_tile, dq_keys, dq_warps, dq_stages, TMA=tma))
 
     key = ("fused backward", plan, q.shape, k.shape, None if key_mask is None else key_mask.stride(), q.dtype,
            q.device, scale, causal, configs, tma)
-    (kv_grid, kv_tables, kv_scalars, kv_meta), (q_grid, q_tables, q_scalars, q_meta) = prepared(key, build)
-    launch_kernel(_fused_dkdv, kv_grid, (q, k, v, dout, lse, delta, km, dk, dv, *kv_tables), kv_scalars, **kv_meta)
-    launch_kernel(_fused_dq, q_grid, (q, k, v, dout, lse, delta, km, dq, *q_tables), q_scalars, **q_meta)
+    (kv_tables, kv_launch), (q_tables, q_launch) = prepared(key, build)
+    kv_launch((q, k, v, dout, lse, delta, km, dk, dv, *kv_tables))
+    q_launch((q, k, v, dout, lse, delta, km, dq, *q_tables))
     return dq, dk, dv

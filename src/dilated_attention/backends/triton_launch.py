@@ -9,6 +9,10 @@ values, the constexprs and options, the device): the first call of a key goes th
 and keeps the compiled kernel it returns, later calls hand the arguments straight to its
 launcher.
 
+A ``Launch`` is one launch made once per call geometry (``prepared``): it keeps its compiled
+kernel per pointer alignment itself, so a call skips even that key, and hands the pointers over as
+integers (the launcher then makes no driver query per pointer).
+
 The direct call follows the convention of the Triton versions in ``_DIRECT_VERSIONS`` (the
 launcher takes every parameter, constexprs included, in signature order); other versions, the
 interpreter and runs with launch hooks (profilers) take Triton's own path, and so does every
@@ -39,31 +43,66 @@ _MAX_ENTRIES = 4096  # distinct (shape, pointer alignment, config) keys kept; cl
 _COMPILED: dict = {}
 
 
-def launch_kernel(kernel, grid: tuple, tensors: tuple, scalars: tuple, **meta) -> None:
+def launch_kernel(kernel, grid: tuple, tensors: tuple, scalars: tuple, **meta):
     """``kernel[grid](*tensors, *scalars, **meta)``. tensors: the kernel's leading pointer
     arguments; scalars: its numbers after them; meta: constexprs by name, num_warps, num_stages.
-    The kernel's remaining parameters must all be constexprs."""
-    if not _DIRECT or not tensors[0].is_cuda or _hooked(knobs.runtime.launch_enter_hook) \
-            or _hooked(knobs.runtime.launch_exit_hook):
+    The kernel's remaining parameters must all be constexprs. Returns the compiled kernel's entry
+    where later launches of this key can go direct (``Launch``), else None."""
+    if not _DIRECT or not tensors[0].is_cuda or _hooks_set():
         kernel[grid](*tensors, *scalars, **meta)
-        return
-    device = torch.cuda.current_device()
-    key = (id(kernel), device, scalars, tuple(meta.items()),
-           tuple([(t.dtype, t.data_ptr() & 15 == 0) for t in tensors]))
+        return None
+    ptrs = [t.data_ptr() for t in tensors]
+    key = (id(kernel), torch.cuda.current_device(), scalars, tuple(meta.items()), _layout(tensors, ptrs))
     entry = _COMPILED.get(key)
     if entry is None:
         compiled = kernel[grid](*tensors, *scalars, **meta)
         if len(_COMPILED) >= _MAX_ENTRIES:
             _COMPILED.clear()
-        _COMPILED[key] = _entry(kernel, compiled, len(tensors) + len(scalars), meta)
-        return
+        entry = _COMPILED[key] = _entry(kernel, compiled, len(tensors) + len(scalars), meta)
+        return entry
+    if _run(entry, grid, ptrs, scalars):
+        return entry
+    kernel[grid](*tensors, *scalars, **meta)
+    return None
+
+
+class Launch:
+    """One launch made once (``prepared``): ``kernel[grid](*tensors, *scalars, **meta)`` for each call's
+    tensors. Once ``launch_kernel`` has compiled it for a call's pointer alignment, dtypes and device,
+    later calls with the same go straight to the compiled kernel's launcher."""
+
+    __slots__ = ("kernel", "grid", "scalars", "meta", "_direct")
+
+    def __init__(self, kernel, grid: tuple, scalars: tuple, meta: dict):
+        self.kernel, self.grid, self.scalars, self.meta = kernel, tuple(grid), tuple(scalars), meta
+        self._direct = {}
+
+    def __call__(self, tensors: tuple) -> None:
+        ptrs = [t.data_ptr() for t in tensors]
+        key = (torch.cuda.current_device(), _layout(tensors, ptrs)) if tensors[0].is_cuda else None
+        entry = self._direct.get(key) if _DIRECT and not _hooks_set() else None
+        if entry is None or not _run(entry, self.grid, ptrs, self.scalars):
+            entry = launch_kernel(self.kernel, self.grid, tensors, self.scalars, **self.meta)
+            if entry is not None:
+                self._direct[key] = entry
+
+
+def _layout(tensors: tuple, ptrs: list) -> tuple:
+    """What Triton specialises a kernel on for its pointer arguments: dtypes, 16-byte alignment."""
+    return tuple([(t.dtype, p & 15 == 0) for t, p in zip(tensors, ptrs)])
+
+
+def _run(entry, grid: tuple, ptrs: list, scalars: tuple) -> bool:
+    """Launch through the compiled kernel's own launcher on the current stream, the pointers as integers;
+    False (direct launches off from now on) where the launcher refuses the arguments."""
     run, function, packed, tail, _ = entry
     try:
-        run(*grid, *(1,) * (3 - len(grid)), _raw_stream(device), function, packed, None, None,
-            None, *tensors, *scalars, *tail)
+        run(*grid, *(1,) * (3 - len(grid)), _raw_stream(torch.cuda.current_device()), function, packed, None, None,
+            None, *ptrs, *scalars, *tail)
     except TypeError as e:  # the launcher parses its arguments before launching anything
         _give_up(e)
-        kernel[grid](*tensors, *scalars, **meta)
+        return False
+    return True
 
 
 _PREPARED: dict = {}  # launches per call geometry (``prepared``)
@@ -94,10 +133,11 @@ def _give_up(error: Exception) -> None:
                   "kernels launch through kernel[grid] from now on", RuntimeWarning, stacklevel=3)
 
 
-def _hooked(hook) -> bool:
+def _hooks_set() -> bool:
     """A launch hook is set (a profiler's: it wants Triton's launch metadata). Triton 3.6 keeps them
     in chains, empty when none is set."""
-    return hook is not None and bool(getattr(hook, "calls", True))
+    return any(hook is not None and bool(getattr(hook, "calls", True))
+               for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook))
 
 
 def _entry(kernel, compiled, positional: int, meta: dict):
