@@ -441,6 +441,38 @@ def test_per_branch_launches_are_prepared_once_per_call_geometry(monkeypatch):
     assert builds == {"forward": 2, "backward": 2} and len(longer) == len(first) and longer != first
 
 
+def test_per_branch_launches_chain_where_the_gpu_can(monkeypatch):
+    """On sm_90 a call's launches after its first may start while the one before runs (programmatic
+    dependent launch): every launch of the call is a CHAIN kernel, the first launched stream-ordered (it
+    waits for what made its inputs), the rest with launch_pdl. Side-stream launches (head_groups' own
+    heads) and GPUs without it do not chain."""
+    from dilated_attention.backends import triton as tk, triton_launch
+    from dilated_attention.plan import build_plan
+
+    launches = []
+    monkeypatch.setattr(triton_launch, "launch_kernel", lambda kernel, grid, tensors, scalars, **meta: launches.append(
+        (kernel.fn.__name__, meta.get("CHAIN", False), meta.get("launch_pdl", False))))
+    b, n, h, d = 1, 64, 4, 16
+    q, k, v, out, dout, dq, dk, dv = (torch.empty(b, n, h, d, device="meta") for _ in range(8))
+    lse = torch.empty(b, n, h, device="meta")
+    plan = build_plan(n, h, [16, 32], [1, 2], "paper")
+    for gpu_can in (True, False):
+        monkeypatch.setattr(triton_launch, "_PREPARED", {})
+        monkeypatch.setattr(tk, "_chains", lambda q, gpu_can=gpu_can: gpu_can)
+        tk.Triton()._branch_forwards(out, lse, q, k, v, plan, 0.25, True, None, 1.0, fresh=True)
+        tk.Triton()._branch_backwards(dq, dk, dv, dout, q, k, v, out, lse, plan, 0.25, True, 1.0, None, fresh=True)
+        fwd, bwd = launches[:2], launches[2:]
+        assert [name for name, *_ in fwd] == ["_fwd"] * 2 and len(bwd) == 4
+        for calls in (fwd, bwd):
+            assert calls == [(name, gpu_can, gpu_can and i > 0) for i, (name, *_) in enumerate(calls)]
+        launches.clear()
+    monkeypatch.setattr(tk, "_chains", lambda q: True)
+    monkeypatch.setattr(triton_launch, "_PREPARED", {})
+    head_groups = build_plan(n, h, [16, 32], [1, 2], "head_groups")
+    tk.Triton()._branch_forwards(out, lse, q, k, v, head_groups, 0.25, False, None, 1.0, fresh=True, other_rows=True)
+    assert launches and not any(chain or pdl for _, chain, pdl in launches)
+
+
 def test_fused_launches_are_prepared_once_per_call_geometry(monkeypatch):
     """The fused kernels' launches (grid, tables, scalars, the picked config) are made once per call geometry:
     a second call of the same geometry launches the same arguments on its own tensors without building

@@ -53,6 +53,11 @@ def available() -> bool:
 if triton is not None:
     from .triton_fused import class_keys, dkdv_block, dot, dq_block, fwd_block, kv_rows, row_stats, rows_at, visible_keys
 
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except ImportError:  # a Triton without grid dependency control: launches stay stream-ordered (``_chains``)
+        gdc_launch_dependents = gdc_wait = None
+
     @triton.jit
     def _offset(head, RATE, OFFSET, HEAD_BASE):
         """In-segment offset of this head's residue class: OFFSET, or (OFFSET < 0, paper mode) the
@@ -172,9 +177,14 @@ if triton is not None:
              MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, Q_SHIFT, qk_scale, out_scale,
              IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr, HAS_MASK: tl.constexpr, TABLE: tl.constexpr,
              COMPACT: tl.constexpr, NEG_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             HEAD_DIM: tl.constexpr, TMA: tl.constexpr = False, OTHER_ROWS: tl.constexpr = False):
+             HEAD_DIM: tl.constexpr, TMA: tl.constexpr = False, OTHER_ROWS: tl.constexpr = False,
+             CHAIN: tl.constexpr = False):
         """OTHER_ROWS: also store out 0 and lse -inf at the rows of this block's segment positions that
-        are not its class's (a head's only launch writes all its rows: no fill before it)."""
+        are not its class's (a head's only launch writes all its rows: no fill before it). CHAIN: the
+        next launch may start while this one runs (programmatic dependent launch, ``_chains``); out and
+        lse are read and written only after the launch before this one has finished."""
+        if CHAIN:
+            gdc_launch_dependents()
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(
             BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
             qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE, COMPACT)
@@ -212,6 +222,8 @@ if triton is not None:
         lse_b = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))  # natural log
         q_offs = _row_offs(q_base, rows, RATE, qu)[:, None] + dims[None, :]
         l_ptr = L + _row_offs(l_base, rows, RATE, lu)
+        if CHAIN:
+            gdc_wait()
         if FIRST:  # out_scale != 1 only where every launch is first (forward_plan checks)
             tl.store(O + q_offs, out_b * out_scale, mask=row_ok[:, None])
             tl.store(l_ptr, lse_b, mask=row_ok)
@@ -235,7 +247,9 @@ if triton is not None:
                   gb, gs, gh, gu, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
                   Q_SHIFT, qk_scale, scale, do_scale, IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr,
                   HAS_MASK: tl.constexpr, TABLE: tl.constexpr, COMPACT: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CHAIN: tl.constexpr = False):
+        if CHAIN:  # as in ``_fwd``: dk, dv only after the launch before this one
+            gdc_launch_dependents()
         pid_n, q_count, k_count, q_base, k_base, l_base = _program(
             BLOCK_N, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
             qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE, COMPACT)
@@ -262,6 +276,8 @@ if triton is not None:
                                 qu, lu, qk_scale, do_scale, Q_SHIFT, dims, False, HAS_MASK, BLOCK_M)
         # dK, dV of this query head's view of the keys (per query head: no two programs share rows)
         g_base = _side_base(BLOCK_N, MAX_ROWS, RATE, OFFSET, HEAD_BASE, gb, gs, gh, gu, ST, TABLE, COMPACT)
+        if CHAIN:
+            gdc_wait()
         _add_tile(DK, g_base, cols, col_ok, kr, gu, dims, dk * scale, FIRST)
         _add_tile(DV, g_base, cols, col_ok, kr, gu, dims, dv * do_scale, FIRST)
 
@@ -270,7 +286,9 @@ if triton is not None:
                 MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, Q_SHIFT, qk_scale, scale, do_scale,
                 IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr, HAS_MASK: tl.constexpr, TABLE: tl.constexpr,
                 COMPACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                TMA: tl.constexpr = False):
+                TMA: tl.constexpr = False, CHAIN: tl.constexpr = False):
+        if CHAIN:  # as in ``_fwd``: dq only after the launch before this one
+            gdc_launch_dependents()
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(
             BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
             qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE, COMPACT)
@@ -300,6 +318,8 @@ if triton is not None:
         for start in range(full, hi, BLOCK_N):
             dq = dq_block(q, do, lse, delta, kc, vc, KM, k_base, m_base, 0, kr, k_count, start, qidx, row_ok, dq, ku,
                           mu, qk_scale, do_scale, dims, IS_CAUSAL, HAS_MASK, True, BLOCK_N, TMA)
+        if CHAIN:
+            gdc_wait()
         _add_tile(DQ, q_base, rows, row_ok, RATE, qu, dims, dq * scale, FIRST)
 
 
@@ -504,7 +524,8 @@ def _forward_steps(q, k, lse, key_mask, plan: Plan, scale, causal, out_scale, fr
     """``Triton._branch_forwards``' launches: per branch, (its heads or None, its segment table or None,
     ``_forward_launch``)."""
     steps, written = [], set()  # heads a launch has written: a fresh launch over fresh heads reads nothing
-    for branch, table in _launches(plan, q.shape[1], q.device):
+    chain = not other_rows and _chains(q)  # other_rows: launches on side streams
+    for i, (branch, table) in enumerate(_launches(plan, q.shape[1], q.device)):
         new = set(range(branch.head_start, branch.head_stop))
         first = fresh and written.isdisjoint(new)
         written |= new
@@ -513,9 +534,9 @@ def _forward_steps(q, k, lse, key_mask, plan: Plan, scale, causal, out_scale, fr
         heads = _head_slice(branch, q.shape[2])
         qv, lv = _view(q, heads), _view(lse, heads)
         launch = _branch_launch(qv, k, lv, key_mask, qv, branch, table)
-        steps.append((heads, table, Launch(*_forward_launch(q.shape[-1], q.dtype, launch, scale, causal, first,
-                                                           key_mask is not None, tma, out_scale,
-                                                           other_rows and branch.rate > 1))))
+        spec = _forward_launch(q.shape[-1], q.dtype, launch, scale, causal, first, key_mask is not None, tma,
+                               out_scale, other_rows and branch.rate > 1)
+        steps.append((heads, table, Launch(*_chained(spec, i, chain))))
     return tuple(steps)
 
 
@@ -533,8 +554,8 @@ def _backward_steps(q, k, lse, key_mask, plan: Plan, scale, causal, out_scale, f
         launch = _branch_launch(qv, k, lv, key_mask, qv if group > 1 else _view(k, heads), branch, table)
         dkdv, dq = _backward_launches(d, q.dtype, launch, scale, causal, masked, tma, out_scale,
                                       "kq" if group == 1 else "q", fresh and i == 0)
-        steps += [(Launch(*dkdv), heads, None, heads, table)] if dkdv else []
-        steps.append((Launch(*dq), heads, None, None, table))
+        steps += [(dkdv, heads, None, heads, table)] if dkdv else []
+        steps.append((dq, heads, None, None, table))
         for head0 in range(branch.head_start, min(branch.head_stop, branch.head_start + group)) if group > 1 else ():
             h = slice(head0, branch.head_stop, group)  # one query head of each k/v head from head0 // group
             kv = slice(head0 // group, None)
@@ -544,8 +565,31 @@ def _backward_steps(q, k, lse, key_mask, plan: Plan, scale, causal, out_scale, f
             launch = _branch_launch(qv, k[:, :, kv], lv, key_mask, k[:, :, kv], phase, table)
             dkdv, _ = _backward_launches(d, q.dtype, launch, scale, causal, masked, tma, out_scale, "k",
                                          fresh and i == 0 and head0 == 0)
-            steps.append((Launch(*dkdv), h, kv, kv, table))
-    return tuple(steps)
+            steps.append((dkdv, h, kv, kv, table))
+    chain = _chains(q)
+    return tuple((Launch(*_chained(spec, i, chain)), *rest) for i, (spec, *rest) in enumerate(steps))
+
+
+_CHAINS = True  # benchmarks switch it off for an A/B
+
+
+def _chained(spec: tuple, i: int, chain: bool) -> tuple:
+    """Launch i of a call's (kernel, grid, scalars, constexprs) in a chain (``_chains``): the first waits for
+    what came before it on the stream, the others start while the one before runs (``CHAIN``)."""
+    kernel, grid, scalars, meta = spec
+    return kernel, grid, scalars, dict(meta, CHAIN=True, launch_pdl=i > 0) if chain else meta
+
+
+def _chains(q) -> bool:
+    """Whether a call's launches may each start while the one before runs, up to where it reads what that
+    one writes (programmatic dependent launch: short launches overlap the previous one's last wave)."""
+    return _CHAINS and q.is_cuda and not _interpreted(q) and _grid_dependency_control(q.device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _grid_dependency_control(device: int | None) -> bool:
+    """sm_90 or newer and a Triton with ``gdc_wait``."""
+    return gdc_wait is not None and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _stores_every_row(plan: Plan, num_heads: int) -> bool:
