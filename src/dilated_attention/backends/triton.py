@@ -182,7 +182,8 @@ if triton is not None:
         """OTHER_ROWS: also store out 0 and lse -inf at the rows of this block's segment positions that
         are not its class's (a head's only launch writes all its rows: no fill before it). CHAIN: the
         next launch may start while this one runs (programmatic dependent launch, ``_chains``); out and
-        lse are read and written only after the launch before this one has finished."""
+        lse are read and written only after the launch before this one has finished, and every program
+        waits for it, so this launch ends after it (what follows on the stream sees every launch's writes)."""
         if CHAIN:
             gdc_launch_dependents()
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(
@@ -192,6 +193,8 @@ if triton is not None:
             _store_other_rows(O, L, pid_m, BLOCK_M, MAX_ROWS, q_base, l_base, NQ, SEGQ, RATE, OFFSET, HEAD_BASE,
                               qu, lu, ST, TABLE, HEAD_DIM)
         if pid_m * BLOCK_M >= q_count:
+            if CHAIN:  # every program waits: the launch ends after the one before it
+                gdc_wait()
             return
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, HEAD_DIM)
@@ -254,6 +257,8 @@ if triton is not None:
             BLOCK_N, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
             qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE, COMPACT)
         if pid_n * BLOCK_N >= k_count:
+            if CHAIN:
+                gdc_wait()
             return
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, HEAD_DIM)
@@ -293,6 +298,8 @@ if triton is not None:
             BLOCK_M, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
             qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, ST, TABLE, COMPACT)
         if pid_m * BLOCK_M >= q_count:
+            if CHAIN:
+                gdc_wait()
             return
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, HEAD_DIM)
