@@ -577,7 +577,7 @@ def _backward_steps(q, k, lse, key_mask, plan: Plan, scale, causal, out_scale, f
     return tuple((Launch(*_chained(spec, i, chain)), *rest) for i, (spec, *rest) in enumerate(steps))
 
 
-_CHAINS = True  # benchmarks switch it off for an A/B
+_CHAINS = True  # benchmarks/chained_launches.py switches it off for an A/B
 
 
 def _chained(spec: tuple, i: int, chain: bool) -> tuple:
