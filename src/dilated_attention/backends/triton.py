@@ -8,7 +8,9 @@ segment ``s``'s class, runs flash-attention over the same class's keys, and merg
 (out, lse) in place into the accumulators through the log-sum-exp (no per-branch output
 buffer). Backward runs against the merged (out, lse): one launch for dK/dV (program per
 key block), one for dQ (program per query block), each adding into gradients that no
-other program of the launch touches, so it is deterministic.
+other program of the launch touches, so it is deterministic. On sm_90 a call's launches
+chain: each starts while the one before runs and waits for it only where it reads and
+writes what that one wrote (``_chains``).
 
 - ``forward_plan`` / ``backward_plan``: a whole plan on (b, n, h, d) tensors, one launch
   per branch covering every segment (the ragged last one too; with packed documents, every
