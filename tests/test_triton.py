@@ -449,6 +449,7 @@ def test_per_branch_launches_chain_where_the_gpu_can(monkeypatch):
     from dilated_attention.backends import triton as tk, triton_launch
     from dilated_attention.plan import build_plan
 
+    assert not tk._chains(torch.randn(2, 3))  # CPU tensors (the interpreter) launch one after another
     launches = []
     monkeypatch.setattr(triton_launch, "launch_kernel", lambda kernel, grid, tensors, scalars, **meta: launches.append(
         (kernel.fn.__name__, meta.get("CHAIN", False), meta.get("launch_pdl", False))))
