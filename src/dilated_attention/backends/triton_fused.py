@@ -39,7 +39,7 @@ import math
 import torch
 
 from ..plan import PER_HEAD, Plan, documents
-from .triton_launch import Launch, launch_kernel, prepared
+from .triton_launch import Launch, prepared
 
 try:
     import triton
@@ -560,13 +560,12 @@ def forward(q, k, v, plan: Plan, scale: float, causal: bool, key_mask, block_m: 
                     TMA=tma)
 
         def launch(cfg):
-            launch_kernel(_fused_fwd, (count * lcm, h, b), (q, k, v, out, lse, mask, *tables), scalars, **meta,
-                          BLOCK_N=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
+            return Launch(_fused_fwd, (count * lcm, h, b), scalars,
+                          dict(meta, BLOCK_N=cfg[1], num_warps=cfg[2], num_stages=cfg[3]))
 
         key = (d, causal, key_mask is not None, plan[0].kv_group, nb, lcm, block_m, q.dtype, q.device)
-        cfg = pick(key, fwd_configs(d, q.dtype), launch)
-        return tables, Launch(_fused_fwd, (count * lcm, h, b), scalars,
-                              dict(meta, BLOCK_N=cfg[1], num_warps=cfg[2], num_stages=cfg[3]))
+        cfg = pick(key, fwd_configs(d, q.dtype), lambda cfg: launch(cfg)((q, k, v, out, lse, mask, *tables)))
+        return tables, launch(cfg)
 
     key = ("fused forward", plan, q.shape, k.shape, None if key_mask is None else key_mask.stride(), q.dtype, q.device,
            scale, causal, block_m, tma)

@@ -51,8 +51,8 @@ def launch_kernel(kernel, grid: tuple, tensors: tuple, scalars: tuple, **meta):
     if not _DIRECT or not tensors[0].is_cuda or _hooks_set():
         kernel[grid](*tensors, *scalars, **meta)
         return None
-    ptrs = [t.data_ptr() for t in tensors]
-    key = (id(kernel), torch.cuda.current_device(), scalars, tuple(meta.items()), _layout(tensors, ptrs))
+    ptrs, device = [t.data_ptr() for t in tensors], torch.cuda.current_device()
+    key = (id(kernel), device, scalars, tuple(meta.items()), _layout(tensors, ptrs))
     entry = _COMPILED.get(key)
     if entry is None:
         compiled = kernel[grid](*tensors, *scalars, **meta)
@@ -60,7 +60,7 @@ def launch_kernel(kernel, grid: tuple, tensors: tuple, scalars: tuple, **meta):
             _COMPILED.clear()
         entry = _COMPILED[key] = _entry(kernel, compiled, len(tensors) + len(scalars), meta)
         return entry
-    if _run(entry, grid, ptrs, scalars):
+    if _run(entry, grid, ptrs, scalars, device):
         return entry
     kernel[grid](*tensors, *scalars, **meta)
     return None
@@ -78,10 +78,10 @@ class Launch:
         self._direct = {}
 
     def __call__(self, tensors: tuple) -> None:
-        ptrs = [t.data_ptr() for t in tensors]
-        key = (torch.cuda.current_device(), _layout(tensors, ptrs)) if tensors[0].is_cuda else None
-        entry = self._direct.get(key) if _DIRECT and not _hooks_set() else None
-        if entry is None or not _run(entry, self.grid, ptrs, self.scalars):
+        ptrs, device = [t.data_ptr() for t in tensors], torch.cuda.current_device() if tensors[0].is_cuda else None
+        key = (device, _layout(tensors, ptrs))
+        entry = self._direct.get(key) if device is not None and _DIRECT and not _hooks_set() else None
+        if entry is None or not _run(entry, self.grid, ptrs, self.scalars, device):
             entry = launch_kernel(self.kernel, self.grid, tensors, self.scalars, **self.meta)
             if entry is not None:
                 self._direct[key] = entry
@@ -92,13 +92,13 @@ def _layout(tensors: tuple, ptrs: list) -> tuple:
     return tuple([(t.dtype, p & 15 == 0) for t, p in zip(tensors, ptrs)])
 
 
-def _run(entry, grid: tuple, ptrs: list, scalars: tuple) -> bool:
+def _run(entry, grid: tuple, ptrs: list, scalars: tuple, device: int) -> bool:
     """Launch through the compiled kernel's own launcher on the current stream, the pointers as integers;
     False (direct launches off from now on) where the launcher refuses the arguments."""
     run, function, packed, tail, _ = entry
     try:
-        run(*grid, *(1,) * (3 - len(grid)), _raw_stream(torch.cuda.current_device()), function, packed, None, None,
-            None, *ptrs, *scalars, *tail)
+        run(*grid, *(1,) * (3 - len(grid)), _raw_stream(device), function, packed, None, None, None, *ptrs, *scalars,
+            *tail)
     except TypeError as e:  # the launcher parses its arguments before launching anything
         _give_up(e)
         return False
