@@ -8,6 +8,8 @@ bound on what the merge costs: the result is wrong); both. At each batch size (a
 smaller share at larger b). The plain forward fused (one launch) and branch by branch. Medians of
 ``triton.testing.do_bench``, best of two rounds, ms per batch; the ratio column is plain fused / (2 x
 causal): the causal forward's useful rate against the plain fused kernel's (1.0: the same rate).
+Beside them, SDPA on the shape of every branch's work (n / 2048 blocks of 2048 rows, each attended alone),
+causal and plain: the same ratio for PyTorch's own kernels at this segment length.
 Prints a table; writes JSON.
 """
 
@@ -71,10 +73,20 @@ def main():
                 ms[name] = min(ms.get(name, float("inf")), t)
         variant()
         triton_backend.fused_causal = FUSED_CAUSAL
+        blocks = [t.reshape(-1, 2048, a.heads, a.head_dim).transpose(1, 2) for t in (q, k, v)]
+        sdpa = {}
+        for _ in range(2):
+            for causal in (False, True):
+                t = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(*blocks, is_causal=causal),
+                             return_mode="median") / b
+                sdpa[causal] = min(sdpa.get(causal, float("inf")), t)
+        ms["SDPA plain, 2048-row blocks"], ms["SDPA causal, 2048-row blocks"] = sdpa[False], sdpa[True]
         ratio = {name: ms["plain fused"] / (2 * t) for name, t in ms.items() if name.startswith("causal")}
+        ratio["SDPA causal, 2048-row blocks"] = sdpa[False] / (2 * sdpa[True])  # against SDPA's own plain
         rows.append(dict(b=b, n=a.seq_len, d=a.head_dim, ms=ms, causal_rate_over_plain_fused=ratio))
         for name, t in ms.items():
-            extra = f" | plain fused / (2 x this) {ratio[name]:.3f}" if name in ratio else ""
+            base = "SDPA plain" if name.startswith("SDPA") else "plain fused"
+            extra = f" | {base} / (2 x this) {ratio[name]:.3f}" if name in ratio else ""
             print(f"b={b} n={a.seq_len} d={a.head_dim} {name:28} {t:8.3f} ms{extra}", flush=True)
     if a.json:
         with open(a.json, "w") as f:

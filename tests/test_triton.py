@@ -474,6 +474,34 @@ def test_per_branch_launches_chain_where_the_gpu_can(monkeypatch):
     assert launches and not any(chain or pdl for _, chain, pdl in launches)
 
 
+def test_fused_backward_chains_dq_after_dkdv_where_the_gpu_can(monkeypatch):
+    """The fused backward's dQ launch reads nothing its dK/dV launch writes: on sm_90 it starts while dK/dV
+    runs (both CHAIN kernels, dQ with launch_pdl) and each chain state is prepared apart; elsewhere both
+    launch stream-ordered, with no chain constexpr."""
+    from dilated_attention.backends import triton as tk, triton_fused as tf, triton_launch
+    from dilated_attention.plan import build_plan
+
+    launches = []
+    monkeypatch.setattr(triton_launch, "launch_kernel", lambda kernel, grid, tensors, scalars, **meta: launches.append(
+        (kernel.fn.__name__, meta.get("CHAIN"), meta.get("launch_pdl"))))
+    monkeypatch.setattr(triton_launch, "_PREPARED", {})
+    n, h, d = 256, 4, 16
+    plan = build_plan(n, h, [64, 128], [1, 2], "paper")
+    configs = tf.bwd_tiles(plan, n, h, d, torch.float16, False, False)
+    q, k, v, dout = (torch.empty(1, n, h, d, device="meta", dtype=torch.float16) for _ in range(4))
+    lse = torch.empty(1, n, h, device="meta")
+    for chain in (True, False):
+        tf.backward(dout, q, k, v, lse, lse, plan, 0.25, False, None, configs, chain)
+    assert launches == [("_fused_dkdv", True, None), ("_fused_dq", True, True),
+                        ("_fused_dkdv", None, None), ("_fused_dq", None, None)]
+    seen = []
+    monkeypatch.setattr(tf, "backward", lambda *args: seen.append(args[-1]) or (q, k, v))
+    monkeypatch.setattr(tk, "_chains", lambda q: "chain flag")
+    monkeypatch.setattr(tk, "_row_dot", lambda dout, out, lse: lse)
+    tk.Triton().backward_plan(dout, q, k, v, q, lse, plan, 0.25, False, 1.0)
+    assert seen == ["chain flag"]  # backward_plan hands ``_chains(q)`` to the fused backward
+
+
 def test_fused_launches_are_prepared_once_per_call_geometry(monkeypatch):
     """The fused kernels' launches (grid, tables, scalars, the picked config) are made once per call geometry:
     a second call of the same geometry launches the same arguments on its own tensors without building

@@ -53,12 +53,8 @@ def available() -> bool:
 
 
 if triton is not None:
-    from .triton_fused import class_keys, dkdv_block, dot, dq_block, fwd_block, kv_rows, row_stats, rows_at, visible_keys
-
-    try:
-        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    except ImportError:  # a Triton without grid dependency control: launches stay stream-ordered (``_chains``)
-        gdc_launch_dependents = gdc_wait = None
+    from .triton_fused import (class_keys, dkdv_block, dot, dq_block, fwd_block, gdc_launch_dependents, gdc_wait,
+                               kv_rows, row_stats, rows_at, visible_keys)
 
     @triton.jit
     def _offset(head, RATE, OFFSET, HEAD_BASE):
@@ -795,7 +791,7 @@ class Triton(Backend):
 
         def fused():
             delta = _row_dot(dout, out, lse)
-            return triton_fused.backward(dout, q, k, v, lse, delta, plan, scale, causal, key_mask, configs)
+            return triton_fused.backward(dout, q, k, v, lse, delta, plan, scale, causal, key_mask, configs, _chains(q))
 
         def branches():
             fresh = _stores_every_row(plan, q.shape[2])

@@ -48,6 +48,12 @@ try:
 except ImportError:
     triton = None
 
+if triton is not None:
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except ImportError:  # a Triton without grid dependency control: launches stay stream-ordered
+        gdc_launch_dependents = gdc_wait = None
+
 LOG2E = 1.4426950408889634  # scores in log2 units: exp2 in the kernels
 BLOCKS = (128, 64, 32, 16)
 
@@ -326,9 +332,14 @@ if triton is not None:
     @triton.jit
     def _fused_dq(Q, K, V, DO, L, D, KM, DQ, T, TS, RO, NB, HEAVY, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM,
                   HEAD_BASE, KV_GROUP, qk_scale, scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr = False):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr = False,
+                  CHAIN: tl.constexpr = False):
+        """CHAIN: launched while the dK/dV launch before it runs (it reads nothing that one writes); every
+        program waits for that launch before it ends, so this launch ends after it (``backward``)."""
         head, b, doc0, N, T, span, c, pos, row_ok = _residue_tile(TS, T, NB, RO, HEAVY, BLOCK_M, LCM, HEAD_BASE, 1)
         if span + c >= N:
+            if CHAIN:
+                gdc_wait()
             return
         q_base, k_base, m_base = _query_side(head, b, doc0, KV_GROUP, qb, qh, qu, kb, kh, ku, mb, mu)
         dims = tl.arange(0, HEAD_DIM)
@@ -347,6 +358,8 @@ if triton is not None:
                 for start in range(full, hi, BLOCK_N):
                     dq = dq_block(q, do, lse, delta, kc, vc, KM, k_base, m_base, key0, r, count, start, qidx, row_ok,
                                   dq, ku, mu, qk_scale, 1.0, dims, IS_CAUSAL, HAS_MASK, True, BLOCK_N, TMA)
+        if CHAIN:
+            gdc_wait()
         tl.store(DQ + q_base + pos.to(tl.int64)[:, None] * qu + dims[None, :], (dq * scale).to(DQ.dtype.element_ty),
                  mask=row_ok[:, None])
 
@@ -376,10 +389,13 @@ if triton is not None:
     @triton.jit
     def _fused_dkdv(Q, K, V, DO, L, D, KM, DK, DV, T, TS, RO, NB, HEAVY, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu,
                     LCM, HEAD_BASE, KV_GROUP, qk_scale, scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CHAIN: tl.constexpr = False):
         """dK, dV of BLOCK_N keys (a residue tile) over query blocks of BLOCK_M. Keys past n and
         query rows past the class (zeros) add nothing that is stored, so only the key mask masks P
-        (and causality, on the query blocks that cross the tile's keys)."""
+        (and causality, on the query blocks that cross the tile's keys). CHAIN: the dQ launch after
+        this one may start at once."""
+        if CHAIN:
+            gdc_launch_dependents()
         kv_head, b, doc0, N, T, span, c, kpos, col_ok = _residue_tile(TS, T, NB, RO, HEAVY, BLOCK_N, LCM, HEAD_BASE,
                                                                       KV_GROUP)
         if span + c >= N:
@@ -574,10 +590,12 @@ def forward(q, k, v, plan: Plan, scale: float, causal: bool, key_mask, block_m: 
     return out, lse
 
 
-def backward(dout, q, k, v, lse, delta, plan: Plan, scale: float, causal: bool, key_mask, configs):
+def backward(dout, q, k, v, lse, delta, plan: Plan, scale: float, causal: bool, key_mask, configs,
+             chain: bool = False):
     """Gradients of ``forward`` (contiguous inputs; delta = rowsum(dout * out), laid out like lse):
     dq, dk, dv in q.dtype. ``configs``: from ``bwd_tiles``. The two launches are made once per call
-    geometry (``prepared``)."""
+    geometry (``prepared``). chain (sm_90, ``triton._chains``): the dQ launch, which reads nothing dK/dV
+    writes, starts while dK/dV runs (programmatic dependent launch) and ends after it."""
     b, n, h, d = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     km = q if key_mask is None else key_mask.view(torch.uint8)
@@ -595,11 +613,12 @@ def backward(dout, q, k, v, lse, delta, plan: Plan, scale: float, causal: bool, 
                      num_warps=warps, num_stages=stages, **extra))
 
         (kv_tile, kv_queries, kv_warps, kv_stages), (dq_tile, dq_keys, dq_warps, dq_stages) = configs
-        return (launch(_fused_dkdv, kv_tile, k.shape[2], kv_queries, kv_tile, kv_warps, kv_stages),
-                launch(_fused_dq, dq_tile, h, dq_tile, dq_keys, dq_warps, dq_stages, TMA=tma))
+        first, then = (dict(CHAIN=True), dict(CHAIN=True, launch_pdl=True)) if chain else ({}, {})
+        return (launch(_fused_dkdv, kv_tile, k.shape[2], kv_queries, kv_tile, kv_warps, kv_stages, **first),
+                launch(_fused_dq, dq_tile, h, dq_tile, dq_keys, dq_warps, dq_stages, TMA=tma, **then))
 
     key = ("fused backward", plan, q.shape, k.shape, None if key_mask is None else key_mask.stride(), q.dtype,
-           q.device, scale, causal, configs, tma)
+           q.device, scale, causal, configs, tma, chain)
     (kv_tables, kv_launch), (q_tables, q_launch) = prepared(key, build)
     kv_launch((q, k, v, dout, lse, delta, km, dk, dv, *kv_tables))
     q_launch((q, k, v, dout, lse, delta, km, dq, *q_tables))
