@@ -37,7 +37,7 @@ from ..plan import PER_HEAD, Branch, Plan, documents
 from . import triton_fused
 from .base import Backend
 from .triton_fused import LOG2E
-from .triton_launch import Launch, launch_kernel, prepared
+from .triton_launch import Launch, chained, launch_kernel, prepared
 
 try:
     import triton
@@ -541,7 +541,7 @@ def _forward_steps(q, k, lse, key_mask, plan: Plan, scale, causal, out_scale, fr
         launch = _branch_launch(qv, k, lv, key_mask, qv, branch, table)
         spec = _forward_launch(q.shape[-1], q.dtype, launch, scale, causal, first, key_mask is not None, tma,
                                out_scale, other_rows and branch.rate > 1)
-        steps.append((heads, table, Launch(*_chained(spec, i, chain))))
+        steps.append((heads, table, _chained_launch(spec, i, chain)))
     return tuple(steps)
 
 
@@ -572,17 +572,16 @@ def _backward_steps(q, k, lse, key_mask, plan: Plan, scale, causal, out_scale, f
                                          fresh and i == 0 and head0 == 0)
             steps.append((dkdv, h, kv, kv, table))
     chain = _chains(q)
-    return tuple((Launch(*_chained(spec, i, chain)), *rest) for i, (spec, *rest) in enumerate(steps))
+    return tuple((_chained_launch(spec, i, chain), *rest) for i, (spec, *rest) in enumerate(steps))
 
 
 _CHAINS = True  # benchmarks/chained_launches.py switches it off for an A/B
 
 
-def _chained(spec: tuple, i: int, chain: bool) -> tuple:
-    """Launch i of a call's (kernel, grid, scalars, constexprs) in a chain (``_chains``): the first waits for
-    what came before it on the stream, the others start while the one before runs (``CHAIN``)."""
+def _chained_launch(spec: tuple, i: int, chain: bool) -> Launch:
+    """The ``Launch`` of a call's launch i, spec = (kernel, grid, scalars, constexprs) (``chained``)."""
     kernel, grid, scalars, meta = spec
-    return kernel, grid, scalars, dict(meta, CHAIN=True, launch_pdl=i > 0) if chain else meta
+    return Launch(kernel, grid, scalars, chained(meta, i, chain))
 
 
 def _chains(q) -> bool:

@@ -39,7 +39,7 @@ import math
 import torch
 
 from ..plan import PER_HEAD, Plan, documents
-from .triton_launch import Launch, prepared
+from .triton_launch import Launch, chained, prepared
 
 try:
     import triton
@@ -605,17 +605,16 @@ def backward(dout, q, k, v, lse, delta, plan: Plan, scale: float, causal: bool, 
         strides = _strides(q, k, lse, key_mask)
         tail = (plan[0].head_base, plan[0].kv_group, scale * LOG2E, scale)
 
-        def launch(kernel, tile, heads, tile_m, tile_n, warps, stages, **extra):  # (tables, Launch)
+        def launch(i, kernel, tile, heads, tile_m, tile_n, warps, stages, **extra):  # (tables, Launch)
             branches, spans, order, count, lcm, nb, heavy = _tables(plan, n, tile, q.device)
             return (branches, spans, order), Launch(
                 kernel, (count * lcm, heads, b), (nb, heavy, *strides, lcm, *tail),
-                dict(IS_CAUSAL=causal, HAS_MASK=key_mask is not None, BLOCK_M=tile_m, BLOCK_N=tile_n, HEAD_DIM=d,
-                     num_warps=warps, num_stages=stages, **extra))
+                chained(dict(IS_CAUSAL=causal, HAS_MASK=key_mask is not None, BLOCK_M=tile_m, BLOCK_N=tile_n,
+                             HEAD_DIM=d, num_warps=warps, num_stages=stages, **extra), i, chain))
 
         (kv_tile, kv_queries, kv_warps, kv_stages), (dq_tile, dq_keys, dq_warps, dq_stages) = configs
-        first, then = (dict(CHAIN=True), dict(CHAIN=True, launch_pdl=True)) if chain else ({}, {})
-        return (launch(_fused_dkdv, kv_tile, k.shape[2], kv_queries, kv_tile, kv_warps, kv_stages, **first),
-                launch(_fused_dq, dq_tile, h, dq_tile, dq_keys, dq_warps, dq_stages, TMA=tma, **then))
+        return (launch(0, _fused_dkdv, kv_tile, k.shape[2], kv_queries, kv_tile, kv_warps, kv_stages),
+                launch(1, _fused_dq, dq_tile, h, dq_tile, dq_keys, dq_warps, dq_stages, TMA=tma))
 
     key = ("fused backward", plan, q.shape, k.shape, None if key_mask is None else key_mask.stride(), q.dtype,
            q.device, scale, causal, configs, tma, chain)
