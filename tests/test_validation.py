@@ -108,3 +108,20 @@ def test_rate_above_a_clipped_segment_stays_legal():
 def test_backend_errors_give_every_reason():
     with pytest.raises(ValueError, match=r"needs a CUDA tensor.*; takes torch.float16, torch.bfloat16, torch.float32, got torch.float64"):
         dilated_attention(X.double(), X.double(), X.double(), [8], [1], backend="triton")
+
+
+def test_backend_choice_is_made_per_kind_of_input():
+    """``select`` decides once per (name, device type, dtype, head_dim, mask): a refusal is raised on
+    every call, and another kind of input gets its own choice."""
+    from dilated_attention.backends import BACKENDS, select
+
+    x = torch.randn(1, 4, 2, 8)
+    for _ in range(2):
+        assert select(x) is BACKENDS["sdpa"] and select(x, masked=True) is BACKENDS["math"]
+        assert select(x, "math") is BACKENDS["math"] and select(x.double(), "math") is BACKENDS["math"]
+        with pytest.raises(ValueError, match="backend 'sdpa' cannot take this input: takes no key_padding_mask"):
+            select(x, "sdpa", masked=True)
+        with pytest.raises(ValueError, match="backend must be one of"):
+            select(x, "fastest")
+        with pytest.raises(TypeError, match="backend must be a str"):
+            select(x, ["math"])

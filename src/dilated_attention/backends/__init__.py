@@ -25,17 +25,30 @@ __all__ = ["BACKENDS", "Backend", "block_grad_inputs", "check_name", "select"]
 
 
 def check_name(name: str | None) -> None:
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"backend must be a str (one of {sorted(BACKENDS)}) or None, got {type(name).__name__}")
     if name and name not in BACKENDS:
         raise ValueError(f"backend must be one of {sorted(BACKENDS)} or None, got {name!r}")
 
 
+_PICKED: dict = {}  # (name, device type, dtype, head_dim, masked) -> backend: what ``select`` returned
+
+
 def select(q: torch.Tensor, name: str | None = None, masked: bool = False) -> Backend:
     """The backend named, or (name None or "") the first that takes q's device, dtype and head_dim
-    (``masked``: and a key padding mask)."""
+    (``masked``: and a key padding mask). Each kind of input is decided once (``not_supported_reasons``
+    looks at nothing else)."""
+    try:
+        return _PICKED[(name, q.device.type, q.dtype, q.shape[-1], masked)]
+    except (KeyError, TypeError, AttributeError, IndexError):  # a new kind of input, or one to refuse
+        pass
     check_name(name)
     if name:
         reasons = BACKENDS[name].not_supported_reasons(q, masked)
         if reasons:
             raise ValueError(f"backend {name!r} cannot take this input: {'; '.join(reasons)}")
-        return BACKENDS[name]
-    return next(b for b in BACKENDS.values() if not b.not_supported_reasons(q, masked))  # math takes every input
+        impl = BACKENDS[name]
+    else:
+        impl = next(b for b in BACKENDS.values() if not b.not_supported_reasons(q, masked))  # math takes every input
+    _PICKED[(name, q.device.type, q.dtype, q.shape[-1], masked)] = impl
+    return impl

@@ -25,8 +25,8 @@ class Backend:
     name = ""
 
     def not_supported_reasons(self, q: torch.Tensor, masked: bool = False) -> list[str]:
-        """Why this backend cannot take inputs like q (device, dtype, head_dim; ``masked``: with a
-        key padding mask); empty when it can."""
+        """Why this backend cannot take inputs like q (device type, dtype, head_dim; ``masked``: with a
+        key padding mask); empty when it can. It looks at nothing else (``select`` decides once per kind)."""
         raise NotImplementedError
 
     def attend_(self, out, lse, q, k, v, scale: float, causal: bool, key_mask=None, q_offset: int = 0) -> None:
