@@ -37,18 +37,21 @@ _PICKED: dict = {}  # (name, device type, dtype, head_dim, masked) -> backend: w
 def select(q: torch.Tensor, name: str | None = None, masked: bool = False) -> Backend:
     """The backend named, or (name None or "") the first that takes q's device, dtype and head_dim
     (``masked``: and a key padding mask). Each kind of input is decided once (``not_supported_reasons``
-    looks at nothing else)."""
-    try:
-        return _PICKED[(name, q.device.type, q.dtype, q.shape[-1], masked)]
-    except (KeyError, TypeError, AttributeError, IndexError):  # a new kind of input, or one to refuse
-        pass
+    looks at nothing else); under ``torch.compile`` it is decided while tracing."""
     check_name(name)
+    if torch.compiler.is_compiling():
+        return _decide(q, name, masked)
+    key = (name, q.device.type, q.dtype, q.shape[-1], masked)
+    impl = _PICKED.get(key)
+    if impl is None:
+        impl = _PICKED[key] = _decide(q, name, masked)
+    return impl
+
+
+def _decide(q: torch.Tensor, name: str | None, masked: bool) -> Backend:
     if name:
         reasons = BACKENDS[name].not_supported_reasons(q, masked)
         if reasons:
             raise ValueError(f"backend {name!r} cannot take this input: {'; '.join(reasons)}")
-        impl = BACKENDS[name]
-    else:
-        impl = next(b for b in BACKENDS.values() if not b.not_supported_reasons(q, masked))  # math takes every input
-    _PICKED[(name, q.device.type, q.dtype, q.shape[-1], masked)] = impl
-    return impl
+        return BACKENDS[name]
+    return next(b for b in BACKENDS.values() if not b.not_supported_reasons(q, masked))  # math takes every input
