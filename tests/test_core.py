@@ -352,17 +352,21 @@ def test_gqa_on_triton_within_twice_torch_math(causal, mode):
 @pytest.mark.parametrize("h_kv,masked,bounds", [(4, False, None), (2, True, None), (2, False, (0, 1024, 3072, 4396))])
 @pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 64), (torch.float32, 64), (torch.bfloat16, 128)],
                          ids=["bf16", "fp32", "bf16-d128"])
-def test_fused_kernels_within_twice_torch_math(dtype, d, h_kv, masked, bounds, causal, monkeypatch):
+@pytest.mark.parametrize("segs,rates,union", [([512, 1024, 2048], [1, 2, 4], True),
+                                              ([1024, 2048, 512], [2, 4, 1], False)], ids=["weighted", "per-branch"])
+def test_fused_kernels_within_twice_torch_math(segs, rates, union, dtype, d, h_kv, masked, bounds, causal,
+                                               monkeypatch):
     """The fused all-branch kernels at their full tile size (a ragged last segment, GQA, a key mask,
-    packed documents), bf16 and float32 (3xTF32 dots); causal plans made to take them whichever path
-    timed faster."""
+    packed documents), bf16 and float32 (3xTF32 dots), each pair once, weighted (``triton_fused.union``),
+    or once per branch; causal plans made to take them whichever path timed faster."""
     from dilated_attention.backends import triton as triton_backend
     from dilated_attention.backends import triton_fused
     from dilated_attention.plan import build_plan
 
     monkeypatch.setattr(triton_backend, "fused_causal", lambda *args: True)
-    b, n, h, segs, rates = 1, 4396, 4, [512, 1024, 2048], [1, 2, 4]
+    b, n, h = 1, 4396, 4
     plan = build_plan(n, h, segs, rates, "paper", kv_heads=h_kv, cu_seqlens=bounds)
+    assert triton_fused.union(plan, n) == union
     assert triton_fused.fwd_tile(plan, n, h, d, dtype) == 128
     assert triton_fused.bwd_tiles(plan, n, h, d, dtype, causal, masked)
     g = torch.Generator().manual_seed(h_kv)

@@ -40,6 +40,25 @@ def test_plan_keeps_every_branch():
     assert build_plan(100, 5, [10, 40], [1, 4], "head_groups") == (Branch(10, 1, 0, 0, 3), Branch(40, 4, 1, 3, 5))
 
 
+def test_union_plans_are_the_nested_schedules():
+    """The fused kernels count a pair once, weighted, where every rate divides the next, every segment nests
+    in the next and is whole key blocks of it (LongNet's schedules, clipped or not); elsewhere once a branch."""
+    from dilated_attention.backends.triton_fused import union
+    from dilated_attention.plan import build_plan
+
+    def takes(n, segs, rates, bounds=None):
+        return union(build_plan(n, 4, segs, rates, "paper", cu_seqlens=bounds), n)
+
+    longnet = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16]
+    assert takes(131072, *longnet) and takes(1000, *longnet) and takes(6000, *longnet)
+    assert takes(612, [128, 256], [1, 2], (0, 100, 612)) and takes(384, [128, 128, 256], [1, 1, 2])
+    assert not takes(131072, longnet[0][::-1], longnet[1][::-1])  # rates not in dividing order
+    assert not takes(12288, [2048, 3072], [1, 2])  # segments that do not nest
+    assert not takes(4096, [64, 128], [1, 2])  # 32 rows of the next class: not whole key blocks
+    assert not takes(4096, [128, 384], [1, 3]) and not takes(4096, [2048, 4096], [1, 64])  # lcm not dividing 32
+    assert takes(90, [96, 192], [1, 2]) and not takes(400, [96, 192], [1, 2], (0, 90, 400))  # every document
+
+
 def test_kernels_compile_for_hopper():
     """Every kernel variant compiles for sm_90 (type errors the interpreter lets through) and fits an
     H100's shared memory (227 KiB a block), no GPU needed."""
@@ -68,7 +87,7 @@ def test_kernels_compile_for_hopper():
                 sig[name] = in_dtype
             elif name == "KM":
                 sig[name] = "*u8"
-            elif name in ("T", "TS", "ST", "RO"):
+            elif name in ("T", "TS", "ST", "RO", "LK"):
                 sig[name] = "*i32"
             else:
                 sig[name] = "i32"
@@ -109,19 +128,20 @@ def test_kernels_compile_for_hopper():
         fused = tk.triton_fused
         if not fused._fused_runs(d, dtype):
             continue
-        for causal, has_mask in ((False, False), (False, True), (True, False), (True, True)):
+        for (causal, has_mask), union in itertools.product(((False, False), (False, True), (True, False), (True, True)),
+                                                           (False, True)):
             kv_config, dq_config = fused.bwd_configs(d, dtype, causal, has_mask)
             (kv_keys, kv_queries, *kv_launch), (dq_rows, dq_keys, *dq_launch) = kv_config, dq_config
             for fn, bm, bn, (warps, stages) in ((fused._fused_dkdv, kv_queries, kv_keys, kv_launch),
                                                 (fused._fused_dq, dq_rows, dq_keys, dq_launch)):
-                consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
+                consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d, UNION=union)
                 if fn is fused._fused_dq:
                     consts["TMA"] = tma and causal
                 src = ASTSource(fn, signature(fn, io, consts, io), consts)
                 compile_(src, num_warps=warps, num_stages=stages)
             for bm, bn, fwarps, fstages in fused.fwd_configs(d, dtype):
                 consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, NEG_SCALE=has_mask and causal, BLOCK_M=bm,
-                              BLOCK_N=bn, HEAD_DIM=d, TMA=tma)
+                              BLOCK_N=bn, HEAD_DIM=d, TMA=tma, UNION=union)
                 src = ASTSource(fused._fused_fwd, signature(fused._fused_fwd, io, consts, io), consts)
                 compile_(src, num_warps=fwarps, num_stages=fstages)
 

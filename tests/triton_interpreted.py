@@ -226,29 +226,34 @@ def _nan_failures():
 
 
 def _fused_failures():
-    """Plans the fused all-branch kernels take (segments multiples of the tile span, or one segment):
-    with GQA, a key mask, rates without r = 1, a ragged last segment and packed documents, against
-    the float64 reference (each document against the document alone), causal or not (off CUDA a causal
+    """Plans the fused all-branch kernels take (segments multiples of the tile span, or one segment),
+    counting each (row, key) pair once per branch or once weighted: with GQA, a key mask, rates without
+    r = 1, a ragged last segment and packed documents, against the float64 reference (each document against the document alone), causal or not (off CUDA a causal
     plan the fused kernels tile runs fused: ``triton.fused_causal``)."""
     from dilated_attention.backends import triton_fused
     from dilated_attention.plan import build_plan
 
     failures = []
-    for b, n, h, h_kv, segs, rates, masked, bounds, causal in (
-            (2, 200, 5, 5, [64, 128, 256], [1, 2, 4], False, None, False),
-            (1, 293, 4, 2, [64, 128], [1, 4], True, None, False),
-            (1, 160, 6, 3, [32, 64], [2, 2], False, None, False),
-            (1, 300, 4, 2, [32, 64], [1, 2], True, (0, 64, 192, 300), False),
-            (2, 300, 5, 5, [64, 128, 256], [1, 2, 4], False, None, True),  # ragged last segment
-            (1, 293, 4, 2, [32, 256, 512], [1, 2, 2], True, None, True),  # w' = n
-            (1, 320, 6, 3, [32, 128, 256], [1, 2, 2], False, None, True),  # repeated rate
-            (1, 576, 4, 2, [32, 256], [1, 2], True, (0, 256, 576), True)):  # documents
+    for b, n, h, h_kv, segs, rates, masked, bounds, causal, union in (
+            (2, 200, 5, 5, [64, 128, 256], [1, 2, 4], False, None, False, False),
+            (1, 293, 4, 2, [64, 128], [1, 4], True, None, False, False),
+            (1, 160, 6, 3, [32, 64], [2, 2], False, None, False, False),
+            (1, 300, 4, 2, [32, 64], [1, 2], True, (0, 64, 192, 300), False, False),
+            (2, 300, 5, 5, [64, 128, 256], [1, 2, 4], False, None, True, False),  # ragged last segment
+            (1, 293, 4, 2, [32, 256, 512], [1, 2, 2], True, None, True, False),  # w' = n
+            (1, 320, 6, 3, [32, 128, 256], [1, 2, 2], False, None, True, False),  # repeated rate
+            (1, 576, 4, 2, [32, 256], [1, 2], True, (0, 256, 576), True, False),  # documents
+            # each pair once, weighted (``triton_fused.union``): ragged, GQA, key mask, causal; documents, one
+            # shorter than every segment; a duplicated branch and every branch clipped to w' = n
+            (1, 640, 4, 2, [128, 256, 512], [1, 2, 4], True, None, True, True),
+            (1, 612, 4, 2, [128, 256], [1, 2], True, (0, 100, 612), False, True),
+            (2, 100, 3, 3, [128, 128, 256], [1, 1, 2], False, None, False, True)):
         docs = None if bounds is None else torch.tensor(bounds, dtype=torch.int32)
         plan = build_plan(n, h, segs, rates, "paper", kv_heads=h_kv, cu_seqlens=bounds)
         tiled = (triton_fused.fwd_tile(plan, n, h, 16, torch.float32),
                  triton_fused.bwd_tiles(plan, n, h, 16, torch.float32, causal, masked))
-        if not all(tiled):
-            failures.append(f"fused kernels do not take {segs}, {rates} at n={n}, documents {bounds}")
+        if not all(tiled) or triton_fused.union(plan, n) != union:
+            failures.append(f"fused kernels do not take {segs}, {rates} at n={n}, documents {bounds} (union {union})")
         g = torch.Generator().manual_seed(n)
         q, do = (torch.randn(b, n, h, 16, dtype=torch.float64, generator=g) for _ in range(2))
         k, v = (torch.randn(b, n, h_kv, 16, dtype=torch.float64, generator=g) for _ in range(2))
@@ -283,6 +288,7 @@ def _tma_failures():
             (200, 5, 5, [64, 128, 256], [1, 2, 4], "paper", False, None),  # fused
             (293, 4, 2, [64, 128], [1, 4], "paper", True, None),  # fused, GQA, key mask
             (300, 4, 2, [32, 64], [1, 2], "paper", False, (0, 64, 192, 300)),  # fused documents
+            (384, 4, 2, [128, 256], [1, 2], "paper", True, None),  # fused, each pair once (weighted), key mask
             (37, 5, 5, [8, 16, 40], [1, 3, 4], "paper", False, None),  # per-branch
             (37, 6, 2, [8, 16, 40], [1, 3, 4], "head_groups", True, None),  # per-branch, GQA, key mask
             (51, 6, 3, [8, 16, 40], [1, 3, 4], "paper", False, (0, 13, 44, 51))):  # per-branch documents

@@ -84,6 +84,29 @@ def tiling(plan: Plan, n: int, num_heads: int, largest: int) -> int:
     return 0
 
 
+UNION_BLOCK = 64  # the largest key block (forward, dQ) or query block (dK/dV) of any config
+
+
+@functools.lru_cache(maxsize=256)
+def union(plan: Plan, n: int) -> bool:
+    """Whether the fused kernels count each (row, key) pair once, weighted by how many branches link it
+    (``class_weights``), instead of once per branch. In every document each branch's rate must divide the
+    next one's and its segments nest in the next one's (LongNet's schedules): the branches that link a
+    pair are then the first that does and some of those after it, and branch t skips its keys in the
+    tile's segment of branch t - 1. The rates' lcm must divide 32 (every rate a power of two; the weights
+    repeat from block to block, 32 being the smallest key block), and each segment but the last branch's
+    must be whole ``UNION_BLOCK`` blocks of the next branch's class rows, or the whole document (what a
+    branch skips is whole blocks)."""
+    if 32 % math.lcm(*(b.rate for b in plan)):
+        return False
+    for (_, length), branches in documents(plan, n).items():
+        for prev, b in zip(branches, branches[1:]):
+            if length and (b.rate % prev.rate or (b.segment % prev.segment and b.segment < length)
+                           or (prev.segment % (b.rate * UNION_BLOCK) and prev.segment < length)):
+                return False
+    return True
+
+
 def residue_order(plan: Plan, n: int) -> tuple[list[int], int]:
     """Residues u = (c - head) mod lcm in launch order, and how many come first: those whose tiles
     run more than the fewest branches (c % r == head % r for every rate r dividing u), so a launch
@@ -99,7 +122,8 @@ def residue_order(plan: Plan, n: int) -> tuple[list[int], int]:
 def _tables(plan: Plan, n: int, block: int, device: torch.device):
     """Device tables (made once per plan, tile and device): each document's branches' (segment,
     rate); each span's (document's first row, its length, span start in it, document index); the
-    residues in launch order (``residue_order``). Then the number of spans, the rates' least common
+    residues in launch order (``residue_order``); for each residue g modulo the rates' least common
+    multiple, how many branches' rates divide g (``class_weights``). Then the number of spans, that
     multiple, the branches per document and the number of heavy residues."""
     docs = documents(plan, n)
     lcm = math.lcm(*(b.rate for b in plan))
@@ -108,8 +132,10 @@ def _tables(plan: Plan, n: int, block: int, device: torch.device):
              for x in (start, length, span, i)]
     order, heavy = residue_order(plan, n)
     as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
-    return (as_tensor(branches), as_tensor(spans), as_tensor(order), len(spans) // 4, lcm,
-            len(next(iter(docs.values()))), heavy)
+    rates = [b.rate for b in next(iter(docs.values()))]
+    links = [sum(g % r == 0 for r in rates) for g in range(lcm)]
+    return ((as_tensor(branches), as_tensor(spans), as_tensor(order), as_tensor(links)), len(spans) // 4, lcm,
+            len(rates), heavy)
 
 
 if triton is not None:
@@ -202,11 +228,12 @@ if triton is not None:
     @triton.jit
     def fwd_block(q, K, V, KM, k_base, m_base, key0, r, count, start, qidx, m_i, l_i, acc, ku, mu, qk_scale, dims,
                   IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr, NEG_SCALE: tl.constexpr,
-                  BLOCK_N: tl.constexpr, TMA: tl.constexpr = False):
+                  BLOCK_N: tl.constexpr, TMA: tl.constexpr = False, weights=None, WEIGHTED: tl.constexpr = False):
         """One key block of one branch into the running (max, sum, acc); MASKED: check key bounds,
         the key mask and causality (blocks every row sees in full skip that, and take the row maxima
         of the scores before scaling, so scaling and subtracting the maximum are one FMA per score:
-        the minima when the scale is negative, NEG_SCALE)."""
+        the minima when the scale is negative, NEG_SCALE). WEIGHTED: each key's probability times its
+        multiplicity (``class_weights``)."""
         t = start + tl.arange(0, BLOCK_N)
         kpos = key0 + t * r
         ok = t < count
@@ -227,6 +254,8 @@ if triton is not None:
             else:
                 m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             p = tl.exp2(s * qk_scale - m_new[:, None])
+        if WEIGHTED:
+            p = p * weights[None, :]
         alpha = tl.exp2(m_i - m_new)
         return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + dot(p.to(v.dtype), v)
 
@@ -259,9 +288,39 @@ if triton is not None:
         return qidx, full, hi
 
     @triton.jit
-    def _fused_fwd(Q, K, V, O, L, KM, T, TS, RO, NB, HEAVY, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM, HEAD_BASE,
-                   KV_GROUP, qk_scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, NEG_SCALE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr = False):
+    def class_weights(T, LK, br, span, c, head_g, N, key0, count, r, LCM, UNION: tl.constexpr, BLOCK: tl.constexpr):
+        """Union plans (``union``) count each (row, key) pair once, in the first branch that links it, weighted by
+        how many branches do. For branch br of a tile (rows, or keys, of residue c): the class indices
+        [skip0, skip1) of its keys (or query rows) in the tile's segment of branch br - 1, whose pairs an
+        earlier branch counted, and the weights of BLOCK class indices from any block start: position p and
+        the tile are linked by the first min(LK[p - head], LK[c - head]) branches (each rate divides the
+        next; residues modulo LCM), br of them before this one. Other plans: nothing skipped, weights unused."""
+        skip0, skip1, weights = 0, 0, 1.0
+        if UNION:
+            prev = tl.load(T + 2 * tl.maximum(br - 1, 0))
+            p0 = span // prev * prev
+            skip0 = tl.where(br > 0, (p0 - key0 + r - 1) // r, 0)
+            skip1 = tl.where(br > 0, tl.minimum((tl.minimum(p0 + prev, N) - key0 + r - 1) // r, count), 0)
+            pos = key0 + tl.arange(0, BLOCK) * r
+            links = tl.minimum(tl.load(LK + ((pos - head_g) & (LCM - 1))), tl.load(LK + ((c - head_g) & (LCM - 1))))
+            weights = (links - br).to(tl.float32)
+        return skip0, skip1, weights
+
+    @triton.jit
+    def kept(y, skip0, skip1):
+        """How many class indices below y are not skipped (``class_weights``): the loops run over these."""
+        return y - (tl.minimum(tl.maximum(y, skip0), skip1) - skip0)
+
+    @triton.jit
+    def unskipped(x, skip0, skip1):
+        """The class index of the x-th one not skipped (block starts: the skipped range is whole blocks)."""
+        return tl.where(x >= skip0, x + skip1 - skip0, x)
+
+    @triton.jit
+    def _fused_fwd(Q, K, V, O, L, KM, T, TS, RO, LK, NB, HEAVY, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM,
+                   HEAD_BASE, KV_GROUP, qk_scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                   NEG_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   TMA: tl.constexpr = False, UNION: tl.constexpr = False):
         head, b, doc0, N, T, span, c, pos, row_ok = _residue_tile(TS, T, NB, RO, HEAVY, BLOCK_M, LCM, HEAD_BASE, 1)
         if span + c >= N:
             return
@@ -276,14 +335,16 @@ if triton is not None:
             if active:
                 qidx, full, hi = _key_blocks(pos, span + c, key0, r, count, LCM, IS_CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N)
                 kc, vc = class_keys(K, V, k_base + key0.to(tl.int64) * ku, count, r, ku, TMA, BLOCK_N, HEAD_DIM)
-                for start in range(0, full, BLOCK_N):
-                    m_i, l_i, acc = fwd_block(q, kc, vc, KM, k_base, m_base, key0, r, count, start, qidx, m_i, l_i,
-                                              acc, ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, False, NEG_SCALE,
-                                              BLOCK_N, TMA)
-                for start in range(full, hi, BLOCK_N):
-                    m_i, l_i, acc = fwd_block(q, kc, vc, KM, k_base, m_base, key0, r, count, start, qidx, m_i, l_i,
-                                              acc, ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, True, NEG_SCALE,
-                                              BLOCK_N, TMA)
+                skip0, skip1, weights = class_weights(T, LK, br, span, c, head + HEAD_BASE, N, key0, count, r, LCM,
+                                                      UNION, BLOCK_N)
+                for x in range(0, kept(full, skip0, skip1), BLOCK_N):
+                    m_i, l_i, acc = fwd_block(q, kc, vc, KM, k_base, m_base, key0, r, count, unskipped(x, skip0, skip1),
+                                              qidx, m_i, l_i, acc, ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, False,
+                                              NEG_SCALE, BLOCK_N, TMA, weights, UNION)
+                for x in range(kept(full, skip0, skip1), kept(hi, skip0, skip1), BLOCK_N):
+                    m_i, l_i, acc = fwd_block(q, kc, vc, KM, k_base, m_base, key0, r, count, unskipped(x, skip0, skip1),
+                                              qidx, m_i, l_i, acc, ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, True,
+                                              NEG_SCALE, BLOCK_N, TMA, weights, UNION)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         offs = q_base + pos.to(tl.int64)[:, None] * qu + dims[None, :]
         tl.store(O + offs, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -314,9 +375,9 @@ if triton is not None:
     @triton.jit
     def dq_block(q, do, lse, delta, K, V, KM, k_base, m_base, key0, r, count, start, qidx, row_ok, dq, ku, mu,
                  qk_scale, do_scale, dims, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
-                 BLOCK_N: tl.constexpr, TMA: tl.constexpr = False):
-        """dq += dS K over one key block (keys key0 + t*r); MASKED as in ``fwd_block`` (rows that do not
-        exist load zeros, so their dS is 0 either way)."""
+                 BLOCK_N: tl.constexpr, TMA: tl.constexpr = False, weights=None, WEIGHTED: tl.constexpr = False):
+        """dq += dS K over one key block (keys key0 + t*r); MASKED and WEIGHTED as in ``fwd_block`` (rows
+        that do not exist load zeros, so their dS is 0 either way)."""
         t = start + tl.arange(0, BLOCK_N)
         kpos = key0 + t * r
         ok = t < count
@@ -324,16 +385,20 @@ if triton is not None:
         if MASKED:
             keep = visible_keys(KM, m_base, kpos, ok, mu, HAS_MASK)
             p, ds = probs(q, k, v, do, lse, delta, qidx, t, row_ok, keep, qk_scale, do_scale, 0, IS_CAUSAL)
+            if WEIGHTED:
+                ds = ds * weights[None, :]
         else:
             p = tl.exp2(dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+            if WEIGHTED:
+                p = p * weights[None, :]
             ds = p * (dot(do, tl.trans(v)) * do_scale - delta[:, None])
         return dq + dot(ds.to(k.dtype), k)
 
     @triton.jit
-    def _fused_dq(Q, K, V, DO, L, D, KM, DQ, T, TS, RO, NB, HEAVY, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM,
+    def _fused_dq(Q, K, V, DO, L, D, KM, DQ, T, TS, RO, LK, NB, HEAVY, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM,
                   HEAD_BASE, KV_GROUP, qk_scale, scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr = False,
-                  CHAIN: tl.constexpr = False):
+                  CHAIN: tl.constexpr = False, UNION: tl.constexpr = False):
         """CHAIN: launched while the dK/dV launch before it runs (it reads nothing that one writes); every
         program waits for that launch before it ends, so this launch ends after it (``backward``)."""
         head, b, doc0, N, T, span, c, pos, row_ok = _residue_tile(TS, T, NB, RO, HEAVY, BLOCK_M, LCM, HEAD_BASE, 1)
@@ -352,12 +417,16 @@ if triton is not None:
             if active:
                 qidx, full, hi = _key_blocks(pos, span + c, key0, r, count, LCM, IS_CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N)
                 kc, vc = class_keys(K, V, k_base + key0.to(tl.int64) * ku, count, r, ku, TMA, BLOCK_N, HEAD_DIM)
-                for start in range(0, full, BLOCK_N):
-                    dq = dq_block(q, do, lse, delta, kc, vc, KM, k_base, m_base, key0, r, count, start, qidx, row_ok,
-                                  dq, ku, mu, qk_scale, 1.0, dims, IS_CAUSAL, HAS_MASK, False, BLOCK_N, TMA)
-                for start in range(full, hi, BLOCK_N):
-                    dq = dq_block(q, do, lse, delta, kc, vc, KM, k_base, m_base, key0, r, count, start, qidx, row_ok,
-                                  dq, ku, mu, qk_scale, 1.0, dims, IS_CAUSAL, HAS_MASK, True, BLOCK_N, TMA)
+                skip0, skip1, weights = class_weights(T, LK, br, span, c, head + HEAD_BASE, N, key0, count, r, LCM,
+                                                      UNION, BLOCK_N)
+                for x in range(0, kept(full, skip0, skip1), BLOCK_N):
+                    dq = dq_block(q, do, lse, delta, kc, vc, KM, k_base, m_base, key0, r, count,
+                                  unskipped(x, skip0, skip1), qidx, row_ok, dq, ku, mu, qk_scale, 1.0, dims, IS_CAUSAL,
+                                  HAS_MASK, False, BLOCK_N, TMA, weights, UNION)
+                for x in range(kept(full, skip0, skip1), kept(hi, skip0, skip1), BLOCK_N):
+                    dq = dq_block(q, do, lse, delta, kc, vc, KM, k_base, m_base, key0, r, count,
+                                  unskipped(x, skip0, skip1), qidx, row_ok, dq, ku, mu, qk_scale, 1.0, dims, IS_CAUSAL,
+                                  HAS_MASK, True, BLOCK_N, TMA, weights, UNION)
         if CHAIN:
             gdc_wait()
         tl.store(DQ + q_base + pos.to(tl.int64)[:, None] * qu + dims[None, :], (dq * scale).to(DQ.dtype.element_ty),
@@ -366,11 +435,12 @@ if triton is not None:
     @triton.jit
     def dkdv_block(Q, DO, L, D, q_base, l_base, key0, r, count, start, k, v, kidx, col_keep, dk, dv, qu, lu,
                    qk_scale, do_scale, q_shift, dims, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                   BLOCK_M: tl.constexpr):
+                   BLOCK_M: tl.constexpr, weights=None, WEIGHTED: tl.constexpr = False):
         """dk, dv += one block of the class's query rows (class indices start + i, at key0 + i r) against
         the tile's keys (class indices kidx, used only when IS_CAUSAL: row i sees keys <= i + q_shift).
         dv comes without do_scale (the caller scales it once). Rows past the class load as zeros and
-        add nothing, so only the key mask and causality mask P."""
+        add nothing, so only the key mask and causality mask P. WEIGHTED: each query row's probabilities
+        times its multiplicity (``class_weights``)."""
         u = start + tl.arange(0, BLOCK_M)
         qpos = key0 + u * r
         row_ok = u < count
@@ -379,17 +449,22 @@ if triton is not None:
         lse, delta = row_stats(L, D, l_base, qpos, row_ok, lu)
         if IS_CAUSAL:
             p, ds = probs(q, k, v, do, lse, delta, u, kidx, row_ok, col_keep, qk_scale, do_scale, q_shift, True)
+            if WEIGHTED:
+                p, ds = p * weights[:, None], ds * weights[:, None]
         else:
             p = tl.exp2(dot(q, tl.trans(k)) * qk_scale - lse[:, None])
             if HAS_MASK:  # a row whose keys are all masked has lse -inf: P is 0 on its masked keys
                 p = tl.where(col_keep[None, :], p, 0.0)
+            if WEIGHTED:
+                p = p * weights[:, None]
             ds = p * (dot(do, tl.trans(v)) * do_scale - delta[:, None])
         return dk + dot(tl.trans(ds.to(q.dtype)), q), dv + dot(tl.trans(p.to(do.dtype)), do)
 
     @triton.jit
-    def _fused_dkdv(Q, K, V, DO, L, D, KM, DK, DV, T, TS, RO, NB, HEAVY, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu,
+    def _fused_dkdv(Q, K, V, DO, L, D, KM, DK, DV, T, TS, RO, LK, NB, HEAVY, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu,
                     LCM, HEAD_BASE, KV_GROUP, qk_scale, scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CHAIN: tl.constexpr = False):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CHAIN: tl.constexpr = False,
+                    UNION: tl.constexpr = False):
         """dK, dV of BLOCK_N keys (a residue tile) over query blocks of BLOCK_M. Keys past n and
         query rows past the class (zeros) add nothing that is stored, so only the key mask masks P
         (and causality, on the query blocks that cross the tile's keys). CHAIN: the dQ launch after
@@ -419,12 +494,16 @@ if triton is not None:
                         lo = first // BLOCK_M * BLOCK_M
                         mid = tl.minimum(tl.cdiv(first + (BLOCK_N - 1) * (LCM // r), BLOCK_M) * BLOCK_M, count)
                         kidx = (kpos - key0) // r
-                    for start in range(lo, mid, BLOCK_M):
-                        dk, dv = dkdv_block(Q, DO, L, D, q_base, l_base, key0, r, count, start, k, v, kidx, col_keep,
-                                            dk, dv, qu, lu, qk_scale, 1.0, 0, dims, True, HAS_MASK, BLOCK_M)
-                    for start in range(mid, count, BLOCK_M):
-                        dk, dv = dkdv_block(Q, DO, L, D, q_base, l_base, key0, r, count, start, k, v, kpos, col_keep,
-                                            dk, dv, qu, lu, qk_scale, 1.0, 0, dims, False, HAS_MASK, BLOCK_M)
+                    skip0, skip1, weights = class_weights(T, LK, br, span, c, head + HEAD_BASE, N, key0, count, r,
+                                                          LCM, UNION, BLOCK_M)
+                    for x in range(kept(lo, skip0, skip1), kept(mid, skip0, skip1), BLOCK_M):
+                        dk, dv = dkdv_block(Q, DO, L, D, q_base, l_base, key0, r, count, unskipped(x, skip0, skip1), k,
+                                            v, kidx, col_keep, dk, dv, qu, lu, qk_scale, 1.0, 0, dims, True, HAS_MASK,
+                                            BLOCK_M, weights, UNION)
+                    for x in range(kept(mid, skip0, skip1), kept(count, skip0, skip1), BLOCK_M):
+                        dk, dv = dkdv_block(Q, DO, L, D, q_base, l_base, key0, r, count, unskipped(x, skip0, skip1), k,
+                                            v, kpos, col_keep, dk, dv, qu, lu, qk_scale, 1.0, 0, dims, False, HAS_MASK,
+                                            BLOCK_M, weights, UNION)
         offs = k_base + kpos.to(tl.int64)[:, None] * ku + dims[None, :]
         tl.store(DK + offs, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
         tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
@@ -569,17 +648,16 @@ def forward(q, k, v, plan: Plan, scale: float, causal: bool, key_mask, block_m: 
     tma = tma_loads(k, v)
 
     def build():
-        branches, spans, order, count, lcm, nb, heavy = _tables(plan, n, block_m, q.device)
-        tables = (branches, spans, order)
+        tables, count, lcm, nb, heavy = _tables(plan, n, block_m, q.device)
         scalars = (nb, heavy, *_strides(q, k, lse, key_mask), lcm, plan[0].head_base, plan[0].kv_group, scale * LOG2E)
         meta = dict(IS_CAUSAL=causal, HAS_MASK=key_mask is not None, NEG_SCALE=scale < 0, BLOCK_M=block_m, HEAD_DIM=d,
-                    TMA=tma)
+                    TMA=tma, UNION=union(plan, n))
 
         def launch(cfg):
             return Launch(_fused_fwd, (count * lcm, h, b), scalars,
                           dict(meta, BLOCK_N=cfg[1], num_warps=cfg[2], num_stages=cfg[3]))
 
-        key = (d, causal, key_mask is not None, plan[0].kv_group, nb, lcm, block_m, q.dtype, q.device)
+        key = (d, causal, key_mask is not None, plan[0].kv_group, nb, lcm, block_m, meta["UNION"], q.dtype, q.device)
         cfg = pick(key, fwd_configs(d, q.dtype), lambda cfg: launch(cfg)((q, k, v, out, lse, mask, *tables)))
         return tables, launch(cfg)
 
@@ -606,11 +684,11 @@ def backward(dout, q, k, v, lse, delta, plan: Plan, scale: float, causal: bool, 
         tail = (plan[0].head_base, plan[0].kv_group, scale * LOG2E, scale)
 
         def launch(i, kernel, tile, heads, tile_m, tile_n, warps, stages, **extra):  # (tables, Launch)
-            branches, spans, order, count, lcm, nb, heavy = _tables(plan, n, tile, q.device)
-            return (branches, spans, order), Launch(
+            tables, count, lcm, nb, heavy = _tables(plan, n, tile, q.device)
+            return tables, Launch(
                 kernel, (count * lcm, heads, b), (nb, heavy, *strides, lcm, *tail),
                 chained(dict(IS_CAUSAL=causal, HAS_MASK=key_mask is not None, BLOCK_M=tile_m, BLOCK_N=tile_n,
-                             HEAD_DIM=d, num_warps=warps, num_stages=stages, **extra), i, chain))
+                             HEAD_DIM=d, UNION=union(plan, n), num_warps=warps, num_stages=stages, **extra), i, chain))
 
         (kv_tile, kv_queries, kv_warps, kv_stages), (dq_tile, dq_keys, dq_warps, dq_stages) = configs
         return (launch(0, _fused_dkdv, kv_tile, k.shape[2], kv_queries, kv_tile, kv_warps, kv_stages),
