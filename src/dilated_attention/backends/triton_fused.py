@@ -2,7 +2,9 @@
 
 Paper mode's Eq. 10 output is one softmax over the multiset union of every branch's keys, so
 one program can run all branches of its query rows with one online softmax and write out
-and lse once: no per-branch merge pass, one launch for the whole plan.
+and lse once: no per-branch merge pass, one launch for the whole plan. Where the schedule nests
+(``union``: LongNet's), a pair several branches link is computed once, its probability weighted by
+how many do (``class_weights``), so a program skips the keys an earlier branch already covered.
 
 Tiling: with ``L = lcm(rates)`` and a span of ``BLOCK * L`` positions that divides every
 segment (or a branch with one segment), a program takes the ``BLOCK`` rows of one residue
