@@ -57,6 +57,13 @@ def test_union_plans_are_the_nested_schedules():
     assert not takes(4096, [64, 128], [1, 2])  # 32 rows of the next class: not whole key blocks
     assert not takes(4096, [128, 384], [1, 3]) and not takes(4096, [2048, 4096], [1, 64])  # lcm not dividing 32
     assert takes(90, [96, 192], [1, 2]) and not takes(400, [96, 192], [1, 2], (0, 90, 400))  # every document
+    from dilated_attention.backends import triton_fused
+
+    for d, dtype, causal, masked in itertools.product((64, 128), (torch.bfloat16, torch.float32), (False, True),
+                                                      (False, True)):  # skipped ranges are whole blocks of every config
+        (_, kv_queries, *_), (_, dq_keys, *_) = triton_fused.bwd_configs(d, dtype, causal, masked)
+        for block in (kv_queries, dq_keys, *(cfg[1] for cfg in triton_fused.fwd_configs(d, dtype))):
+            assert 32 <= block <= triton_fused.UNION_BLOCK and triton_fused.UNION_BLOCK % block == 0
 
 
 def test_kernels_compile_for_hopper():
