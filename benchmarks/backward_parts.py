@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from dilated_attention import dilated_attention  # noqa: E402
 from dilated_attention.backends import triton as triton_backend, triton_launch  # noqa: E402
+from dilated_attention.plan import build_plan  # noqa: E402
 
 SEGS, RATES = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16]
 H, D = 12, 64
@@ -44,8 +45,8 @@ def row(b: int, n: int) -> dict:
     out.backward(dout)  # prepares the backward's launches for this geometry
     (key, ((kv_tables, kv_launch), (q_tables, q_launch))), = (
         (key, value) for key, value in triton_launch._PREPARED.items() if key[0] == "fused backward")
-    plan, scale = key[1], key[7]
-    out, lse = triton_backend.Triton().forward_plan(q, k, v, plan, scale, False, 1.0)
+    out, lse = triton_backend.Triton().forward_plan(q, k, v, build_plan(n, H, SEGS, RATES, "paper"), D**-0.5, False,
+                                                    1.0)
     delta = triton_backend._row_dot(dout, out, lse)
     dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
     km = q
