@@ -135,8 +135,8 @@ def test_kernels_compile_for_hopper():
         fused = tk.triton_fused
         if not fused._fused_runs(d, dtype):
             continue
-        for (causal, has_mask), union in itertools.product(((False, False), (False, True), (True, False), (True, True)),
-                                                           (False, True)):
+        for causal, has_mask, union in ((False, False, True), (False, True, True), (True, False, True),
+                                        (True, True, True), (True, True, False)):  # weighted, and once per branch
             kv_config, dq_config = fused.bwd_configs(d, dtype, causal, has_mask)
             (kv_keys, kv_queries, *kv_launch), (dq_rows, dq_keys, *dq_launch) = kv_config, dq_config
             for fn, bm, bn, (warps, stages) in ((fused._fused_dkdv, kv_queries, kv_keys, kv_launch),

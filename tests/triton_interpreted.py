@@ -89,7 +89,8 @@ def _scale_failures():
     float32 scores that large err ~1e-5 against float64."""
     failures = []
     for n, segs, rates in ((256, [64, 128, 256], [1, 2, 4]), (37, [8, 16, 40], [1, 3, 4]),  # fused; per-branch
-                           (300, [100, 300], [1, 3])):  # per-branch with key blocks every row sees in full
+                           (300, [100, 300], [1, 3]),  # per-branch with key blocks every row sees in full
+                           (256, [128, 256], [1, 2])):  # fused, each pair once (weighted)
         for scale, causal in ((-6.0, False), (-6.0, True), (0.0, False)):
             q, k, v, do = (torch.randn(1, n, 4, 16, dtype=torch.float64) for _ in range(4))
             ours = [t.float().requires_grad_() for t in (q, k, v)]
@@ -105,16 +106,16 @@ def _scale_failures():
 def _head_slice_failures():
     """head_start / total_heads: a slice of heads is exactly that slice of the whole-head result."""
     failures = []
-    segs, rates = [8, 16, 40], [1, 3, 4]
     q, k, v = (torch.randn(1, 37, 7, 16) for _ in range(3))
-    for mode in ("paper", "head_groups"):
+    for mode, segs, rates in (("paper", [8, 16, 40], [1, 3, 4]), ("head_groups", [8, 16, 40], [1, 3, 4]),
+                              ("paper", [128, 256], [1, 2])):  # the last fused, each pair once (weighted)
         full = dilated_attention(q, k, v, segs, rates, mode=mode, backend="triton")
         for start, stop in ((3, 7), (2, 3)):
             part = dilated_attention(*(t[:, :, start:stop] for t in (q, k, v)), segs, rates, mode=mode,
                                      backend="triton", head_start=start, total_heads=7)
             err = (part - full[:, :, start:stop]).abs().max().item()
             if not err < 1e-6:
-                failures.append(f"heads [{start}, {stop}) {mode}: max error {err:.2e}")
+                failures.append(f"heads [{start}, {stop}) {mode} {segs} {rates}: max error {err:.2e}")
     return failures
 
 
