@@ -1,5 +1,6 @@
 """The Triton kernels' logic on CPU, through Triton's interpreter (GPU runs use test_core's cases)."""
 
+import concurrent.futures
 import itertools
 import os
 import subprocess
@@ -102,7 +103,13 @@ def test_kernels_compile_for_hopper():
 
     target = GPUTarget("cuda", 90, 32)
 
+    jobs = []  # compiled at the end on two threads (ptxas runs outside the GIL)
+
     def compile_(src, **options):
+        jobs.append((src, options))
+
+    def compiled(job):
+        src, options = job
         kernel = triton.compile(src, target=target, options=options)
         assert kernel.metadata.shared <= 227 * 1024, (src.fn.fn.__name__, src.constants, kernel.metadata.shared)
 
@@ -131,7 +138,7 @@ def test_kernels_compile_for_hopper():
         consts = dict(D=d, BLOCK=64)
         src = ASTSource(tk._rowsum_product, dict(A="*bf16", B="*fp32", OUT="*fp32", ROWS="i32", D="constexpr",
                                                  BLOCK="constexpr"), consts)
-        triton.compile(src, target=target)
+        compile_(src)
         fused = tk.triton_fused
         if not fused._fused_runs(d, dtype):
             continue
@@ -151,6 +158,8 @@ def test_kernels_compile_for_hopper():
                               BLOCK_N=bn, HEAD_DIM=d, TMA=tma, UNION=union)
                 src = ASTSource(fused._fused_fwd, signature(fused._fused_fwd, io, consts, io), consts)
                 compile_(src, num_warps=fwarps, num_stages=fstages)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        list(pool.map(compiled, jobs))
 
 
 def test_row_dot_in_slices_matches_one_pass():
