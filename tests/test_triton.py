@@ -121,16 +121,18 @@ def test_kernels_compile_for_hopper():
                 for out_dtype, has_mask in ((io, False), ("*fp32", True)):  # merging in the inputs' dtype, or fp32
                     bm, bn, warps, stages = tk._config(d, dtype, causal, has_mask)
                     compact = not (causal or first)  # the ring's visiting keys in their class layout
+                    # causal: a union plan's first branch, weighted
                     consts = dict(IS_CAUSAL=causal, FIRST=first, HAS_MASK=has_mask, TABLE=has_mask and not compact,
                                   COMPACT=compact, NEG_SCALE=first and causal, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d,
-                                  TMA=tma, OTHER_ROWS=first)
+                                  TMA=tma, OTHER_ROWS=first, WEIGHTED=2 * causal)
                     src = ASTSource(tk._fwd, signature(tk._fwd, out_dtype, consts, io), consts)
                     compile_(src, num_warps=warps, num_stages=stages)
             for has_mask in (False, True):
                 configs = tk._bwd_configs(d, dtype, causal, has_mask)
                 for fn, (bm, bn, warps, stages) in zip((tk._bwd_dkdv, tk._bwd_dq), configs):
                     consts = dict(IS_CAUSAL=causal, FIRST=not has_mask, HAS_MASK=has_mask, TABLE=not has_mask,
-                                  COMPACT=has_mask and not causal, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
+                                  COMPACT=has_mask and not causal, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d,
+                                  WEIGHTED=2 * causal)
                     if fn is tk._bwd_dq:
                         consts["TMA"] = tma and causal
                     src = ASTSource(fn, signature(fn, "*fp32", consts, io), consts)
@@ -142,20 +144,22 @@ def test_kernels_compile_for_hopper():
         fused = tk.triton_fused
         if not fused._fused_runs(d, dtype):
             continue
+        # weighted (causal: from branch 1, ``Triton._first_apart_forward``), and once per branch
         for causal, has_mask, union in ((False, False, True), (False, True, True), (True, False, True),
-                                        (True, True, True), (True, True, False)):  # weighted, and once per branch
+                                        (True, True, True), (True, True, False)):
             kv_config, dq_config = fused.bwd_configs(d, dtype, causal, has_mask)
             (kv_keys, kv_queries, *kv_launch), (dq_rows, dq_keys, *dq_launch) = kv_config, dq_config
             for fn, bm, bn, (warps, stages) in ((fused._fused_dkdv, kv_queries, kv_keys, kv_launch),
                                                 (fused._fused_dq, dq_rows, dq_keys, dq_launch)):
-                consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d, UNION=union)
+                consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d, UNION=union,
+                              FROM_BRANCH=int(causal and union))
                 if fn is fused._fused_dq:
                     consts["TMA"] = tma and causal
                 src = ASTSource(fn, signature(fn, io, consts, io), consts)
                 compile_(src, num_warps=warps, num_stages=stages)
             for bm, bn, fwarps, fstages in fused.fwd_configs(d, dtype):
                 consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, NEG_SCALE=has_mask and causal, BLOCK_M=bm,
-                              BLOCK_N=bn, HEAD_DIM=d, TMA=tma, UNION=union)
+                              BLOCK_N=bn, HEAD_DIM=d, TMA=tma, UNION=union, FROM_BRANCH=int(causal and union))
                 src = ASTSource(fused._fused_fwd, signature(fused._fused_fwd, io, consts, io), consts)
                 compile_(src, num_warps=fwarps, num_stages=fstages)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -546,6 +550,34 @@ def test_fused_backward_chains_dq_after_dkdv_where_the_gpu_can(monkeypatch):
     monkeypatch.setattr(tk, "_row_dot", lambda dout, out, lse: lse)
     tk.Triton().backward_plan(dout, q, k, v, q, lse, plan, 0.25, False, 1.0)
     assert seen == ["chain flag"]  # backward_plan hands ``_chains(q)`` to the fused backward
+
+
+def test_causal_union_plans_run_their_first_branch_apart(monkeypatch):
+    """A causal union plan runs the fused kernels from branch 1, then its first branch's per-branch launches,
+    weighted per pair, merging into (adding into) what those wrote; where the first branch covers every
+    document only its launches run, storing. Non-causal union plans stay one fused launch per pass."""
+    from dilated_attention.backends import triton as tk, triton_fused as tf, triton_launch
+    from dilated_attention.plan import build_plan
+
+    launches = []
+    monkeypatch.setattr(triton_launch, "launch_kernel", lambda kernel, grid, tensors, scalars, **meta: launches.append(
+        (kernel.fn.__name__, meta.get("FROM_BRANCH", meta.get("FIRST")), meta.get("WEIGHTED", meta.get("UNION")))))
+    monkeypatch.setattr(triton_launch, "_PREPARED", {})
+    h, d, segs, rates = 4, 16, [256, 512, 1024], [1, 2, 4]
+    for n, causal, forward, backward in (
+            (1024, True, [("_fused_fwd", 1, True), ("_fwd", False, 2)],
+             [("_fused_dkdv", 1, True), ("_fused_dq", 1, True), ("_bwd_dkdv", False, 2), ("_bwd_dq", False, 2)]),
+            (256, True, [("_fwd", True, 2)], [("_bwd_dkdv", True, 2), ("_bwd_dq", True, 2)]),
+            (1024, False, [("_fused_fwd", 0, True)], [("_fused_dkdv", 0, True), ("_fused_dq", 0, True)])):
+        plan = build_plan(n, h, segs, rates, "paper")
+        assert tf.union(plan, n) and tf.first_apart(plan, n)[1] == (n > segs[0])
+        q, k, v, dout = (torch.empty(1, n, h, d, device="meta", dtype=torch.float16) for _ in range(4))
+        out, lse = tk.Triton().forward_plan(q, k, v, plan, 0.25, causal, 1.0)
+        assert launches == forward
+        launches.clear()
+        tk.Triton().backward_plan(dout, q, k, v, out, lse, plan, 0.25, causal, 1.0)
+        assert launches == backward
+        launches.clear()
 
 
 def test_fused_launches_are_prepared_once_per_call_geometry(monkeypatch):

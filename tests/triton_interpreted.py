@@ -229,8 +229,10 @@ def _nan_failures():
 def _fused_failures():
     """Plans the fused all-branch kernels take (segments multiples of the tile span, or one segment),
     counting each (row, key) pair once per branch or once weighted: with GQA, a key mask, rates without
-    r = 1, a ragged last segment and packed documents, against the float64 reference (each document against the document alone), causal or not (off CUDA a causal
-    plan the fused kernels tile runs fused: ``triton.fused_causal``)."""
+    r = 1, a ragged last segment and packed documents, against the float64 reference (each document
+    against the document alone), causal or not (off CUDA a causal plan counted per branch runs fused,
+    ``triton.fused_causal``; a causal weighted one runs its first branch apart, weighted per pair, and
+    the rest fused, or the first branch alone where it covers every document: ``first_apart``)."""
     from dilated_attention.backends import triton_fused
     from dilated_attention.plan import build_plan
 
@@ -248,7 +250,10 @@ def _fused_failures():
             # shorter than every segment; a duplicated branch and every branch clipped to w' = n
             (1, 416, 4, 2, [128, 256, 512], [1, 2, 4], True, None, True, True),
             (1, 356, 4, 2, [128, 256], [1, 2], True, (0, 100, 356), False, True),
-            (2, 100, 3, 3, [128, 128, 256], [1, 1, 2], False, None, False, True)):
+            (2, 100, 3, 3, [128, 128, 256], [1, 1, 2], False, None, False, True),
+            (1, 356, 4, 2, [128, 256], [1, 2], False, (0, 100, 356), True, True),
+            (2, 100, 3, 3, [128, 128, 256], [1, 1, 2], False, None, True, True),  # the first branch alone
+            (1, 600, 4, 4, [256, 512], [2, 4], False, None, True, True)):  # no r = 1: rows no branch links
         docs = None if bounds is None else torch.tensor(bounds, dtype=torch.int32)
         plan = build_plan(n, h, segs, rates, "paper", kv_heads=h_kv, cu_seqlens=bounds)
         tiled = (triton_fused.fwd_tile(plan, n, h, 16, torch.float32),

@@ -1,7 +1,8 @@
 """Fused Triton backend: flash-attention kernels that read q, k, v through the dilated strides.
 
 Paper-mode plans whose segments fit its tiling run on ``triton_fused`` (every branch in one
-launch, one softmax; causal ones where that ran faster, ``fused_causal``). Every other plan,
+launch, one softmax; causal union plans with their first branch apart, weighted, here: ``WEIGHTED``;
+other causal ones where fused ran faster, ``fused_causal``). Every other plan,
 and the ring, use the per-branch kernel family here. A launch is a set of segments, each holding one
 residue class of rows per head: program (m and s, head, batch) takes query rows ``m*BLOCK_M...`` of
 segment ``s``'s class, runs flash-attention over the same class's keys, and merges its
@@ -138,6 +139,21 @@ if triton is not None:
         return RATE
 
     @triton.jit
+    def _class_links(LK, rows, cols, RATE, OFFSET, HEAD_BASE, LCM, WEIGHTED: tl.constexpr):
+        """WEIGHTED: how many of a union plan's branches link class rows rows, and cols, of this program's head
+        (positions o + i * RATE of a segment, relative to the head; a segment starts at a multiple of LCM), as
+        float32 (LK: ``triton_fused.links``; paper mode, OFFSET < 0); a pair is linked by the smaller count
+        (``triton_fused.weigh``). Else zeros, unused. cols' counts repeat from block to block (RATE * block % LCM
+        == 0)."""
+        row_links, col_links = tl.zeros(rows.shape, tl.float32), tl.zeros(cols.shape, tl.float32)
+        if WEIGHTED:
+            head = tl.program_id(1) * -OFFSET + HEAD_BASE
+            o = head % RATE - head
+            row_links = tl.load(LK + ((o + rows * RATE) & (LCM - 1))).to(tl.float32)
+            col_links = tl.load(LK + ((o + cols * RATE) & (LCM - 1))).to(tl.float32)
+        return row_links, col_links
+
+    @triton.jit
     def _row_offs(base, idx, RATE, su):
         """Offsets of rows idx of a class whose row 0 is at base (su: one row of the tensor)."""
         return base + (idx * RATE).to(tl.int64) * su
@@ -171,13 +187,14 @@ if triton is not None:
             tl.store(L + l_base + rel * lu, tl.full([BLOCK], float("-inf"), tl.float32), mask=ok)
 
     @triton.jit
-    def _fwd(Q, K, V, O, L, KM, ST, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
-             MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, Q_SHIFT, qk_scale, out_scale,
-             IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr, HAS_MASK: tl.constexpr, TABLE: tl.constexpr,
+    def _fwd(Q, K, V, O, L, KM, ST, LK, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
+             MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, Q_SHIFT, LCM, qk_scale,
+             out_scale, IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr, HAS_MASK: tl.constexpr, TABLE: tl.constexpr,
              COMPACT: tl.constexpr, NEG_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              HEAD_DIM: tl.constexpr, TMA: tl.constexpr = False, OTHER_ROWS: tl.constexpr = False,
-             CHAIN: tl.constexpr = False):
-        """OTHER_ROWS: also store out 0 and lse -inf at the rows of this block's segment positions that
+             CHAIN: tl.constexpr = False, WEIGHTED: tl.constexpr = 0):
+        """WEIGHTED (2): the launch of a union plan's first branch, each pair's probability times how many of
+        the plan's branches link it (``_class_links``; LK, LCM: ``triton_fused.links``). OTHER_ROWS: also store out 0 and lse -inf at the rows of this block's segment positions that
         are not its class's (a head's only launch writes all its rows: no fill before it). CHAIN: the
         next launch may start while this one runs (programmatic dependent launch, ``_chains``); out and
         lse are read and written only after the launch before this one has finished, and every program
@@ -212,12 +229,15 @@ if triton is not None:
             full = 0
         qidx = rows + Q_SHIFT  # causal: the last key row each query row sees
         kc, vc = class_keys(K, V, k_base, k_count, kr, ku, TMA, BLOCK_N, HEAD_DIM)
+        row_w, key_w = _class_links(LK, rows, tl.arange(0, BLOCK_N), RATE, OFFSET, HEAD_BASE, LCM, WEIGHTED)
         for start in range(0, full, BLOCK_N):
             m_i, l_i, acc = fwd_block(q, kc, vc, KM, k_base, m_base, 0, kr, k_count, start, qidx, m_i, l_i, acc,
-                                      ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, False, NEG_SCALE, BLOCK_N, TMA)
+                                      ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, False, NEG_SCALE, BLOCK_N, TMA,
+                                      key_w, WEIGHTED, row_w)
         for start in range(full, hi, BLOCK_N):  # without a key mask every masked block starts with a kept key
             m_i, l_i, acc = fwd_block(q, kc, vc, KM, k_base, m_base, 0, kr, k_count, start, qidx, m_i, l_i, acc,
-                                      ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, True, NEG_SCALE, BLOCK_N, TMA)
+                                      ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, True, NEG_SCALE, BLOCK_N, TMA,
+                                      key_w, WEIGHTED, row_w)
         l_safe = tl.where(row_ok & (l_i > 0), l_i, 1.0)
         out_b = acc / l_safe[:, None]
         lse_b = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))  # natural log
@@ -244,11 +264,12 @@ if triton is not None:
             tl.store(l_ptr, top + tl.log(total), mask=row_ok)
 
     @triton.jit
-    def _bwd_dkdv(Q, K, V, DO, L, D, KM, DK, DV, ST, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
-                  gb, gs, gh, gu, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
-                  Q_SHIFT, qk_scale, scale, do_scale, IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr,
+    def _bwd_dkdv(Q, K, V, DO, L, D, KM, DK, DV, ST, LK, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh,
+                  mu, gb, gs, gh, gu, MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP,
+                  Q_SHIFT, LCM, qk_scale, scale, do_scale, IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr,
                   HAS_MASK: tl.constexpr, TABLE: tl.constexpr, COMPACT: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CHAIN: tl.constexpr = False):
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CHAIN: tl.constexpr = False,
+                  WEIGHTED: tl.constexpr = 0):
         if CHAIN:  # as in ``_fwd``: dk, dv only after the launch before this one
             gdc_launch_dependents()
         pid_n, q_count, k_count, q_base, k_base, l_base = _program(
@@ -271,12 +292,15 @@ if triton is not None:
         if IS_CAUSAL:
             lo = tl.maximum(pid_n * BLOCK_N - Q_SHIFT, 0) // BLOCK_M * BLOCK_M
             mid = tl.minimum(tl.cdiv(tl.maximum((pid_n + 1) * BLOCK_N - 1 - Q_SHIFT, 0), BLOCK_M) * BLOCK_M, q_count)
+        row_w, key_w = _class_links(LK, tl.arange(0, BLOCK_M), cols, RATE, OFFSET, HEAD_BASE, LCM, WEIGHTED)
         for start in range(lo, mid, BLOCK_M):
             dk, dv = dkdv_block(Q, DO, L, D, q_base, l_base, 0, RATE, q_count, start, k, v, cols, col_keep, dk, dv,
-                                qu, lu, qk_scale, do_scale, Q_SHIFT, dims, True, HAS_MASK, BLOCK_M)
+                                qu, lu, qk_scale, do_scale, Q_SHIFT, dims, True, HAS_MASK, BLOCK_M, row_w, WEIGHTED,
+                                key_w)
         for start in range(mid, q_count, BLOCK_M):  # every row sees every key of the tile (or the mask says)
             dk, dv = dkdv_block(Q, DO, L, D, q_base, l_base, 0, RATE, q_count, start, k, v, cols, col_keep, dk, dv,
-                                qu, lu, qk_scale, do_scale, Q_SHIFT, dims, False, HAS_MASK, BLOCK_M)
+                                qu, lu, qk_scale, do_scale, Q_SHIFT, dims, False, HAS_MASK, BLOCK_M, row_w, WEIGHTED,
+                                key_w)
         # dK, dV of this query head's view of the keys (per query head: no two programs share rows)
         g_base = _side_base(BLOCK_N, MAX_ROWS, RATE, OFFSET, HEAD_BASE, gb, gs, gh, gu, ST, TABLE, COMPACT)
         if CHAIN:
@@ -285,11 +309,11 @@ if triton is not None:
         _add_tile(DV, g_base, cols, col_ok, kr, gu, dims, dv * do_scale, FIRST)
 
     @triton.jit
-    def _bwd_dq(Q, K, V, DO, L, D, KM, DQ, ST, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
-                MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, Q_SHIFT, qk_scale, scale, do_scale,
-                IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr, HAS_MASK: tl.constexpr, TABLE: tl.constexpr,
+    def _bwd_dq(Q, K, V, DO, L, D, KM, DQ, ST, LK, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
+                MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, Q_SHIFT, LCM, qk_scale, scale,
+                do_scale, IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr, HAS_MASK: tl.constexpr, TABLE: tl.constexpr,
                 COMPACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                TMA: tl.constexpr = False, CHAIN: tl.constexpr = False):
+                TMA: tl.constexpr = False, CHAIN: tl.constexpr = False, WEIGHTED: tl.constexpr = 0):
         if CHAIN:  # as in ``_fwd``: dq only after the launch before this one
             gdc_launch_dependents()
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(
@@ -317,12 +341,15 @@ if triton is not None:
             full = 0
         qidx = rows + Q_SHIFT
         kc, vc = class_keys(K, V, k_base, k_count, kr, ku, TMA, BLOCK_N, HEAD_DIM)
+        row_w, key_w = _class_links(LK, rows, tl.arange(0, BLOCK_N), RATE, OFFSET, HEAD_BASE, LCM, WEIGHTED)
         for start in range(0, full, BLOCK_N):
             dq = dq_block(q, do, lse, delta, kc, vc, KM, k_base, m_base, 0, kr, k_count, start, qidx, row_ok, dq, ku,
-                          mu, qk_scale, do_scale, dims, IS_CAUSAL, HAS_MASK, False, BLOCK_N, TMA)
+                          mu, qk_scale, do_scale, dims, IS_CAUSAL, HAS_MASK, False, BLOCK_N, TMA, key_w, WEIGHTED,
+                          row_w)
         for start in range(full, hi, BLOCK_N):
             dq = dq_block(q, do, lse, delta, kc, vc, KM, k_base, m_base, 0, kr, k_count, start, qidx, row_ok, dq, ku,
-                          mu, qk_scale, do_scale, dims, IS_CAUSAL, HAS_MASK, True, BLOCK_N, TMA)
+                          mu, qk_scale, do_scale, dims, IS_CAUSAL, HAS_MASK, True, BLOCK_N, TMA, key_w, WEIGHTED,
+                          row_w)
         if CHAIN:
             gdc_wait()
         _add_tile(DQ, q_base, rows, row_ok, RATE, qu, dims, dq * scale, FIRST)
@@ -370,11 +397,13 @@ class _Launch:
     mapping; grid."""
 
     def __init__(self, q_strides, k_strides, l_strides, m_strides, g_strides, nq, segq, nk, segk, rate, offset, batch,
-                 nheads, head_base=0, kv_head0=0, kv_group=1, q_shift=0, table=None, compact=False):
+                 nheads, head_base=0, kv_head0=0, kv_group=1, q_shift=0, table=None, compact=False, links=None):
         self.rows = max(-(-segq // rate), -(-segk // rate))
         self.strides = (*q_strides, *k_strides, *l_strides, *m_strides)
         self.grad_strides = g_strides
-        self.sizes = (self.rows, nq, segq, nk, segk, rate, offset, head_base, kv_head0, kv_group, q_shift)
+        self.links = links  # a weighted launch (``_fwd``'s WEIGHTED): ``triton_fused.links``' (table, lcm)
+        self.sizes = (self.rows, nq, segq, nk, segk, rate, offset, head_base, kv_head0, kv_group, q_shift,
+                      1 if links is None else links[1])
         self.batch, self.nheads = batch, nheads
         self.table = table  # packed documents: (start, length) per segment, int32 on the device; segq: the longest
         self.segments = -(-nq // segq) if table is None else table.numel() // 2
@@ -406,17 +435,17 @@ def _view(t, heads):
     return t if heads is None else t[:, :, heads]
 
 
-def _branch_launch(q, k, lse, mask, grad, branch: Branch, table=None) -> _Launch:
+def _branch_launch(q, k, lse, mask, grad, branch: Branch, table=None, links=None) -> _Launch:
     """A branch over (b, n, h, d) q (sliced to the branch's heads), unsliced k (h_kv heads), the
     key mask (b, n) or None, and a key gradient laid out like the sliced q; segments of ``branch.segment`` rows,
-    or those of ``table`` (packed documents; ``branch.segment``: the longest)."""
+    or those of ``table`` (packed documents; ``branch.segment``: the longest); links: weighted (``_Launch``)."""
     b, n = q.shape[:2]
     seg = branch.segment
     nheads = branch.head_stop - branch.head_start
     m_strides = (mask.stride(0), seg * mask.stride(1), 0, mask.stride(1)) if mask is not None else (0, 0, 0, 0)
     return _Launch(_flat(q, seg), _flat(k, seg), _flat(lse, seg), m_strides, _flat(grad, seg), n, seg, n, seg,
                    branch.rate, branch.offset, b, nheads, branch.head_base + branch.head_start, branch.head_start,
-                   branch.kv_group, table=table)
+                   branch.kv_group, table=table, links=links)
 
 
 @functools.lru_cache(maxsize=64)
@@ -460,40 +489,49 @@ def _view_launch(q, k, lse, mask, grad, q_offset: int = 0) -> _Launch:
                    heads, kv_group=heads // k.shape[3], q_shift=q_offset)
 
 
+def _weighting(launch: _Launch, block: int) -> int:
+    """The kernels' WEIGHTED: 2 where a launch weighs each pair by the smaller of its row's and key's links
+    (``_class_links``; its blocks of ``block`` class rows start where the links repeat), else 0."""
+    if launch.links is not None and launch.sizes[5] * block % launch.links[1]:
+        raise ValueError(f"triton backend: blocks of {block} rows at rate {launch.sizes[5]} do not repeat links "
+                         f"modulo {launch.links[1]}")
+    return 0 if launch.links is None else 2
+
+
 def _mask_arg(mask, like):
     """The key mask as bytes for the kernels (a placeholder pointer when there is none)."""
     return like if mask is None else mask.view(torch.uint8)
 
 
-def _table_arg(launch: _Launch, like):
-    """The segment table for the kernels (a placeholder pointer when there is none)."""
-    return like if launch.table is None else launch.table
+def _table_args(launch: _Launch, like) -> tuple:
+    """The segment table and the links table (``_Launch``) for the kernels (placeholder pointers for none)."""
+    return like if launch.table is None else launch.table, like if launch.links is None else launch.links[0]
 
 
 def _forward_launch(d: int, dtype, launch: _Launch, scale: float, causal: bool, first: bool, masked: bool, tma: bool,
                     out_scale: float = 1.0, other_rows: bool = False):
     """(kernel, grid, scalars, constexprs) of one forward launch; its tensors: q, k, v, out, lse, the key
-    mask and the segment table (``_mask_arg``, ``_table_arg``). other_rows: the launch also stores 0 /
+    mask, the segment and links tables (``_mask_arg``, ``_table_args``). other_rows: the launch also stores 0 /
     -inf at its segments' rows outside its classes (``_fwd``)."""
     bm, bn, warps, stages = _config(d, dtype, causal, masked)
     return _fwd, launch.grid(bm), (*launch.strides, *launch.sizes, scale * LOG2E, out_scale), dict(
         IS_CAUSAL=causal, FIRST=first, HAS_MASK=masked, TABLE=launch.table is not None, COMPACT=launch.compact,
-        NEG_SCALE=scale < 0, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d, TMA=tma, OTHER_ROWS=other_rows, num_warps=warps,
-        num_stages=stages)
+        NEG_SCALE=scale < 0, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d, TMA=tma, OTHER_ROWS=other_rows,
+        WEIGHTED=_weighting(launch, bn), num_warps=warps, num_stages=stages)
 
 
 def _run_forward(q, k, v, out, lse, mask, launch: _Launch, scale: float, causal: bool, first: bool) -> None:
     """One forward launch, made now (the ring's pieces and key classes: one launch a call)."""
     kernel, grid, scalars, meta = _forward_launch(q.shape[-1], q.dtype, launch, scale, causal, first, mask is not None,
                                                   triton_fused.tma_loads(k, v))
-    launch_kernel(kernel, grid, (q, k, v, out, lse, _mask_arg(mask, q), _table_arg(launch, q)), scalars, **meta)
+    launch_kernel(kernel, grid, (q, k, v, out, lse, _mask_arg(mask, q), *_table_args(launch, q)), scalars, **meta)
 
 
 def _backward_launches(d: int, dtype, launch: _Launch, scale: float, causal: bool, masked: bool, tma: bool,
                        do_scale: float = 1.0, passes: str = "kq", first: bool = False):
     """(kernel, grid, scalars, constexprs) of the dK/dV launch ("k" in passes; tensors q, k, v, dout, lse,
-    delta, key mask, dk, dv, table; dk, dv laid out per query head, ``launch.grad_strides``) and of the dQ
-    launch ("q"; tensors q, k, v, dout, lse, delta, key mask, dq, table), or None; first: store the
+    delta, key mask, dk, dv, the tables; dk, dv laid out per query head, ``launch.grad_strides``) and of the dQ
+    launch ("q"; tensors q, k, v, dout, lse, delta, key mask, dq, the tables), or None; first: store the
     gradients' rows rather than add (they hold nothing yet)."""
     sizes = (*launch.sizes, scale * LOG2E, scale, do_scale)
     kv_cfg, q_cfg = _bwd_configs(d, dtype, causal, masked)
@@ -503,8 +541,10 @@ def _backward_launches(d: int, dtype, launch: _Launch, scale: float, causal: boo
     def meta(bm, bn, warps, stages, **extra):
         return dict(flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **extra)
 
-    dkdv = (_bwd_dkdv, launch.grid(kv_cfg[1]), (*launch.strides, *launch.grad_strides, *sizes), meta(*kv_cfg))
-    dq = (_bwd_dq, launch.grid(q_cfg[0]), (*launch.strides, *sizes), meta(*q_cfg, TMA=causal and tma))
+    dkdv = (_bwd_dkdv, launch.grid(kv_cfg[1]), (*launch.strides, *launch.grad_strides, *sizes),
+            meta(*kv_cfg, WEIGHTED=_weighting(launch, kv_cfg[0])))
+    dq = (_bwd_dq, launch.grid(q_cfg[0]), (*launch.strides, *sizes),
+          meta(*q_cfg, TMA=causal and tma, WEIGHTED=_weighting(launch, q_cfg[1])))
     return dkdv if "k" in passes else None, dq if "q" in passes else None
 
 
@@ -513,9 +553,9 @@ def _run_backward(dout, q, k, v, lse, delta, mask, dq, dk, dv, launch: _Launch, 
     """Both passes of one launch (``_backward_launches``), adding into dq, dk, dv."""
     dkdv, dq_pass = _backward_launches(q.shape[-1], q.dtype, launch, scale, causal, mask is not None,
                                        triton_fused.tma_loads(k, v), do_scale)
-    km, st = _mask_arg(mask, q), _table_arg(launch, q)
-    launch_kernel(*dkdv[:2], (q, k, v, dout, lse, delta, km, dk, dv, st), dkdv[2], **dkdv[3])
-    launch_kernel(*dq_pass[:2], (q, k, v, dout, lse, delta, km, dq, st), dq_pass[2], **dq_pass[3])
+    km, tables = _mask_arg(mask, q), _table_args(launch, q)
+    launch_kernel(*dkdv[:2], (q, k, v, dout, lse, delta, km, dk, dv, *tables), dkdv[2], **dkdv[3])
+    launch_kernel(*dq_pass[:2], (q, k, v, dout, lse, delta, km, dq, *tables), dq_pass[2], **dq_pass[3])
 
 
 def _geometry(q, k, lse, mask) -> tuple:
@@ -525,9 +565,10 @@ def _geometry(q, k, lse, mask) -> tuple:
             q.device)
 
 
-def _forward_steps(q, k, lse, key_mask, plan: Plan, scale, causal, out_scale, fresh, other_rows, tma) -> tuple:
-    """``Triton._branch_forwards``' launches: per branch, (its heads or None, its segment table or None,
-    ``_forward_launch``)."""
+def _forward_steps(q, k, lse, key_mask, plan: Plan, scale, causal, out_scale, fresh, other_rows, tma,
+                   links=None) -> tuple:
+    """``Triton._branch_forwards``' launches: per branch, (its heads or None, its segment table or None, the
+    links table or None, ``_forward_launch``); links: weighted launches (``_Launch``)."""
     steps, written = [], set()  # heads a launch has written: a fresh launch over fresh heads reads nothing
     chain = not other_rows and _chains(q)  # other_rows: launches on side streams
     for i, (branch, table) in enumerate(_launches(plan, q.shape[1], q.device)):
@@ -538,39 +579,40 @@ def _forward_steps(q, k, lse, key_mask, plan: Plan, scale, causal, out_scale, fr
             raise ValueError("triton backend: out_scale needs branches over disjoint heads (head_groups)")
         heads = _head_slice(branch, q.shape[2])
         qv, lv = _view(q, heads), _view(lse, heads)
-        launch = _branch_launch(qv, k, lv, key_mask, qv, branch, table)
+        launch = _branch_launch(qv, k, lv, key_mask, qv, branch, table, links)
         spec = _forward_launch(q.shape[-1], q.dtype, launch, scale, causal, first, key_mask is not None, tma,
                                out_scale, other_rows and branch.rate > 1)
-        steps.append((heads, table, _chained_launch(spec, i, chain)))
+        steps.append((heads, *_table_args(launch, None), _chained_launch(spec, i, chain)))
     return tuple(steps)
 
 
-def _backward_steps(q, k, lse, key_mask, plan: Plan, scale, causal, out_scale, fresh, tma) -> tuple:
+def _backward_steps(q, k, lse, key_mask, plan: Plan, scale, causal, out_scale, fresh, tma, links=None) -> tuple:
     """``Triton._branch_backwards``' launches: (``_backward_launches``' launch, the query heads, the k/v heads,
-    the dK/dV heads (each a slice or None: all), the segment table or None). Per branch a dK/dV launch and a dQ
-    launch; with GQA the branch's dQ launch, then one dK/dV launch per query head of a k/v head, each adding
-    into dk, dv straight (no per-query-head buffers)."""
+    the dK/dV heads (each a slice or None: all), the segment table or None, the links table or None). Per
+    branch a dK/dV launch and a dQ launch; with GQA the branch's dQ launch, then one dK/dV launch per query
+    head of a k/v head, each adding into dk, dv straight (no per-query-head buffers)."""
     group = q.shape[2] // k.shape[2]
     d, masked, steps = q.shape[-1], key_mask is not None, []
     for i, (branch, table) in enumerate(_launches(plan, q.shape[1], q.device)):
         heads = _head_slice(branch, q.shape[2])
         qv, lv = _view(q, heads), _view(lse, heads)
         # the dK/dV strides: dk has k's (callers check); with GQA this launch runs dQ alone
-        launch = _branch_launch(qv, k, lv, key_mask, qv if group > 1 else _view(k, heads), branch, table)
+        launch = _branch_launch(qv, k, lv, key_mask, qv if group > 1 else _view(k, heads), branch, table, links)
         dkdv, dq = _backward_launches(d, q.dtype, launch, scale, causal, masked, tma, out_scale,
                                       "kq" if group == 1 else "q", fresh and i == 0)
-        steps += [(dkdv, heads, None, heads, table)] if dkdv else []
-        steps.append((dq, heads, None, None, table))
+        tables = _table_args(launch, None)
+        steps += [(dkdv, heads, None, heads, *tables)] if dkdv else []
+        steps.append((dq, heads, None, None, *tables))
         for head0 in range(branch.head_start, min(branch.head_stop, branch.head_start + group)) if group > 1 else ():
             h = slice(head0, branch.head_stop, group)  # one query head of each k/v head from head0 // group
             kv = slice(head0 // group, None)
             qv, lv = q[:, :, h], lse[:, :, h]
             phase = replace(branch, offset=-group if branch.offset == PER_HEAD else branch.offset,
                             head_base=branch.head_base + head0, head_start=0, head_stop=qv.shape[2], kv_group=1)
-            launch = _branch_launch(qv, k[:, :, kv], lv, key_mask, k[:, :, kv], phase, table)
+            launch = _branch_launch(qv, k[:, :, kv], lv, key_mask, k[:, :, kv], phase, table, links)
             dkdv, _ = _backward_launches(d, q.dtype, launch, scale, causal, masked, tma, out_scale, "k",
                                          fresh and i == 0 and head0 == 0)
-            steps.append((dkdv, h, kv, kv, table))
+            steps.append((dkdv, h, kv, kv, *tables))
     chain = _chains(q)
     return tuple((_chained_launch(spec, i, chain), *rest) for i, (spec, *rest) in enumerate(steps))
 
@@ -681,12 +723,12 @@ def _document_rates(plan: Plan) -> tuple[int, ...]:
 
 
 def fused_causal(pass_name: str, plan: Plan, q, key_mask, fused, branches) -> bool:
-    """Whether a causal plan the fused kernels tile runs fused (one launch, more work: a tile's rows
-    span its segment) rather than branch by branch (a launch per branch, each adding host time):
-    whichever of ``fused()`` and ``branches()`` ran faster, timed once per kind of call (schedule's
-    rates, k/v group, head_dim, dtype, mask) and size (n and b h, each to a power of two), so packed
-    documents that change every batch are not timed again (``triton_fused.pick``; fused off CUDA, so
-    the interpreter checks the fused kernels)."""
+    """Whether a causal plan the fused kernels tile, counting each pair once per branch (not ``union``), runs
+    fused (one launch, more work: a tile's rows span its segment) rather than branch by branch (a launch per
+    branch, each adding host time): whichever of ``fused()`` and ``branches()`` ran faster, timed once per
+    kind of call (schedule's rates, k/v group, head_dim, dtype, mask) and size (n and b h, each to a power of
+    two), so packed documents that change every batch are not timed again (``triton_fused.pick``; fused off
+    CUDA, so the interpreter checks the fused kernels)."""
     b, n, h, d = q.shape
     key = (pass_name, _document_rates(plan), plan[0].kv_group, d, q.dtype, q.device, key_mask is not None,
            n.bit_length(), (b * h).bit_length())
@@ -740,9 +782,29 @@ class Triton(Backend):
                                   other_rows=stores_all)
             return out, lse
 
+        if block and causal and triton_fused.union(plan, n):
+            return self._first_apart_forward(q, k, v, plan, scale, causal, key_mask, block)
         if block and (not causal or fused_causal("forward", plan, q, key_mask, fused, branches)):
             return fused()
         return branches()
+
+    def _first_apart_forward(self, q, k, v, plan: Plan, scale: float, causal: bool, key_mask, block: int):
+        """A causal union plan (``triton_fused.first_apart``): the branches after the first fused (a tile's
+        rows see their keys in full, or not at all: no diagonal), then the first branch's launch, weighted,
+        merged into what they wrote (or storing, where no later branch links anything outside it)."""
+        b, n, h, _ = q.shape
+        first, rest = triton_fused.first_apart(plan, n)
+        fresh = not rest and _stores_every_row(first, h)
+        if rest:
+            out, lse = triton_fused.forward(q, k, v, plan, scale, causal, key_mask, block, from_branch=1)
+        elif fresh:
+            out, lse = torch.empty_like(q), torch.empty((b, n, h), dtype=torch.float32, device=q.device)
+        else:
+            out = torch.zeros_like(q)
+            lse = torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
+        self._branch_forwards(out, lse, q, k, v, first, scale, causal, key_mask, 1.0, fresh=fresh,
+                              links=triton_fused.links(plan, q.device))
+        return out, lse
 
     def attend_plan_(self, out, lse, q, k, v, plan: Plan, scale: float, causal: bool, key_mask=None) -> None:
         """One launch per branch over (b, n, ...) tensors of equal length (the ring's chunks); q, out
@@ -754,18 +816,20 @@ class Triton(Backend):
         self._branch_forwards(out, lse, q, k, v, plan, scale, causal, key_mask, 1.0, fresh=False)
 
     def _branch_forwards(self, out, lse, q, k, v, plan, scale, causal, key_mask, out_scale, fresh: bool,
-                         other_rows: bool = False) -> None:
-        """other_rows: every head has one branch and out, lse hold nothing yet (``_one_branch_per_head``).
-        The launches are made once per call geometry (``prepared``)."""
+                         other_rows: bool = False, links=None) -> None:
+        """other_rows: every head has one branch and out, lse hold nothing yet (``_one_branch_per_head``);
+        links: weighted launches (``_Launch``). The launches are made once per call geometry (``prepared``)."""
         tma = triton_fused.tma_loads(k, v)
-        key = ("forward", plan, *_geometry(q, k, lse, key_mask), scale, causal, out_scale, fresh, other_rows, tma)
+        key = ("forward", plan, *_geometry(q, k, lse, key_mask), scale, causal, out_scale, fresh, other_rows, tma,
+               links is not None)
         steps = prepared(key, lambda: _forward_steps(q, k, lse, key_mask, plan, scale, causal, out_scale, fresh,
-                                                      other_rows, tma))
+                                                      other_rows, tma, links))
         streams = _side_streams(q.device, len(steps)) if other_rows and _concurrent(q) else None
         km = _mask_arg(key_mask, q)
-        for i, (heads, table, launch) in enumerate(steps):
+        for i, (heads, table, lk, launch) in enumerate(steps):
             qv = _view(q, heads)
-            tensors = (qv, k, v, _view(out, heads), _view(lse, heads), km, qv if table is None else table)
+            tensors = (qv, k, v, _view(out, heads), _view(lse, heads), km, qv if table is None else table,
+                       qv if lk is None else lk)
             if streams is None:
                 launch(tensors)
                 continue
@@ -799,9 +863,27 @@ class Triton(Backend):
                                    fresh)
             return dq, dk, dv
 
+        if configs and causal and triton_fused.union(plan, q.shape[1]):
+            return self._first_apart_backward(dout, q, k, v, out, lse, plan, scale, causal, key_mask, configs)
         if configs and (not causal or fused_causal("backward", plan, q, key_mask, fused, branches)):
             return fused()
         return branches()
+
+    def _first_apart_backward(self, dout, q, k, v, out, lse, plan: Plan, scale: float, causal: bool, key_mask,
+                             configs):
+        """Gradients of ``_first_apart_forward``: the fused launches from branch 1 store them, then the
+        first branch's launches, weighted, add into them (or store, where the fused ones have nothing)."""
+        first, rest = triton_fused.first_apart(plan, q.shape[1])
+        delta = _row_dot(dout, out, lse)
+        fresh = not rest and _stores_every_row(first, q.shape[2])
+        if rest:
+            dq, dk, dv = triton_fused.backward(dout, q, k, v, lse, delta, plan, scale, causal, key_mask, configs,
+                                               _chains(q), from_branch=1)
+        else:
+            dq, dk, dv = (torch.empty_like(t) if fresh else torch.zeros_like(t) for t in (q, k, v))
+        self._branch_backwards(dq, dk, dv, dout, q, k, v, out, lse, first, scale, causal, 1.0, key_mask, fresh, delta,
+                               triton_fused.links(plan, q.device))
+        return dq, dk, dv
 
     def attend_plan_backward_(self, dq, dk, dv, dout, q, k, v, out, lse, plan: Plan, scale: float, causal: bool,
                               out_scale: float, key_mask=None) -> None:
@@ -816,22 +898,26 @@ class Triton(Backend):
         self._branch_backwards(dq, dk, dv, dout, q, k, v, out, lse, plan, scale, causal, out_scale, key_mask, False)
 
     def _branch_backwards(self, dq, dk, dv, dout, q, k, v, out, lse, plan, scale, causal, out_scale, key_mask,
-                          fresh: bool) -> None:
+                          fresh: bool, delta=None, links=None) -> None:
         """``attend_plan_backward_``'s launches (made once per call geometry, ``_backward_steps``); fresh: dq,
         dk, dv hold nothing yet and the plan's first launch stores every row of them (``_stores_every_row``),
-        so it stores instead of adding."""
+        so it stores instead of adding; delta: rowsum(dout * out) where the caller has it; links: weighted
+        launches (``_Launch``)."""
         lse = lse.contiguous()
-        delta = _row_dot(dout, out, lse)  # rowsum(dO' O) for dO' = s dout, O = out / s
+        if delta is None:
+            delta = _row_dot(dout, out, lse)  # rowsum(dO' O) for dO' = s dout, O = out / s
         tma = triton_fused.tma_loads(k, v)
-        key = ("backward", plan, *_geometry(q, k, lse, key_mask), scale, causal, out_scale, fresh, tma)
-        steps = prepared(key, lambda: _backward_steps(q, k, lse, key_mask, plan, scale, causal, out_scale, fresh, tma))
+        key = ("backward", plan, *_geometry(q, k, lse, key_mask), scale, causal, out_scale, fresh, tma,
+               links is not None)
+        steps = prepared(key, lambda: _backward_steps(q, k, lse, key_mask, plan, scale, causal, out_scale, fresh, tma,
+                                                      links))
         km = _mask_arg(key_mask, q)
-        for launch, heads, kv_heads, grad_heads, table in steps:
+        for launch, heads, kv_heads, grad_heads, table, lk in steps:
             qv = _view(q, heads)
             rows = (qv, _view(k, kv_heads), _view(v, kv_heads), _view(dout, heads), _view(lse, heads),
                     _view(delta, heads), km)
             grads = (_view(dq, heads),) if launch.kernel is _bwd_dq else (_view(dk, grad_heads), _view(dv, grad_heads))
-            launch((*rows, *grads, qv if table is None else table))
+            launch((*rows, *grads, qv if table is None else table, qv if lk is None else lk))
 
     def attend_classes_(self, out, lse, q, kc, vc, branch, scale: float, key_mask=None) -> None:
         """One launch; keys read from their class layout (``COMPACT``)."""

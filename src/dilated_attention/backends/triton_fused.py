@@ -20,11 +20,13 @@ Launch order: a tile with every branch active runs several times the keys of one
 so the grid runs the heavier residues (``residue_order``) of every span first and ends on the
 lightest tiles (NOTES.md v14).
 
-Causal: a tile's rows spread over its whole span, so in a segment of s spans a tile computes
-(s + 1) / s of a branch's causal work, where the per-branch tiles of consecutive class rows
-compute about 1 (at 1M tokens the fused causal forward ran 1.5x the per-branch launches'
-time), but it is one launch where the per-branch path makes one per branch: short calls are
-host-bound. ``triton.Triton`` times both once per kind of call and size (``pick``).
+Causal: a tile's rows spread over its whole span, so the diagonal blocks of a branch cover
+(s + 1) / s of its causal work (s spans a segment). In a union plan only the first branch has a
+diagonal: branch t > 0 skips its keys in the tile's segment of branch t - 1, which holds the tile's
+rows, so its other keys are all before them or all after. Such plans run the first branch apart on
+consecutive rows, each pair weighted by how many branches link it (``first_apart``, ``links``;
+``triton.Triton``), and the rest here from branch 1 (``FROM_BRANCH``): no diagonal anywhere. Causal
+plans counted once per branch run fused or branch by branch, whichever timed faster (``pick``).
 
 Packed documents (cu_seqlens) are tiled each from its own first row: a table lists every
 span as (document's first row, its length, span start, document index) and the grid's
@@ -109,6 +111,18 @@ def union(plan: Plan, n: int) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=256)
+def first_apart(plan: Plan, n: int) -> tuple[Plan, bool]:
+    """A union plan (``union``) as its first branch in every document, which holds the causal diagonal and
+    every pair a later branch also links (run by consecutive rows, weighted: ``triton``'s weighted launches),
+    and whether any later branch links keys outside it (run fused, from branch 1: a residue tile's rows then
+    see each such key in full, or not at all)."""
+    docs = documents(plan, n).items()
+    return (tuple(branches[0] for _, branches in docs),
+            any(branches[0].segment < length and branches[-1].segment > branches[0].segment
+                for (_, length), branches in docs))
+
+
 def residue_order(plan: Plan, n: int) -> tuple[list[int], int]:
     """Residues u = (c - head) mod lcm in launch order, and how many come first: those whose tiles
     run more than the fewest branches (c % r == head % r for every rate r dividing u), so a launch
@@ -134,10 +148,19 @@ def _tables(plan: Plan, n: int, block: int, device: torch.device):
              for x in (start, length, span, i)]
     order, heavy = residue_order(plan, n)
     as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
-    rates = [b.rate for b in next(iter(docs.values()))]
-    links = [sum(g % r == 0 for r in rates) for g in range(lcm)]
-    return ((as_tensor(branches), as_tensor(spans), as_tensor(order), as_tensor(links)), len(spans) // 4, lcm,
-            len(rates), heavy)
+    return ((as_tensor(branches), as_tensor(spans), as_tensor(order), links(plan, device)[0]), len(spans) // 4, lcm,
+            len(next(iter(docs.values()))), heavy)
+
+
+@functools.lru_cache(maxsize=64)
+def links(plan: Plan, device: torch.device) -> tuple[torch.Tensor, int]:
+    """For each residue g modulo the rates' least common multiple, how many of a document's branches' rates
+    divide g (int32 on the device), and that multiple: in a union plan (``union``) a row and a key of one
+    segment of the first branch, at positions p and p' from the head's offset, are linked by
+    min(links[p], links[p']) branches."""
+    lcm = math.lcm(*(b.rate for b in plan))
+    rates = [b.rate for b in plan if b.row_start == plan[0].row_start]
+    return torch.tensor([sum(g % r == 0 for r in rates) for g in range(lcm)], dtype=torch.int32, device=device), lcm
 
 
 if triton is not None:
@@ -230,12 +253,13 @@ if triton is not None:
     @triton.jit
     def fwd_block(q, K, V, KM, k_base, m_base, key0, r, count, start, qidx, m_i, l_i, acc, ku, mu, qk_scale, dims,
                   IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr, NEG_SCALE: tl.constexpr,
-                  BLOCK_N: tl.constexpr, TMA: tl.constexpr = False, weights=None, WEIGHTED: tl.constexpr = False):
+                  BLOCK_N: tl.constexpr, TMA: tl.constexpr = False, weights=None, WEIGHTED: tl.constexpr = False,
+                  row_weights=0.0):
         """One key block of one branch into the running (max, sum, acc); MASKED: check key bounds,
         the key mask and causality (blocks every row sees in full skip that, and take the row maxima
         of the scores before scaling, so scaling and subtracting the maximum are one FMA per score:
-        the minima when the scale is negative, NEG_SCALE). WEIGHTED: each key's probability times its
-        multiplicity (``class_weights``)."""
+        the minima when the scale is negative, NEG_SCALE). WEIGHTED: each pair's probability times its
+        multiplicity (``weigh``: weights over the keys, row_weights over the rows)."""
         t = start + tl.arange(0, BLOCK_N)
         kpos = key0 + t * r
         ok = t < count
@@ -256,8 +280,7 @@ if triton is not None:
             else:
                 m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             p = tl.exp2(s * qk_scale - m_new[:, None])
-        if WEIGHTED:
-            p = p * weights[None, :]
+        p = weigh(p, row_weights, weights, WEIGHTED, False)
         alpha = tl.exp2(m_i - m_new)
         return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + dot(p.to(v.dtype), v)
 
@@ -319,10 +342,27 @@ if triton is not None:
         return tl.where(x >= skip0, x + skip1 - skip0, x)
 
     @triton.jit
+    def weigh(x, rows, cols, WEIGHTED: tl.constexpr, BY_ROWS: tl.constexpr):
+        """A (query rows, keys) tile x times each pair's multiplicity. WEIGHTED 2: the smaller of the rows'
+        and the keys' (a launch of a union plan's first branch: how many branches link each position,
+        ``triton``'s weighted launches); else (WEIGHTED) the keys' (a residue tile of query rows,
+        ``class_weights``) or, BY_ROWS, the rows' (a residue tile of keys)."""
+        if WEIGHTED == 2:
+            x = x * tl.minimum(rows[:, None], cols[None, :])
+        elif WEIGHTED:
+            if BY_ROWS:
+                x = x * rows[:, None]
+            else:
+                x = x * cols[None, :]
+        return x
+
+    @triton.jit
     def _fused_fwd(Q, K, V, O, L, KM, T, TS, RO, LK, NB, HEAVY, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM,
                    HEAD_BASE, KV_GROUP, qk_scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                    NEG_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   TMA: tl.constexpr = False, UNION: tl.constexpr = False):
+                   TMA: tl.constexpr = False, UNION: tl.constexpr = False, FROM_BRANCH: tl.constexpr = 0):
+        """FROM_BRANCH: run the branches from this one (1: a causal union plan's first branch runs apart,
+        ``triton.Triton``)."""
         head, b, doc0, N, T, span, c, pos, row_ok = _residue_tile(TS, T, NB, RO, HEAVY, BLOCK_M, LCM, HEAD_BASE, 1)
         if span + c >= N:
             return
@@ -332,7 +372,7 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        for br in range(NB):
+        for br in range(FROM_BRANCH, NB):
             active, key0, count, r = _branch(T, br, span, c, head + HEAD_BASE, N)
             if active:
                 qidx, full, hi = _key_blocks(pos, span + c, key0, r, count, LCM, IS_CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N)
@@ -377,7 +417,8 @@ if triton is not None:
     @triton.jit
     def dq_block(q, do, lse, delta, K, V, KM, k_base, m_base, key0, r, count, start, qidx, row_ok, dq, ku, mu,
                  qk_scale, do_scale, dims, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
-                 BLOCK_N: tl.constexpr, TMA: tl.constexpr = False, weights=None, WEIGHTED: tl.constexpr = False):
+                 BLOCK_N: tl.constexpr, TMA: tl.constexpr = False, weights=None, WEIGHTED: tl.constexpr = False,
+                 row_weights=0.0):
         """dq += dS K over one key block (keys key0 + t*r); MASKED and WEIGHTED as in ``fwd_block`` (rows
         that do not exist load zeros, so their dS is 0 either way)."""
         t = start + tl.arange(0, BLOCK_N)
@@ -387,12 +428,10 @@ if triton is not None:
         if MASKED:
             keep = visible_keys(KM, m_base, kpos, ok, mu, HAS_MASK)
             p, ds = probs(q, k, v, do, lse, delta, qidx, t, row_ok, keep, qk_scale, do_scale, 0, IS_CAUSAL)
-            if WEIGHTED:
-                ds = ds * weights[None, :]
+            ds = weigh(ds, row_weights, weights, WEIGHTED, False)
         else:
             p = tl.exp2(dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-            if WEIGHTED:
-                p = p * weights[None, :]
+            p = weigh(p, row_weights, weights, WEIGHTED, False)
             ds = p * (dot(do, tl.trans(v)) * do_scale - delta[:, None])
         return dq + dot(ds.to(k.dtype), k)
 
@@ -400,9 +439,10 @@ if triton is not None:
     def _fused_dq(Q, K, V, DO, L, D, KM, DQ, T, TS, RO, LK, NB, HEAVY, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM,
                   HEAD_BASE, KV_GROUP, qk_scale, scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr = False,
-                  CHAIN: tl.constexpr = False, UNION: tl.constexpr = False):
+                  CHAIN: tl.constexpr = False, UNION: tl.constexpr = False, FROM_BRANCH: tl.constexpr = 0):
         """CHAIN: launched while the dK/dV launch before it runs (it reads nothing that one writes); every
-        program waits for that launch before it ends, so this launch ends after it (``backward``)."""
+        program waits for that launch before it ends, so this launch ends after it (``backward``).
+        FROM_BRANCH as in ``_fused_fwd``."""
         head, b, doc0, N, T, span, c, pos, row_ok = _residue_tile(TS, T, NB, RO, HEAVY, BLOCK_M, LCM, HEAD_BASE, 1)
         if span + c >= N:
             if CHAIN:
@@ -414,7 +454,7 @@ if triton is not None:
         do = rows_at(DO, q_base, pos, row_ok, qu, dims)
         lse, delta = row_stats(L, D, b * lb + head * lh + doc0 * lu, pos, row_ok, lu)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        for br in range(NB):
+        for br in range(FROM_BRANCH, NB):
             active, key0, count, r = _branch(T, br, span, c, head + HEAD_BASE, N)
             if active:
                 qidx, full, hi = _key_blocks(pos, span + c, key0, r, count, LCM, IS_CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N)
@@ -437,12 +477,12 @@ if triton is not None:
     @triton.jit
     def dkdv_block(Q, DO, L, D, q_base, l_base, key0, r, count, start, k, v, kidx, col_keep, dk, dv, qu, lu,
                    qk_scale, do_scale, q_shift, dims, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                   BLOCK_M: tl.constexpr, weights=None, WEIGHTED: tl.constexpr = False):
+                   BLOCK_M: tl.constexpr, weights=None, WEIGHTED: tl.constexpr = False, key_weights=0.0):
         """dk, dv += one block of the class's query rows (class indices start + i, at key0 + i r) against
         the tile's keys (class indices kidx, used only when IS_CAUSAL: row i sees keys <= i + q_shift).
         dv comes without do_scale (the caller scales it once). Rows past the class load as zeros and
-        add nothing, so only the key mask and causality mask P. WEIGHTED: each query row's probabilities
-        times its multiplicity (``class_weights``)."""
+        add nothing, so only the key mask and causality mask P. WEIGHTED: each pair's probability times
+        its multiplicity (``weigh``: weights over the query rows, key_weights over the keys)."""
         u = start + tl.arange(0, BLOCK_M)
         qpos = key0 + u * r
         row_ok = u < count
@@ -451,14 +491,12 @@ if triton is not None:
         lse, delta = row_stats(L, D, l_base, qpos, row_ok, lu)
         if IS_CAUSAL:
             p, ds = probs(q, k, v, do, lse, delta, u, kidx, row_ok, col_keep, qk_scale, do_scale, q_shift, True)
-            if WEIGHTED:
-                p, ds = p * weights[:, None], ds * weights[:, None]
+            p, ds = weigh(p, weights, key_weights, WEIGHTED, True), weigh(ds, weights, key_weights, WEIGHTED, True)
         else:
             p = tl.exp2(dot(q, tl.trans(k)) * qk_scale - lse[:, None])
             if HAS_MASK:  # a row whose keys are all masked has lse -inf: P is 0 on its masked keys
                 p = tl.where(col_keep[None, :], p, 0.0)
-            if WEIGHTED:
-                p = p * weights[:, None]
+            p = weigh(p, weights, key_weights, WEIGHTED, True)
             ds = p * (dot(do, tl.trans(v)) * do_scale - delta[:, None])
         return dk + dot(tl.trans(ds.to(q.dtype)), q), dv + dot(tl.trans(p.to(do.dtype)), do)
 
@@ -466,11 +504,11 @@ if triton is not None:
     def _fused_dkdv(Q, K, V, DO, L, D, KM, DK, DV, T, TS, RO, LK, NB, HEAVY, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu,
                     LCM, HEAD_BASE, KV_GROUP, qk_scale, scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CHAIN: tl.constexpr = False,
-                    UNION: tl.constexpr = False):
+                    UNION: tl.constexpr = False, FROM_BRANCH: tl.constexpr = 0):
         """dK, dV of BLOCK_N keys (a residue tile) over query blocks of BLOCK_M. Keys past n and
         query rows past the class (zeros) add nothing that is stored, so only the key mask masks P
         (and causality, on the query blocks that cross the tile's keys). CHAIN: the dQ launch after
-        this one may start at once."""
+        this one may start at once. FROM_BRANCH as in ``_fused_fwd``."""
         if CHAIN:
             gdc_launch_dependents()
         kv_head, b, doc0, N, T, span, c, kpos, col_ok = _residue_tile(TS, T, NB, RO, HEAVY, BLOCK_N, LCM, HEAD_BASE,
@@ -487,7 +525,7 @@ if triton is not None:
             head = kv_head * KV_GROUP + g
             q_base = b * qb + head * qh + doc0 * qu
             l_base = b * lb + head * lh + doc0 * lu
-            for br in range(NB):
+            for br in range(FROM_BRANCH, NB):
                 active, key0, count, r = _branch(T, br, span, c, head + HEAD_BASE, N)
                 if active:
                     lo, mid, kidx = 0, 0, kpos  # query blocks [lo, mid) cross this tile's keys (causal)
@@ -639,10 +677,11 @@ def bwd_tiles(plan: Plan, n: int, h: int, d: int, dtype: torch.dtype, causal: bo
                  for (_, keys_or_rows, warps, stages), tile in ((kv, kv_tile), (dq, dq_tile)))
 
 
-def forward(q, k, v, plan: Plan, scale: float, causal: bool, key_mask, block_m: int):
+def forward(q, k, v, plan: Plan, scale: float, causal: bool, key_mask, block_m: int, from_branch: int = 0):
     """q: (b, n, h, d), k, v: (b, n, h_kv, d) contiguous; key_mask (b, n) bool or None; block_m from
-    ``fwd_tile`` -> out (b, n, h, d) in q.dtype, lse (b, n, h) float32. The launch (grid, tables,
-    scalars, the config ``pick`` chose) is made once per call geometry (``prepared``)."""
+    ``fwd_tile`` -> out (b, n, h, d) in q.dtype, lse (b, n, h) float32, over the plan's branches from
+    ``from_branch`` on (``_fused_fwd``). The launch (grid, tables, scalars, the config ``pick`` chose) is made
+    once per call geometry (``prepared``)."""
     b, n, h, d = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((b, n, h), dtype=torch.float32, device=q.device)
@@ -653,28 +692,29 @@ def forward(q, k, v, plan: Plan, scale: float, causal: bool, key_mask, block_m: 
         tables, count, lcm, nb, heavy = _tables(plan, n, block_m, q.device)
         scalars = (nb, heavy, *_strides(q, k, lse, key_mask), lcm, plan[0].head_base, plan[0].kv_group, scale * LOG2E)
         meta = dict(IS_CAUSAL=causal, HAS_MASK=key_mask is not None, NEG_SCALE=scale < 0, BLOCK_M=block_m, HEAD_DIM=d,
-                    TMA=tma, UNION=union(plan, n))
+                    TMA=tma, UNION=union(plan, n), FROM_BRANCH=from_branch)
 
         def launch(cfg):
             return Launch(_fused_fwd, (count * lcm, h, b), scalars,
                           dict(meta, BLOCK_N=cfg[1], num_warps=cfg[2], num_stages=cfg[3]))
 
-        key = (d, causal, key_mask is not None, plan[0].kv_group, nb, lcm, block_m, meta["UNION"], q.dtype, q.device)
+        key = (d, causal, key_mask is not None, plan[0].kv_group, nb, lcm, block_m, meta["UNION"], from_branch, q.dtype,
+               q.device)
         cfg = pick(key, fwd_configs(d, q.dtype), lambda cfg: launch(cfg)((q, k, v, out, lse, mask, *tables)))
         return tables, launch(cfg)
 
     key = ("fused forward", plan, q.shape, k.shape, None if key_mask is None else key_mask.stride(), q.dtype, q.device,
-           scale, causal, block_m, tma)
+           scale, causal, block_m, tma, from_branch)
     tables, launch = prepared(key, build)
     launch((q, k, v, out, lse, mask, *tables))
     return out, lse
 
 
 def backward(dout, q, k, v, lse, delta, plan: Plan, scale: float, causal: bool, key_mask, configs,
-             chain: bool = False):
+             chain: bool = False, from_branch: int = 0):
     """Gradients of ``forward`` (contiguous inputs; delta = rowsum(dout * out), laid out like lse):
-    dq, dk, dv in q.dtype. ``configs``: from ``bwd_tiles``. The two launches are made once per call
-    geometry (``prepared``). chain (sm_90, ``triton._chains``): the dQ launch, which reads nothing dK/dV
+    dq, dk, dv in q.dtype, over the branches from ``from_branch`` on. ``configs``: from ``bwd_tiles``. The two
+    launches are made once per call geometry (``prepared``). chain (sm_90, ``triton._chains``): the dQ launch, which reads nothing dK/dV
     writes, starts while dK/dV runs (programmatic dependent launch) and ends after it."""
     b, n, h, d = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -690,14 +730,15 @@ def backward(dout, q, k, v, lse, delta, plan: Plan, scale: float, causal: bool, 
             return tables, Launch(
                 kernel, (count * lcm, heads, b), (nb, heavy, *strides, lcm, *tail),
                 chained(dict(IS_CAUSAL=causal, HAS_MASK=key_mask is not None, BLOCK_M=tile_m, BLOCK_N=tile_n,
-                             HEAD_DIM=d, UNION=union(plan, n), num_warps=warps, num_stages=stages, **extra), i, chain))
+                             HEAD_DIM=d, UNION=union(plan, n), FROM_BRANCH=from_branch, num_warps=warps,
+                             num_stages=stages, **extra), i, chain))
 
         (kv_tile, kv_queries, kv_warps, kv_stages), (dq_tile, dq_keys, dq_warps, dq_stages) = configs
         return (launch(0, _fused_dkdv, kv_tile, k.shape[2], kv_queries, kv_tile, kv_warps, kv_stages),
                 launch(1, _fused_dq, dq_tile, h, dq_tile, dq_keys, dq_warps, dq_stages, TMA=tma))
 
     key = ("fused backward", plan, q.shape, k.shape, None if key_mask is None else key_mask.stride(), q.dtype,
-           q.device, scale, causal, configs, tma, chain)
+           q.device, scale, causal, configs, tma, chain, from_branch)
     (kv_tables, kv_launch), (q_tables, q_launch) = prepared(key, build)
     kv_launch((q, k, v, dout, lse, delta, km, dk, dv, *kv_tables))
     q_launch((q, k, v, dout, lse, delta, km, dq, *q_tables))
