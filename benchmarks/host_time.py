@@ -6,7 +6,7 @@
    wall time of back-to-back calls with no sync inside (best of 5 rounds of 300), ours (forward
    without and with autograd, causal, forward+backward; also with every kernel launched through
    Triton's own ``kernel[grid]`` path instead of ``triton_launch``'s) against SDPA's same calls;
-   and the branch-by-branch path (a launch per branch) on a causal forward at n = 1024.
+   and a causal forward at n = 1024 (the first branch alone, weighted: one launch).
    ``--profile`` prints where our forward's and forward+backward's host time goes (cProfile, by
    own time).
 2. b x n = 8 x 1K, 8 x 2K, 4 x 8K, bf16 and fp32, forward and forward+backward, causal and not
@@ -30,12 +30,11 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from dilated_attention import dilated_attention  # noqa: E402
-from dilated_attention.backends import triton as triton_backend, triton_fused, triton_launch  # noqa: E402
+from dilated_attention.backends import triton_fused, triton_launch  # noqa: E402
 from dilated_attention.plan import useful_flops  # noqa: E402
 
 SEGS, RATES = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16]
 H, D = 12, 64
-FUSED_CAUSAL = triton_backend.fused_causal
 
 
 def host_us(fn, reps=300, rounds=5):
@@ -75,15 +74,14 @@ def host_rows(profile: bool):
     longer = [torch.randn(1, 1024, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
     for name, args, call in (("forward", inputs, None), ("forward, causal", inputs, None),
                              ("forward, inputs require grad", grads, None), ("forward+backward", grads, fwd_bwd),
-                             ("forward, causal, n = 1024 by branch", longer, None)):
+                             ("forward, causal, n = 1024", longer, None)):
         causal = "causal" in name
         times = {}
-        triton_backend.fused_causal = (lambda *_: False) if "by branch" in name else FUSED_CAUSAL
         for method, fn in (("ours", ours), ("ours via triton", ours), ("sdpa", sdpa)):
             triton_launch._DIRECT = direct and method == "ours"
             times[method] = host_us((lambda fn=fn: call(fn, *args, causal)) if call else
                                     (lambda fn=fn: fn(*args, causal)))
-        triton_launch._DIRECT, triton_backend.fused_causal = direct, FUSED_CAUSAL
+        triton_launch._DIRECT = direct
         rows.append(dict(call=name, us=times))
         label = name if "n = " in name else f"n = 64, {name}"
         print(f"host time, {label:44} ours {times['ours']:6.1f} us (through Triton's launch path "
