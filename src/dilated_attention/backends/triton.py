@@ -139,19 +139,20 @@ if triton is not None:
         return RATE
 
     @triton.jit
-    def _class_links(LK, rows, cols, RATE, OFFSET, HEAD_BASE, LCM, WEIGHTED: tl.constexpr):
-        """WEIGHTED: how many of a union plan's branches link class rows rows, and cols, of this program's head
-        (positions o + i * RATE of a segment, relative to the head; a segment starts at a multiple of LCM), as
-        float32 (LK: ``triton_fused.links``; paper mode, OFFSET < 0); a pair is linked by the smaller count
-        (``triton_fused.weigh``). Else zeros, unused. cols' counts repeat from block to block (RATE * block % LCM
-        == 0)."""
-        row_links, col_links = tl.zeros(rows.shape, tl.float32), tl.zeros(cols.shape, tl.float32)
+    def _pair_links(LK, rows, cols, RATE, OFFSET, HEAD_BASE, LCM, WEIGHTED: tl.constexpr):
+        """WEIGHTED: how many of a union plan's branches link each pair of query rows (class indices rows) and
+        keys (cols) of this program's head, as a float32 tile: the smaller of the two positions' counts
+        (positions o + i * RATE of a segment, relative to the head; a segment starts at a multiple of LCM; LK:
+        ``triton_fused.links``; paper mode, OFFSET < 0). The same tile serves every block of the loop (RATE x
+        block % LCM == 0). Else zeros, unused."""
+        pairs = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
         if WEIGHTED:
             head = tl.program_id(1) * -OFFSET + HEAD_BASE
             o = head % RATE - head
             row_links = tl.load(LK + ((o + rows * RATE) & (LCM - 1))).to(tl.float32)
             col_links = tl.load(LK + ((o + cols * RATE) & (LCM - 1))).to(tl.float32)
-        return row_links, col_links
+            pairs = tl.minimum(row_links[:, None], col_links[None, :])
+        return pairs
 
     @triton.jit
     def _row_offs(base, idx, RATE, su):
@@ -194,8 +195,9 @@ if triton is not None:
              HEAD_DIM: tl.constexpr, TMA: tl.constexpr = False, OTHER_ROWS: tl.constexpr = False,
              CHAIN: tl.constexpr = False, WEIGHTED: tl.constexpr = 0):
         """WEIGHTED (2): the launch of a union plan's first branch, each pair's probability times how many of
-        the plan's branches link it (``_class_links``; LK, LCM: ``triton_fused.links``). OTHER_ROWS: also store out 0 and lse -inf at the rows of this block's segment positions that
-        are not its class's (a head's only launch writes all its rows: no fill before it). CHAIN: the
+        the plan's branches link it (``_pair_links``; LK, LCM: ``triton_fused.links``). OTHER_ROWS: also store
+        out 0 and lse -inf at the rows of this block's segment positions that are not its class's (a head's
+        only launch writes all its rows: no fill before it). CHAIN: the
         next launch may start while this one runs (programmatic dependent launch, ``_chains``); out and
         lse are read and written only after the launch before this one has finished, and every program
         waits for it, so this launch ends after it (what follows on the stream sees every launch's writes)."""
@@ -229,15 +231,15 @@ if triton is not None:
             full = 0
         qidx = rows + Q_SHIFT  # causal: the last key row each query row sees
         kc, vc = class_keys(K, V, k_base, k_count, kr, ku, TMA, BLOCK_N, HEAD_DIM)
-        row_w, key_w = _class_links(LK, rows, tl.arange(0, BLOCK_N), RATE, OFFSET, HEAD_BASE, LCM, WEIGHTED)
+        pairs = _pair_links(LK, rows, tl.arange(0, BLOCK_N), RATE, OFFSET, HEAD_BASE, LCM, WEIGHTED)
         for start in range(0, full, BLOCK_N):
             m_i, l_i, acc = fwd_block(q, kc, vc, KM, k_base, m_base, 0, kr, k_count, start, qidx, m_i, l_i, acc,
                                       ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, False, NEG_SCALE, BLOCK_N, TMA,
-                                      key_w, WEIGHTED, row_w)
+                                      pairs, WEIGHTED)
         for start in range(full, hi, BLOCK_N):  # without a key mask every masked block starts with a kept key
             m_i, l_i, acc = fwd_block(q, kc, vc, KM, k_base, m_base, 0, kr, k_count, start, qidx, m_i, l_i, acc,
                                       ku, mu, qk_scale, dims, IS_CAUSAL, HAS_MASK, True, NEG_SCALE, BLOCK_N, TMA,
-                                      key_w, WEIGHTED, row_w)
+                                      pairs, WEIGHTED)
         l_safe = tl.where(row_ok & (l_i > 0), l_i, 1.0)
         out_b = acc / l_safe[:, None]
         lse_b = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))  # natural log
@@ -292,15 +294,13 @@ if triton is not None:
         if IS_CAUSAL:
             lo = tl.maximum(pid_n * BLOCK_N - Q_SHIFT, 0) // BLOCK_M * BLOCK_M
             mid = tl.minimum(tl.cdiv(tl.maximum((pid_n + 1) * BLOCK_N - 1 - Q_SHIFT, 0), BLOCK_M) * BLOCK_M, q_count)
-        row_w, key_w = _class_links(LK, tl.arange(0, BLOCK_M), cols, RATE, OFFSET, HEAD_BASE, LCM, WEIGHTED)
+        pairs = _pair_links(LK, tl.arange(0, BLOCK_M), cols, RATE, OFFSET, HEAD_BASE, LCM, WEIGHTED)
         for start in range(lo, mid, BLOCK_M):
             dk, dv = dkdv_block(Q, DO, L, D, q_base, l_base, 0, RATE, q_count, start, k, v, cols, col_keep, dk, dv,
-                                qu, lu, qk_scale, do_scale, Q_SHIFT, dims, True, HAS_MASK, BLOCK_M, row_w, WEIGHTED,
-                                key_w)
+                                qu, lu, qk_scale, do_scale, Q_SHIFT, dims, True, HAS_MASK, BLOCK_M, pairs, WEIGHTED)
         for start in range(mid, q_count, BLOCK_M):  # every row sees every key of the tile (or the mask says)
             dk, dv = dkdv_block(Q, DO, L, D, q_base, l_base, 0, RATE, q_count, start, k, v, cols, col_keep, dk, dv,
-                                qu, lu, qk_scale, do_scale, Q_SHIFT, dims, False, HAS_MASK, BLOCK_M, row_w, WEIGHTED,
-                                key_w)
+                                qu, lu, qk_scale, do_scale, Q_SHIFT, dims, False, HAS_MASK, BLOCK_M, pairs, WEIGHTED)
         # dK, dV of this query head's view of the keys (per query head: no two programs share rows)
         g_base = _side_base(BLOCK_N, MAX_ROWS, RATE, OFFSET, HEAD_BASE, gb, gs, gh, gu, ST, TABLE, COMPACT)
         if CHAIN:
@@ -310,9 +310,9 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dq(Q, K, V, DO, L, D, KM, DQ, ST, LK, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
-                MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, Q_SHIFT, LCM, qk_scale, scale,
-                do_scale, IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr, HAS_MASK: tl.constexpr, TABLE: tl.constexpr,
-                COMPACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, Q_SHIFT, LCM, qk_scale,
+                scale, do_scale, IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr, HAS_MASK: tl.constexpr,
+                TABLE: tl.constexpr, COMPACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                 TMA: tl.constexpr = False, CHAIN: tl.constexpr = False, WEIGHTED: tl.constexpr = 0):
         if CHAIN:  # as in ``_fwd``: dq only after the launch before this one
             gdc_launch_dependents()
@@ -341,15 +341,13 @@ if triton is not None:
             full = 0
         qidx = rows + Q_SHIFT
         kc, vc = class_keys(K, V, k_base, k_count, kr, ku, TMA, BLOCK_N, HEAD_DIM)
-        row_w, key_w = _class_links(LK, rows, tl.arange(0, BLOCK_N), RATE, OFFSET, HEAD_BASE, LCM, WEIGHTED)
+        pairs = _pair_links(LK, rows, tl.arange(0, BLOCK_N), RATE, OFFSET, HEAD_BASE, LCM, WEIGHTED)
         for start in range(0, full, BLOCK_N):
             dq = dq_block(q, do, lse, delta, kc, vc, KM, k_base, m_base, 0, kr, k_count, start, qidx, row_ok, dq, ku,
-                          mu, qk_scale, do_scale, dims, IS_CAUSAL, HAS_MASK, False, BLOCK_N, TMA, key_w, WEIGHTED,
-                          row_w)
+                          mu, qk_scale, do_scale, dims, IS_CAUSAL, HAS_MASK, False, BLOCK_N, TMA, pairs, WEIGHTED)
         for start in range(full, hi, BLOCK_N):
             dq = dq_block(q, do, lse, delta, kc, vc, KM, k_base, m_base, 0, kr, k_count, start, qidx, row_ok, dq, ku,
-                          mu, qk_scale, do_scale, dims, IS_CAUSAL, HAS_MASK, True, BLOCK_N, TMA, key_w, WEIGHTED,
-                          row_w)
+                          mu, qk_scale, do_scale, dims, IS_CAUSAL, HAS_MASK, True, BLOCK_N, TMA, pairs, WEIGHTED)
         if CHAIN:
             gdc_wait()
         _add_tile(DQ, q_base, rows, row_ok, RATE, qu, dims, dq * scale, FIRST)
@@ -491,7 +489,7 @@ def _view_launch(q, k, lse, mask, grad, q_offset: int = 0) -> _Launch:
 
 def _weighting(launch: _Launch, block: int) -> int:
     """The kernels' WEIGHTED: 2 where a launch weighs each pair by the smaller of its row's and key's links
-    (``_class_links``; its blocks of ``block`` class rows start where the links repeat), else 0."""
+    (``_pair_links``; its blocks of ``block`` class rows start where the links repeat), else 0."""
     if launch.links is not None and launch.sizes[5] * block % launch.links[1]:
         raise ValueError(f"triton backend: blocks of {block} rows at rate {launch.sizes[5]} do not repeat links "
                          f"modulo {launch.links[1]}")

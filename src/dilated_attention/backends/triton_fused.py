@@ -253,13 +253,12 @@ if triton is not None:
     @triton.jit
     def fwd_block(q, K, V, KM, k_base, m_base, key0, r, count, start, qidx, m_i, l_i, acc, ku, mu, qk_scale, dims,
                   IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr, NEG_SCALE: tl.constexpr,
-                  BLOCK_N: tl.constexpr, TMA: tl.constexpr = False, weights=None, WEIGHTED: tl.constexpr = False,
-                  row_weights=0.0):
+                  BLOCK_N: tl.constexpr, TMA: tl.constexpr = False, weights=None, WEIGHTED: tl.constexpr = False):
         """One key block of one branch into the running (max, sum, acc); MASKED: check key bounds,
         the key mask and causality (blocks every row sees in full skip that, and take the row maxima
         of the scores before scaling, so scaling and subtracting the maximum are one FMA per score:
         the minima when the scale is negative, NEG_SCALE). WEIGHTED: each pair's probability times its
-        multiplicity (``weigh``: weights over the keys, row_weights over the rows)."""
+        multiplicity (``weigh``)."""
         t = start + tl.arange(0, BLOCK_N)
         kpos = key0 + t * r
         ok = t < count
@@ -280,7 +279,7 @@ if triton is not None:
             else:
                 m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             p = tl.exp2(s * qk_scale - m_new[:, None])
-        p = weigh(p, row_weights, weights, WEIGHTED, False)
+        p = weigh(p, weights, WEIGHTED, False)
         alpha = tl.exp2(m_i - m_new)
         return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + dot(p.to(v.dtype), v)
 
@@ -342,18 +341,17 @@ if triton is not None:
         return tl.where(x >= skip0, x + skip1 - skip0, x)
 
     @triton.jit
-    def weigh(x, rows, cols, WEIGHTED: tl.constexpr, BY_ROWS: tl.constexpr):
-        """A (query rows, keys) tile x times each pair's multiplicity. WEIGHTED 2: the smaller of the rows'
-        and the keys' (a launch of a union plan's first branch: how many branches link each position,
-        ``triton``'s weighted launches); else (WEIGHTED) the keys' (a residue tile of query rows,
-        ``class_weights``) or, BY_ROWS, the rows' (a residue tile of keys)."""
+    def weigh(x, weights, WEIGHTED: tl.constexpr, BY_ROWS: tl.constexpr):
+        """A (query rows, keys) tile x times each pair's multiplicity. WEIGHTED 2: weights holds the tile's
+        (a launch of a union plan's first branch, ``triton._pair_links``); else (WEIGHTED) the keys' (a residue
+        tile of query rows, ``class_weights``) or, BY_ROWS, the rows' (a residue tile of keys)."""
         if WEIGHTED == 2:
-            x = x * tl.minimum(rows[:, None], cols[None, :])
+            x = x * weights
         elif WEIGHTED:
             if BY_ROWS:
-                x = x * rows[:, None]
+                x = x * weights[:, None]
             else:
-                x = x * cols[None, :]
+                x = x * weights[None, :]
         return x
 
     @triton.jit
@@ -417,8 +415,7 @@ if triton is not None:
     @triton.jit
     def dq_block(q, do, lse, delta, K, V, KM, k_base, m_base, key0, r, count, start, qidx, row_ok, dq, ku, mu,
                  qk_scale, do_scale, dims, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
-                 BLOCK_N: tl.constexpr, TMA: tl.constexpr = False, weights=None, WEIGHTED: tl.constexpr = False,
-                 row_weights=0.0):
+                 BLOCK_N: tl.constexpr, TMA: tl.constexpr = False, weights=None, WEIGHTED: tl.constexpr = False):
         """dq += dS K over one key block (keys key0 + t*r); MASKED and WEIGHTED as in ``fwd_block`` (rows
         that do not exist load zeros, so their dS is 0 either way)."""
         t = start + tl.arange(0, BLOCK_N)
@@ -428,10 +425,10 @@ if triton is not None:
         if MASKED:
             keep = visible_keys(KM, m_base, kpos, ok, mu, HAS_MASK)
             p, ds = probs(q, k, v, do, lse, delta, qidx, t, row_ok, keep, qk_scale, do_scale, 0, IS_CAUSAL)
-            ds = weigh(ds, row_weights, weights, WEIGHTED, False)
+            ds = weigh(ds, weights, WEIGHTED, False)
         else:
             p = tl.exp2(dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-            p = weigh(p, row_weights, weights, WEIGHTED, False)
+            p = weigh(p, weights, WEIGHTED, False)
             ds = p * (dot(do, tl.trans(v)) * do_scale - delta[:, None])
         return dq + dot(ds.to(k.dtype), k)
 
@@ -477,12 +474,12 @@ if triton is not None:
     @triton.jit
     def dkdv_block(Q, DO, L, D, q_base, l_base, key0, r, count, start, k, v, kidx, col_keep, dk, dv, qu, lu,
                    qk_scale, do_scale, q_shift, dims, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                   BLOCK_M: tl.constexpr, weights=None, WEIGHTED: tl.constexpr = False, key_weights=0.0):
+                   BLOCK_M: tl.constexpr, weights=None, WEIGHTED: tl.constexpr = False):
         """dk, dv += one block of the class's query rows (class indices start + i, at key0 + i r) against
         the tile's keys (class indices kidx, used only when IS_CAUSAL: row i sees keys <= i + q_shift).
         dv comes without do_scale (the caller scales it once). Rows past the class load as zeros and
         add nothing, so only the key mask and causality mask P. WEIGHTED: each pair's probability times
-        its multiplicity (``weigh``: weights over the query rows, key_weights over the keys)."""
+        its multiplicity (``weigh``)."""
         u = start + tl.arange(0, BLOCK_M)
         qpos = key0 + u * r
         row_ok = u < count
@@ -491,12 +488,12 @@ if triton is not None:
         lse, delta = row_stats(L, D, l_base, qpos, row_ok, lu)
         if IS_CAUSAL:
             p, ds = probs(q, k, v, do, lse, delta, u, kidx, row_ok, col_keep, qk_scale, do_scale, q_shift, True)
-            p, ds = weigh(p, weights, key_weights, WEIGHTED, True), weigh(ds, weights, key_weights, WEIGHTED, True)
+            p, ds = weigh(p, weights, WEIGHTED, True), weigh(ds, weights, WEIGHTED, True)
         else:
             p = tl.exp2(dot(q, tl.trans(k)) * qk_scale - lse[:, None])
             if HAS_MASK:  # a row whose keys are all masked has lse -inf: P is 0 on its masked keys
                 p = tl.where(col_keep[None, :], p, 0.0)
-            p = weigh(p, weights, key_weights, WEIGHTED, True)
+            p = weigh(p, weights, WEIGHTED, True)
             ds = p * (dot(do, tl.trans(v)) * do_scale - delta[:, None])
         return dk + dot(tl.trans(ds.to(q.dtype)), q), dv + dot(tl.trans(p.to(do.dtype)), do)
 
