@@ -312,8 +312,8 @@ if triton is not None:
     def _bwd_dq(Q, K, V, DO, L, D, KM, DQ, ST, LK, qb, qs, qh, qu, kb, ks, kh, ku, lb, ls, lh, lu, mb, ms, mh, mu,
                 MAX_ROWS, NQ, SEGQ, NK, SEGK, RATE, OFFSET, HEAD_BASE, KV_HEAD0, KV_GROUP, Q_SHIFT, LCM, qk_scale,
                 scale, do_scale, IS_CAUSAL: tl.constexpr, FIRST: tl.constexpr, HAS_MASK: tl.constexpr,
-                TABLE: tl.constexpr, COMPACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                TMA: tl.constexpr = False, CHAIN: tl.constexpr = False, WEIGHTED: tl.constexpr = 0):
+                TABLE: tl.constexpr, COMPACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HEAD_DIM: tl.constexpr, TMA: tl.constexpr = False, CHAIN: tl.constexpr = False, WEIGHTED: tl.constexpr = 0):
         if CHAIN:  # as in ``_fwd``: dq only after the launch before this one
             gdc_launch_dependents()
         pid_m, q_count, k_count, q_base, k_base, l_base = _program(

@@ -711,8 +711,9 @@ def backward(dout, q, k, v, lse, delta, plan: Plan, scale: float, causal: bool, 
              chain: bool = False, from_branch: int = 0):
     """Gradients of ``forward`` (contiguous inputs; delta = rowsum(dout * out), laid out like lse):
     dq, dk, dv in q.dtype, over the branches from ``from_branch`` on. ``configs``: from ``bwd_tiles``. The two
-    launches are made once per call geometry (``prepared``). chain (sm_90, ``triton._chains``): the dQ launch, which reads nothing dK/dV
-    writes, starts while dK/dV runs (programmatic dependent launch) and ends after it."""
+    launches are made once per call geometry (``prepared``). chain (sm_90, ``triton._chains``): the dQ launch,
+    which reads nothing dK/dV writes, starts while dK/dV runs (programmatic dependent launch) and ends after
+    it."""
     b, n, h, d = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     km = q if key_mask is None else key_mask.view(torch.uint8)
