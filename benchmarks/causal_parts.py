@@ -2,9 +2,10 @@
 
     python benchmarks/causal_parts.py [--seq-len 131072] [--head-dim 64] [--batches 1 4] [--json causal-parts.json]
 
-Branch by branch (the path causal plans take at long n), causal forward: as it runs; with tensor-descriptor
-(TMA) loads off; with every launch storing its (out, lse) instead of merging into the earlier branches' (a
-bound on what the merge costs: the result is wrong); both. At each batch size (a launch's last wave is a
+Causal forward as it runs (LongNet's plan is a union plan: its first branch apart, weighted, the rest fused
+from branch 1); and branch by branch: as it runs, with tensor-descriptor (TMA) loads off, with every launch
+storing its (out, lse) instead of merging into the earlier branches' (a bound on what the merge costs: the
+result is wrong), both. At each batch size (a launch's last wave is a
 smaller share at larger b). The plain forward fused (one launch) and branch by branch. Medians of
 ``triton.testing.do_bench``, best of two rounds, ms per batch; the ratio column is plain fused / (2 x
 causal): the causal forward's useful rate against the plain fused kernel's (1.0: the same rate).
@@ -28,7 +29,6 @@ from dilated_attention.backends import triton_fused, triton_launch  # noqa: E402
 
 SEGS, RATES = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16]
 FORWARD_LAUNCH, TMA_MIN_ROWS, TILING = triton_backend._forward_launch, triton_fused.TMA_MIN_ROWS, triton_fused.tiling
-FUSED_CAUSAL = triton_backend.fused_causal
 
 
 def storing(d, dtype, launch, scale, causal, first, *rest):
@@ -37,11 +37,11 @@ def storing(d, dtype, launch, scale, causal, first, *rest):
 
 
 def variant(tma: bool = True, merge: bool = True, fused: bool = True) -> None:
-    """Set the library's switches for one variant; the prepared launches are made again."""
+    """Set the library's switches for one variant (fused False: every plan branch by branch); the prepared
+    launches are made again."""
     triton_fused.TMA_MIN_ROWS = TMA_MIN_ROWS if tma else 1 << 62
     triton_backend._forward_launch = FORWARD_LAUNCH if merge else storing
     triton_fused.tiling = TILING if fused else (lambda *_: 0)
-    triton_backend.fused_causal = lambda *_: False  # causal plans branch by branch
     triton_launch._PREPARED.clear()
 
 
@@ -55,9 +55,11 @@ def main():
     a = p.parse_args()
     from triton.testing import do_bench
 
-    variants = {"causal": (True, {}), "causal, TMA off": (True, dict(tma=False)),
-                "causal, no merge (bound)": (True, dict(merge=False)),
-                "causal, TMA off, no merge": (True, dict(tma=False, merge=False)),
+    by_branch = dict(fused=False)
+    variants = {"causal": (True, {}), "causal by branch": (True, by_branch),
+                "causal by branch, TMA off": (True, dict(by_branch, tma=False)),
+                "causal by branch, no merge (bound)": (True, dict(by_branch, merge=False)),
+                "causal by branch, TMA off, no merge": (True, dict(by_branch, tma=False, merge=False)),
                 "plain fused": (False, {}), "plain branch by branch": (False, dict(fused=False))}
     rows = []
     print(torch.cuda.get_device_name(), torch.__version__)
@@ -72,7 +74,6 @@ def main():
                                  return_mode="median") / b
                 ms[name] = min(ms.get(name, float("inf")), t)
         variant()
-        triton_backend.fused_causal = FUSED_CAUSAL
         blocks = [t.reshape(-1, 2048, a.heads, a.head_dim).transpose(1, 2) for t in (q, k, v)]
         sdpa = {}
         for _ in range(2):
@@ -87,7 +88,7 @@ def main():
         for name, t in ms.items():
             base = "SDPA plain" if name.startswith("SDPA") else "plain fused"
             extra = f" | {base} / (2 x this) {ratio[name]:.3f}" if name in ratio else ""
-            print(f"b={b} n={a.seq_len} d={a.head_dim} {name:28} {t:8.3f} ms{extra}", flush=True)
+            print(f"b={b} n={a.seq_len} d={a.head_dim} {name:36} {t:8.3f} ms{extra}", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)

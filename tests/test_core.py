@@ -358,7 +358,8 @@ def test_fused_kernels_within_twice_torch_math(segs, rates, union, dtype, d, h_k
                                                monkeypatch):
     """The fused all-branch kernels at their full tile size (a ragged last segment, GQA, a key mask,
     packed documents), bf16 and float32 (3xTF32 dots), each pair once, weighted (``triton_fused.union``),
-    or once per branch; causal plans made to take them whichever path timed faster."""
+    or once per branch; causal weighted plans with their first branch apart (weighted per pair, the rest
+    fused), causal per-branch ones made to take them whichever path timed faster."""
     from dilated_attention.backends import triton as triton_backend
     from dilated_attention.backends import triton_fused
     from dilated_attention.plan import build_plan
