@@ -563,6 +563,7 @@ def test_causal_union_plans_run_their_first_branch_apart(monkeypatch):
     monkeypatch.setattr(triton_launch, "launch_kernel", lambda kernel, grid, tensors, scalars, **meta: launches.append(
         (kernel.fn.__name__, meta.get("FROM_BRANCH", meta.get("FIRST")), meta.get("WEIGHTED", meta.get("UNION")))))
     monkeypatch.setattr(triton_launch, "_PREPARED", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # configs untimed (``pick``) on a GPU host too
     h, d, segs, rates = 4, 16, [256, 512, 1024], [1, 2, 4]
     for n, causal, forward, backward in (
             (1024, True, [("_fused_fwd", 1, True), ("_fwd", False, 2)],
@@ -593,6 +594,7 @@ def test_fused_launches_are_prepared_once_per_call_geometry(monkeypatch):
     real = triton_launch.prepared
     monkeypatch.setattr(tf, "prepared", lambda key, build: real(key, lambda: builds.append(key[0]) or build()))
     monkeypatch.setattr(triton_launch, "_PREPARED", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # configs untimed (``pick``) on a GPU host too
     n, h, d = 256, 4, 16
     plan = build_plan(n, h, [64, 128], [1, 2], "paper")
     block = tf.fwd_tile(plan, n, h, d, torch.float16)
