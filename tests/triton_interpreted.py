@@ -253,6 +253,9 @@ def _fused_failures():
             (2, 100, 3, 3, [128, 128, 256], [1, 1, 2], False, None, False, True),
             (1, 356, 4, 2, [128, 256], [1, 2], False, (0, 100, 356), True, True),
             (2, 100, 3, 3, [128, 128, 256], [1, 1, 2], False, None, True, True),  # the first branch alone
+            # the same first branch and call geometry, other rates: the launches made for the case above (its
+            # links) must not be taken again
+            (2, 100, 3, 3, [128, 256], [1, 2], False, None, True, True),
             (1, 600, 4, 4, [256, 512], [2, 4], False, None, True, True)):  # no r = 1: rows no branch links
         docs = None if bounds is None else torch.tensor(bounds, dtype=torch.int32)
         plan = build_plan(n, h, segs, rates, "paper", kv_heads=h_kv, cu_seqlens=bounds)

@@ -399,7 +399,7 @@ class _Launch:
         self.rows = max(-(-segq // rate), -(-segk // rate))
         self.strides = (*q_strides, *k_strides, *l_strides, *m_strides)
         self.grad_strides = g_strides
-        self.links = links  # a weighted launch (``_fwd``'s WEIGHTED): ``triton_fused.links``' (table, lcm)
+        self.links = links  # a weighted launch (``_fwd``'s WEIGHTED): ``triton_fused.links``' (table, lcm, rates)
         self.sizes = (self.rows, nq, segq, nk, segk, rate, offset, head_base, kv_head0, kv_group, q_shift,
                       1 if links is None else links[1])
         self.batch, self.nheads = batch, nheads
@@ -819,7 +819,7 @@ class Triton(Backend):
         links: weighted launches (``_Launch``). The launches are made once per call geometry (``prepared``)."""
         tma = triton_fused.tma_loads(k, v)
         key = ("forward", plan, *_geometry(q, k, lse, key_mask), scale, causal, out_scale, fresh, other_rows, tma,
-               links is not None)
+               links and links[1:])
         steps = prepared(key, lambda: _forward_steps(q, k, lse, key_mask, plan, scale, causal, out_scale, fresh,
                                                       other_rows, tma, links))
         streams = _side_streams(q.device, len(steps)) if other_rows and _concurrent(q) else None
@@ -906,7 +906,7 @@ class Triton(Backend):
             delta = _row_dot(dout, out, lse)  # rowsum(dO' O) for dO' = s dout, O = out / s
         tma = triton_fused.tma_loads(k, v)
         key = ("backward", plan, *_geometry(q, k, lse, key_mask), scale, causal, out_scale, fresh, tma,
-               links is not None)
+               links and links[1:])
         steps = prepared(key, lambda: _backward_steps(q, k, lse, key_mask, plan, scale, causal, out_scale, fresh, tma,
                                                       links))
         km = _mask_arg(key_mask, q)

@@ -153,14 +153,15 @@ def _tables(plan: Plan, n: int, block: int, device: torch.device):
 
 
 @functools.lru_cache(maxsize=64)
-def links(plan: Plan, device: torch.device) -> tuple[torch.Tensor, int]:
+def links(plan: Plan, device: torch.device) -> tuple[torch.Tensor, int, tuple[int, ...]]:
     """For each residue g modulo the rates' least common multiple, how many of a document's branches' rates
-    divide g (int32 on the device), and that multiple: in a union plan (``union``) a row and a key of one
-    segment of the first branch, at positions p and p' from the head's offset, are linked by
-    min(links[p], links[p']) branches."""
+    divide g (int32 on the device); that multiple; the rates (what the table is made of: a key for launches
+    made with it). In a union plan (``union``) a row and a key of one segment of the first branch, at
+    positions p and p' from the head's offset, are linked by min(links[p], links[p']) branches."""
     lcm = math.lcm(*(b.rate for b in plan))
-    rates = [b.rate for b in plan if b.row_start == plan[0].row_start]
-    return torch.tensor([sum(g % r == 0 for r in rates) for g in range(lcm)], dtype=torch.int32, device=device), lcm
+    rates = tuple(b.rate for b in plan if b.row_start == plan[0].row_start)
+    counts = [sum(g % r == 0 for r in rates) for g in range(lcm)]
+    return torch.tensor(counts, dtype=torch.int32, device=device), lcm, rates
 
 
 if triton is not None:
