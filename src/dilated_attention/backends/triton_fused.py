@@ -148,20 +148,29 @@ def _tables(plan: Plan, n: int, block: int, device: torch.device):
              for x in (start, length, span, i)]
     order, heavy = residue_order(plan, n)
     as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
-    return ((as_tensor(branches), as_tensor(spans), as_tensor(order), links(plan, device)[0]), len(spans) // 4, lcm,
-            len(next(iter(docs.values()))), heavy)
+    return ((as_tensor(branches), as_tensor(spans), as_tensor(order), as_tensor(_link_counts(plan)[2])),
+            len(spans) // 4, lcm, len(next(iter(docs.values()))), heavy)
 
 
 @functools.lru_cache(maxsize=64)
-def links(plan: Plan, device: torch.device) -> tuple[torch.Tensor, int, tuple[int, ...]]:
+def links(plan: Plan, device: torch.device) -> tuple[torch.Tensor, int, tuple[int, ...]] | None:
     """For each residue g modulo the rates' least common multiple, how many of a document's branches' rates
     divide g (int32 on the device); that multiple; the rates (what the table is made of: a key for launches
-    made with it). In a union plan (``union``) a row and a key of one segment of the first branch, at
-    positions p and p' from the head's offset, are linked by min(links[p], links[p']) branches."""
+    made with it). None where every count is at most 1 (one branch a document: nothing to weigh). In a union
+    plan (``union``) a row and a key of one segment of the first branch, at positions p and p' from the head's
+    offset, are linked by min(links[p], links[p']) branches."""
+    lcm, rates, counts = _link_counts(plan)
+    if max(counts) <= 1:
+        return None
+    return torch.tensor(counts, dtype=torch.int32, device=device), lcm, rates
+
+
+def _link_counts(plan: Plan) -> tuple[int, tuple[int, ...], list[int]]:
+    """The rates' least common multiple, a document's rates, and for each residue g modulo that multiple how
+    many of the rates divide g (``links``, ``class_weights``)."""
     lcm = math.lcm(*(b.rate for b in plan))
     rates = tuple(b.rate for b in plan if b.row_start == plan[0].row_start)
-    counts = [sum(g % r == 0 for r in rates) for g in range(lcm)]
-    return torch.tensor(counts, dtype=torch.int32, device=device), lcm, rates
+    return lcm, rates, [sum(g % r == 0 for r in rates) for g in range(lcm)]
 
 
 if triton is not None:
