@@ -107,15 +107,19 @@ def _head_slice_failures():
     """head_start / total_heads: a slice of heads is exactly that slice of the whole-head result."""
     failures = []
     q, k, v = (torch.randn(1, 37, 7, 16) for _ in range(3))
-    for mode, segs, rates in (("paper", [8, 16, 40], [1, 3, 4]), ("head_groups", [8, 16, 40], [1, 3, 4]),
-                              ("paper", [128, 256], [1, 2])):  # the last fused, each pair once (weighted)
-        full = dilated_attention(q, k, v, segs, rates, mode=mode, backend="triton")
+    for mode, segs, rates, causal in (("paper", [8, 16, 40], [1, 3, 4], False),
+                                      ("head_groups", [8, 16, 40], [1, 3, 4], False),
+                                      # fused, each pair once (weighted); causal: the first branch apart, its
+                                      # pairs weighted relative to each head's global index
+                                      ("paper", [128, 256], [1, 2], False), ("paper", [128, 256], [1, 2], True)):
+        full = dilated_attention(q, k, v, segs, rates, mode=mode, backend="triton", is_causal=causal)
         for start, stop in ((3, 7), (2, 3)):
             part = dilated_attention(*(t[:, :, start:stop] for t in (q, k, v)), segs, rates, mode=mode,
-                                     backend="triton", head_start=start, total_heads=7)
+                                     backend="triton", head_start=start, total_heads=7, is_causal=causal)
             err = (part - full[:, :, start:stop]).abs().max().item()
             if not err < 1e-6:
-                failures.append(f"heads [{start}, {stop}) {mode} {segs} {rates}: max error {err:.2e}")
+                failures.append(f"heads [{start}, {stop}) {mode} {segs} {rates} causal={causal}: max error "
+                                f"{err:.2e}")
     return failures
 
 
