@@ -260,7 +260,8 @@ def _fused_failures():
             # the same first branch and call geometry, other rates: the launches made for the case above (its
             # links) must not be taken again
             (2, 100, 3, 3, [128, 256], [1, 2], False, None, True, True),
-            (1, 600, 4, 4, [256, 512], [2, 4], False, None, True, True)):  # no r = 1: rows no branch links
+            (1, 300, 4, 4, [256, 512], [2, 4], False, None, True, True),  # no r = 1: rows no branch links
+            (2, 100, 3, 3, [128, 256], [2, 4], True, None, True, True)):  # the same, the first branch alone
         docs = None if bounds is None else torch.tensor(bounds, dtype=torch.int32)
         plan = build_plan(n, h, segs, rates, "paper", kv_heads=h_kv, cu_seqlens=bounds)
         tiled = (triton_fused.fwd_tile(plan, n, h, 16, torch.float32),
