@@ -651,6 +651,20 @@ def _one_branch_per_head(plan: Plan, num_heads: int) -> bool:
     return heads == list(range(num_heads)) and all(br.row_start == 0 and br.row_stop < 0 for br in plan)
 
 
+def _new_out_lse(q, fresh: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (like q) and lse (b, n, h) float32 for a plan's launches: uninitialised where they store every row
+    (fresh), else 0 and -inf (rows no branch links keep them)."""
+    b, n, h, _ = q.shape
+    if fresh:
+        return torch.empty_like(q), torch.empty((b, n, h), dtype=torch.float32, device=q.device)
+    return torch.zeros_like(q), torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
+
+
+def _new_grads(q, k, v, fresh: bool) -> tuple[torch.Tensor, ...]:
+    """dq, dk, dv for a plan's launches: uninitialised where the first launch stores every row (fresh), else 0."""
+    return tuple(torch.empty_like(t) if fresh else torch.zeros_like(t) for t in (q, k, v))
+
+
 CONCURRENT_MIN_ROWS = 32768  # b x n below which head_groups' launches run one after another (host-bound)
 
 
@@ -763,7 +777,7 @@ class Triton(Backend):
         if q.shape[1] != k.shape[1]:
             return super().forward_plan(q, k, v, plan, scale, causal, out_scale, key_mask)
         q, k, v = (t.contiguous() for t in (q, k, v))
-        b, n, h, d = q.shape
+        _, n, h, d = q.shape
         block = triton_fused.fwd_tile(plan, n, h, d, q.dtype) if out_scale == 1.0 else 0
 
         def fused():
@@ -771,11 +785,7 @@ class Triton(Backend):
 
         def branches():
             stores_all = _one_branch_per_head(plan, h)
-            if stores_all or _stores_every_row(plan, h):
-                out, lse = torch.empty_like(q), torch.empty((b, n, h), dtype=torch.float32, device=q.device)
-            else:  # rows no branch links keep 0 and -inf
-                out = torch.zeros_like(q)
-                lse = torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
+            out, lse = _new_out_lse(q, stores_all or _stores_every_row(plan, h))
             self._branch_forwards(out, lse, q, k, v, plan, scale, causal, key_mask, out_scale, fresh=True,
                                   other_rows=stores_all)
             return out, lse
@@ -790,16 +800,12 @@ class Triton(Backend):
         """A causal union plan (``triton_fused.first_apart``): the branches after the first fused (a tile's
         rows see their keys in full, or not at all: no diagonal), then the first branch's launch, weighted,
         merged into what they wrote (or storing, where no later branch links anything outside it)."""
-        b, n, h, _ = q.shape
-        first, rest = triton_fused.first_apart(plan, n)
-        fresh = not rest and _stores_every_row(first, h)
+        first, rest = triton_fused.first_apart(plan, q.shape[1])
+        fresh = not rest and _stores_every_row(first, q.shape[2])
         if rest:
             out, lse = triton_fused.forward(q, k, v, plan, scale, causal, key_mask, block, from_branch=1)
-        elif fresh:
-            out, lse = torch.empty_like(q), torch.empty((b, n, h), dtype=torch.float32, device=q.device)
         else:
-            out = torch.zeros_like(q)
-            lse = torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
+            out, lse = _new_out_lse(q, fresh)
         self._branch_forwards(out, lse, q, k, v, first, scale, causal, key_mask, 1.0, fresh=fresh,
                               links=triton_fused.links(plan, q.device))
         return out, lse
@@ -856,7 +862,7 @@ class Triton(Backend):
 
         def branches():
             fresh = _stores_every_row(plan, q.shape[2])
-            dq, dk, dv = (torch.empty_like(t) if fresh else torch.zeros_like(t) for t in (q, k, v))
+            dq, dk, dv = _new_grads(q, k, v, fresh)
             self._branch_backwards(dq, dk, dv, dout, q, k, v, out, lse, plan, scale, causal, out_scale, key_mask,
                                    fresh)
             return dq, dk, dv
@@ -878,7 +884,7 @@ class Triton(Backend):
             dq, dk, dv = triton_fused.backward(dout, q, k, v, lse, delta, plan, scale, causal, key_mask, configs,
                                                _chains(q), from_branch=1)
         else:
-            dq, dk, dv = (torch.empty_like(t) if fresh else torch.zeros_like(t) for t in (q, k, v))
+            dq, dk, dv = _new_grads(q, k, v, fresh)
         self._branch_backwards(dq, dk, dv, dout, q, k, v, out, lse, first, scale, causal, 1.0, key_mask, fresh, delta,
                                triton_fused.links(plan, q.device))
         return dq, dk, dv
