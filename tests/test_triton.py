@@ -159,7 +159,8 @@ def test_kernels_compile_for_hopper():
                     consts["TMA"] = tma and causal
                 src = ASTSource(fn, signature(fn, io, consts, io), consts)
                 compile_(src, num_warps=warps, num_stages=stages)
-            for bm, bn, fwarps, fstages in fused.fwd_configs(d, dtype)[:1]:  # the largest tile: the others fit where it does
+            # the largest tile of the candidates: the others fit where it does and run the same code
+            for bm, bn, fwarps, fstages in fused.fwd_configs(d, dtype)[:1]:
                 consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, NEG_SCALE=has_mask and causal, BLOCK_M=bm,
                               BLOCK_N=bn, HEAD_DIM=d, TMA=tma, UNION=union, FROM_BRANCH=int(causal and union))
                 src = ASTSource(fused._fused_fwd, signature(fused._fused_fwd, io, consts, io), consts)
