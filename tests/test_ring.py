@@ -155,7 +155,8 @@ def _triton_worker(rank, world):
              against_reference=True)
     assert chunked["forward"] == chunked["backward"] == 3
     assert backends.select(torch.ones(1, 1, 1, 16), "triton") is backends.BACKENDS["triton"]
-    _ring_tma_loads_match(rank, n)
+    if world == 2:  # every world's chunks have 24 rows: the descriptors see the same geometry at 3 ranks
+        _ring_tma_loads_match(rank, n)
 
 
 def _ring_tma_loads_match(rank, n):
