@@ -373,8 +373,8 @@ def _config(d: int, dtype: torch.dtype, causal: bool, masked: bool):
         return (128, 64, 8, 2) if d <= 64 else (32, 64, 4, 2)
     if causal:  # d = 128 too (NOTES.md v22: paper causal at 128K 4.19 vs 4.40 ms on (128, 64, 8, 3))
         return 64, 64, 4, 3
-    if d > 64:
-        return 128, 64, 8, 3  # benchmarks/NOTES.md: 358 vs 296 TFLOP/s with 2 stages at d = 128
+    if d > 64:  # NOTES.md v30: head_groups at 128K 1.48-1.56 vs 1.61-1.66 ms on (128, 64, 8, 3)
+        return (128, 64, 8, 3) if masked else (128, 128, 8, 3)
     return (128, 64, 4, 3) if masked else (128, 64, 8, 3)
 
 
