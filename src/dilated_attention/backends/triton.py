@@ -366,14 +366,14 @@ if triton is not None:
 
 def _config(d: int, dtype: torch.dtype, causal: bool, masked: bool):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel: 64-row tiles for causal plans
-    (less of the diagonal block wasted), 128 rows over 8 warps for plain ones, 4 warps with a key
-    mask (NOTES.md v15, 128K d = 64: causal 2.78 vs 2.84 ms, plain 4.35 vs 5.03, masked 5.30 vs 8.92
-    at 8 warps); float32 tiles take twice the shared memory."""
+    (less of the diagonal block wasted), 128 rows over 8 warps for plain ones (at d = 128 against 128-key
+    blocks), 4 warps with a key mask (NOTES.md v15, 128K d = 64: causal 2.78 vs 2.84 ms, plain 4.35 vs 5.03,
+    masked 5.30 vs 8.92 at 8 warps); float32 tiles take twice the shared memory."""
     if dtype == torch.float32:  # NOTES.md v12: causal at 128K, 16.7 ms (d = 64), 39.2 vs 75.7 ms with (64, 64, 8, 2)
         return (128, 64, 8, 2) if d <= 64 else (32, 64, 4, 2)
     if causal:  # d = 128 too (NOTES.md v22: paper causal at 128K 4.19 vs 4.40 ms on (128, 64, 8, 3))
         return 64, 64, 4, 3
-    if d > 64:  # NOTES.md v30: head_groups at 128K 1.48-1.56 vs 1.61-1.66 ms on (128, 64, 8, 3)
+    if d > 64:  # NOTES.md v30: head_groups forward at 128K 1.55-1.59 vs 1.63-1.70 ms on (128, 64, 8, 3)
         return (128, 64, 8, 3) if masked else (128, 128, 8, 3)
     return (128, 64, 4, 3) if masked else (128, 64, 8, 3)
 
