@@ -3,12 +3,15 @@
     python benchmarks/causal_parts.py [--seq-len 131072] [--head-dim 64] [--batches 1 4] [--json causal-parts.json]
 
 Causal forward as it runs (LongNet's plan is a union plan: its first branch apart, weighted, the rest fused
-from branch 1); and branch by branch: as it runs, with tensor-descriptor (TMA) loads off, with every launch
-storing its (out, lse) instead of merging into the earlier branches' (a bound on what the merge costs: the
-result is wrong), both. At each batch size (a launch's last wave is a
-smaller share at larger b). The plain forward fused (one launch) and branch by branch. Medians of
-``triton.testing.do_bench``, best of two rounds, ms per batch; the ratio column is plain fused / (2 x
-causal): the causal forward's useful rate against the plain fused kernel's (1.0: the same rate).
+from branch 1); its first branch's launch alone (storing; the rest skipped: the result is wrong), weighted as
+it runs and unweighted (what the pair weights cost); one branch w = 2048, r = 1 (the same pairs as SDPA on
+2048-row blocks: our dense kernel against SDPA's); and branch by branch: as it runs, with tensor-descriptor
+(TMA) loads off, with every launch storing its (out, lse) instead of merging into the earlier branches' (a
+bound on what the merge costs: the result is wrong), both. At each batch size (a launch's last wave is a
+smaller share at larger b). The plain forward fused (one launch), branch by branch and with one branch.
+Medians of ``triton.testing.do_bench``, best of two rounds, ms per batch; the ratio column is plain fused /
+(2 x causal): the causal forward's useful rate against the plain fused kernel's (1.0: the same rate; the one
+branch against its own plain call).
 Beside them, SDPA on the shape of every branch's work (n / 2048 blocks of 2048 rows, each attended alone),
 causal and plain: the same ratio for PyTorch's own kernels at this segment length.
 Prints a table; writes JSON.
@@ -29,6 +32,7 @@ from dilated_attention.backends import triton_fused, triton_launch  # noqa: E402
 
 SEGS, RATES = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16]
 FORWARD_LAUNCH, TMA_MIN_ROWS, TILING = triton_backend._forward_launch, triton_fused.TMA_MIN_ROWS, triton_fused.tiling
+FIRST_APART, LINKS = triton_fused.first_apart, triton_fused.links
 
 
 def storing(d, dtype, launch, scale, causal, first, *rest):
@@ -36,12 +40,15 @@ def storing(d, dtype, launch, scale, causal, first, *rest):
     return FORWARD_LAUNCH(d, dtype, launch, scale, causal, True, *rest)
 
 
-def variant(tma: bool = True, merge: bool = True, fused: bool = True) -> None:
-    """Set the library's switches for one variant (fused False: every plan branch by branch); the prepared
-    launches are made again."""
+def variant(tma: bool = True, merge: bool = True, fused: bool = True, first_only: bool = False,
+            weighted: bool = True) -> None:
+    """Set the library's switches for one variant (fused False: every plan branch by branch; first_only: a union
+    plan's first branch alone, weighted or not); the prepared launches are made again."""
     triton_fused.TMA_MIN_ROWS = TMA_MIN_ROWS if tma else 1 << 62
     triton_backend._forward_launch = FORWARD_LAUNCH if merge else storing
     triton_fused.tiling = TILING if fused else (lambda *_: 0)
+    triton_fused.first_apart = (lambda plan, n: (FIRST_APART(plan, n)[0], False)) if first_only else FIRST_APART
+    triton_fused.links = LINKS if weighted else (lambda plan, device: None)
     triton_launch._PREPARED.clear()
 
 
@@ -56,11 +63,15 @@ def main():
     from triton.testing import do_bench
 
     by_branch = dict(fused=False)
-    variants = {"causal": (True, {}), "causal by branch": (True, by_branch),
+    one = ([2048], [1])
+    variants = {"causal": (True, {}), "causal, first branch alone": (True, dict(first_only=True)),
+                "causal, first branch alone, unweighted": (True, dict(first_only=True, weighted=False)),
+                "causal, one branch w 2048 r 1": (True, dict(schedule=one)), "causal by branch": (True, by_branch),
                 "causal by branch, TMA off": (True, dict(by_branch, tma=False)),
                 "causal by branch, no merge (bound)": (True, dict(by_branch, merge=False)),
                 "causal by branch, TMA off, no merge": (True, dict(by_branch, tma=False, merge=False)),
-                "plain fused": (False, {}), "plain branch by branch": (False, dict(fused=False))}
+                "plain fused": (False, {}), "plain branch by branch": (False, dict(fused=False)),
+                "plain, one branch w 2048 r 1": (False, dict(schedule=one))}
     rows = []
     print(torch.cuda.get_device_name(), torch.__version__)
     for b in a.batches:
@@ -68,9 +79,11 @@ def main():
         ms = {}
         for _ in range(2):
             for name, (causal, switches) in variants.items():
+                switches = dict(switches)
+                segs, rates = switches.pop("schedule", (SEGS, RATES))
                 variant(**switches)
                 with torch.no_grad():
-                    t = do_bench(lambda: dilated_attention(q, k, v, SEGS, RATES, is_causal=causal),
+                    t = do_bench(lambda: dilated_attention(q, k, v, segs, rates, is_causal=causal),
                                  return_mode="median") / b
                 ms[name] = min(ms.get(name, float("inf")), t)
         variant()
@@ -82,11 +95,15 @@ def main():
                              return_mode="median") / b
                 sdpa[causal] = min(sdpa.get(causal, float("inf")), t)
         ms["SDPA plain, 2048-row blocks"], ms["SDPA causal, 2048-row blocks"] = sdpa[False], sdpa[True]
-        ratio = {name: ms["plain fused"] / (2 * t) for name, t in ms.items() if name.startswith("causal")}
+        ratio = {name: ms["plain fused"] / (2 * t) for name, t in ms.items()
+                 if name.startswith("causal") and "branch alone" not in name and "one branch" not in name}
+        one_branch = "one branch w 2048 r 1"
+        ratio[f"causal, {one_branch}"] = ms[f"plain, {one_branch}"] / (2 * ms[f"causal, {one_branch}"])
         ratio["SDPA causal, 2048-row blocks"] = sdpa[False] / (2 * sdpa[True])  # against SDPA's own plain
         rows.append(dict(b=b, n=a.seq_len, d=a.head_dim, ms=ms, causal_rate_over_plain_fused=ratio))
         for name, t in ms.items():
-            base = "SDPA plain" if name.startswith("SDPA") else "plain fused"
+            base = "SDPA plain" if name.startswith("SDPA") else "plain one branch" if one_branch in name \
+                else "plain fused"
             extra = f" | {base} / (2 x this) {ratio[name]:.3f}" if name in ratio else ""
             print(f"b={b} n={a.seq_len} d={a.head_dim} {name:36} {t:8.3f} ms{extra}", flush=True)
     if a.json:
