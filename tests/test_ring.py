@@ -137,7 +137,8 @@ def _triton_worker(rank, world):
 
     n = 12 * 2 * world
     for layout, (segs, rates) in (("contiguous", ([5, 10, 30], [1, 2, 3])), ("zigzag", ([8, 20, 2 * n], [1, 3, 4]))):
-        for mode in ("paper", "head_groups"):
+        # head_groups' steps are paper's launches over fewer heads: at 3 ranks paper alone takes the odd world
+        for mode in ("paper", "head_groups") if world == 2 else ("paper",):
             for causal in (False, True):
                 ring = RingDilatedAttention(segs, rates, mode=mode, layout=layout, backend="triton")
                 # b = 1: shards are views whose batch stride is the full tensor's (any stride fits a size-1 dim)
