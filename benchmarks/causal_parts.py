@@ -11,7 +11,7 @@ bound on what the merge costs: the result is wrong), both. At each batch size (a
 smaller share at larger b). The plain forward fused (one launch), branch by branch and with one branch.
 Medians of ``triton.testing.do_bench``, best of two rounds, ms per batch; the ratio column is plain fused /
 (2 x causal): the causal forward's useful rate against the plain fused kernel's (1.0: the same rate; the one
-branch against its own plain call).
+branch against its own plain call; JSON key ``causal_rate_over_plain_fused``).
 Beside them, SDPA on the shape of every branch's work (n / 2048 blocks of 2048 rows, each attended alone),
 causal and plain: the same ratio for PyTorch's own kernels at this segment length.
 Prints a table; writes JSON.
@@ -62,23 +62,28 @@ def main():
     a = p.parse_args()
     from triton.testing import do_bench
 
-    by_branch = dict(fused=False)
-    one = ([2048], [1])
-    variants = {"causal": (True, {}), "causal, first branch alone": (True, dict(first_only=True)),
-                "causal, first branch alone, unweighted": (True, dict(first_only=True, weighted=False)),
-                "causal, one branch w 2048 r 1": (True, dict(schedule=one)), "causal by branch": (True, by_branch),
-                "causal by branch, TMA off": (True, dict(by_branch, tma=False)),
-                "causal by branch, no merge (bound)": (True, dict(by_branch, merge=False)),
-                "causal by branch, TMA off, no merge": (True, dict(by_branch, tma=False, merge=False)),
-                "plain fused": (False, {}), "plain branch by branch": (False, dict(fused=False)),
-                "plain, one branch w 2048 r 1": (False, dict(schedule=one))}
+    by_branch, one = dict(fused=False), dict(schedule=([2048], [1]))
+    fused, single = "plain fused", "plain, one branch w 2048 r 1"
+    # name: (causal, switches, the plain row whose useful rate the causal row is set against, or None)
+    variants = {"causal": (True, {}, fused),
+                "causal, first branch alone": (True, dict(first_only=True), None),
+                "causal, first branch alone, unweighted": (True, dict(first_only=True, weighted=False), None),
+                "causal, one branch w 2048 r 1": (True, one, single),
+                "causal by branch": (True, by_branch, fused),
+                "causal by branch, TMA off": (True, dict(by_branch, tma=False), fused),
+                "causal by branch, no merge (bound)": (True, dict(by_branch, merge=False), fused),
+                "causal by branch, TMA off, no merge": (True, dict(by_branch, tma=False, merge=False), fused),
+                fused: (False, {}, None), "plain branch by branch": (False, by_branch, None),
+                single: (False, one, None)}
+    against = {name: base for name, (_, _, base) in variants.items() if base}
+    against["SDPA causal, 2048-row blocks"] = "SDPA plain, 2048-row blocks"  # PyTorch's own kernels
     rows = []
     print(torch.cuda.get_device_name(), torch.__version__)
     for b in a.batches:
         q, k, v = (torch.randn(b, a.seq_len, a.heads, a.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         ms = {}
         for _ in range(2):
-            for name, (causal, switches) in variants.items():
+            for name, (causal, switches, _) in variants.items():
                 switches = dict(switches)
                 segs, rates = switches.pop("schedule", (SEGS, RATES))
                 variant(**switches)
@@ -95,17 +100,11 @@ def main():
                              return_mode="median") / b
                 sdpa[causal] = min(sdpa.get(causal, float("inf")), t)
         ms["SDPA plain, 2048-row blocks"], ms["SDPA causal, 2048-row blocks"] = sdpa[False], sdpa[True]
-        ratio = {name: ms["plain fused"] / (2 * t) for name, t in ms.items()
-                 if name.startswith("causal") and "branch alone" not in name and "one branch" not in name}
-        one_branch = "one branch w 2048 r 1"
-        ratio[f"causal, {one_branch}"] = ms[f"plain, {one_branch}"] / (2 * ms[f"causal, {one_branch}"])
-        ratio["SDPA causal, 2048-row blocks"] = sdpa[False] / (2 * sdpa[True])  # against SDPA's own plain
+        ratio = {name: ms[base] / (2 * ms[name]) for name, base in against.items()}
         rows.append(dict(b=b, n=a.seq_len, d=a.head_dim, ms=ms, causal_rate_over_plain_fused=ratio))
         for name, t in ms.items():
-            base = "SDPA plain" if name.startswith("SDPA") else "plain one branch" if one_branch in name \
-                else "plain fused"
-            extra = f" | {base} / (2 x this) {ratio[name]:.3f}" if name in ratio else ""
-            print(f"b={b} n={a.seq_len} d={a.head_dim} {name:36} {t:8.3f} ms{extra}", flush=True)
+            extra = f" | {against[name]} / (2 x this) {ratio[name]:.3f}" if name in ratio else ""
+            print(f"b={b} n={a.seq_len} d={a.head_dim} {name:40} {t:8.3f} ms{extra}", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
