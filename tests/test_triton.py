@@ -155,14 +155,15 @@ def test_kernels_compile_for_hopper():
                                                 (fused._fused_dq, dq_rows, dq_keys, dq_launch)):
                 consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d, UNION=union,
                               FROM_BRANCH=int(causal and union))
-                if fn is fused._fused_dq:
-                    consts["TMA"] = tma and causal
+                if fn is fused._fused_dq:  # chained: after dK/dV, and before the first branch's launches
+                    consts.update(TMA=tma and causal, CHAIN=causal)
                 src = ASTSource(fn, signature(fn, io, consts, io), consts)
                 compile_(src, num_warps=warps, num_stages=stages)
             # the largest tile of the candidates: the others fit where it does and run the same code
             for bm, bn, fwarps, fstages in fused.fwd_configs(d, dtype)[:1]:
                 consts = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, NEG_SCALE=has_mask and causal, BLOCK_M=bm,
-                              BLOCK_N=bn, HEAD_DIM=d, TMA=tma, UNION=union, FROM_BRANCH=int(causal and union))
+                              BLOCK_N=bn, HEAD_DIM=d, TMA=tma, UNION=union, FROM_BRANCH=int(causal and union),
+                              CHAIN=causal)
                 src = ASTSource(fused._fused_fwd, signature(fused._fused_fwd, io, consts, io), consts)
                 compile_(src, num_warps=fwarps, num_stages=fstages)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -582,6 +583,36 @@ def test_causal_union_plans_run_their_first_branch_apart(monkeypatch):
         tk.Triton().backward_plan(dout, q, k, v, out, lse, plan, 0.25, causal, 1.0)
         assert launches == backward
         launches.clear()
+
+
+def test_causal_union_plans_chain_the_first_branch_after_the_fused_launches(monkeypatch):
+    """On sm_90 the first branch's launches of a causal union plan start while the fused launches before them
+    run (programmatic dependent launch): the fused forward and dQ signal their dependents (CHAIN), and the first
+    branch's launches all take launch_pdl (each merges or adds only after the one before has finished). Where
+    the first branch covers every document it is the call's first launch (stream-ordered); where launches do
+    not chain, none signals or waits."""
+    from dilated_attention.backends import triton as tk, triton_launch
+    from dilated_attention.plan import build_plan
+
+    launches = []
+    monkeypatch.setattr(triton_launch, "launch_kernel", lambda kernel, grid, tensors, scalars, **meta: launches.append(
+        (kernel.fn.__name__, bool(meta.get("CHAIN")), bool(meta.get("launch_pdl")))))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # configs untimed (``pick``) on a GPU host too
+    h, d, segs, rates = 4, 16, [256, 512, 1024], [1, 2, 4]
+    for gpu_can in (True, False):
+        monkeypatch.setattr(tk, "_chains", lambda q, gpu_can=gpu_can: gpu_can)
+        monkeypatch.setattr(triton_launch, "_PREPARED", {})
+        for n, forward, backward in (
+                (1024, [("_fused_fwd", True, False), ("_fwd", True, True)],
+                 [("_fused_dkdv", True, False), ("_fused_dq", True, True), ("_bwd_dkdv", True, True),
+                  ("_bwd_dq", True, True)]),
+                (256, [("_fwd", True, False)], [("_bwd_dkdv", True, False), ("_bwd_dq", True, True)])):
+            plan = build_plan(n, h, segs, rates, "paper")
+            q, k, v, dout = (torch.empty(1, n, h, d, device="meta", dtype=torch.float16) for _ in range(4))
+            out, lse = tk.Triton().forward_plan(q, k, v, plan, 0.25, True, 1.0)
+            tk.Triton().backward_plan(dout, q, k, v, out, lse, plan, 0.25, True, 1.0)
+            assert launches == [(name, chain and gpu_can, pdl and gpu_can) for name, chain, pdl in forward + backward]
+            launches.clear()
 
 
 def test_fused_launches_are_prepared_once_per_call_geometry(monkeypatch):

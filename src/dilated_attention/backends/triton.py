@@ -564,9 +564,10 @@ def _geometry(q, k, lse, mask) -> tuple:
 
 
 def _forward_steps(q, k, lse, key_mask, plan: Plan, scale, causal, out_scale, fresh, other_rows, tma,
-                   links=None) -> tuple:
+                   links=None, after: bool = False) -> tuple:
     """``Triton._branch_forwards``' launches: per branch, (its heads or None, its segment table or None, the
-    links table or None, ``_forward_launch``); links: weighted launches (``_Launch``)."""
+    links table or None, ``_forward_launch``); links: weighted launches (``_Launch``); after: the first launch
+    chains after the launch before the call (``chained``)."""
     steps, written = [], set()  # heads a launch has written: a fresh launch over fresh heads reads nothing
     chain = not other_rows and _chains(q)  # other_rows: launches on side streams
     for i, (branch, table) in enumerate(_launches(plan, q.shape[1], q.device)):
@@ -580,11 +581,12 @@ def _forward_steps(q, k, lse, key_mask, plan: Plan, scale, causal, out_scale, fr
         launch = _branch_launch(qv, k, lv, key_mask, qv, branch, table, links)
         spec = _forward_launch(q.shape[-1], q.dtype, launch, scale, causal, first, key_mask is not None, tma,
                                out_scale, other_rows and branch.rate > 1)
-        steps.append((heads, *_table_args(launch, None), _chained_launch(spec, i, chain)))
+        steps.append((heads, *_table_args(launch, None), _chained_launch(spec, i, chain, after)))
     return tuple(steps)
 
 
-def _backward_steps(q, k, lse, key_mask, plan: Plan, scale, causal, out_scale, fresh, tma, links=None) -> tuple:
+def _backward_steps(q, k, lse, key_mask, plan: Plan, scale, causal, out_scale, fresh, tma, links=None,
+                    after: bool = False) -> tuple:
     """``Triton._branch_backwards``' launches: (``_backward_launches``' launch, the query heads, the k/v heads,
     the dK/dV heads (each a slice or None: all), the segment table or None, the links table or None). Per
     branch a dK/dV launch and a dQ launch; with GQA the branch's dQ launch, then one dK/dV launch per query
@@ -612,16 +614,16 @@ def _backward_steps(q, k, lse, key_mask, plan: Plan, scale, causal, out_scale, f
                                          fresh and i == 0 and head0 == 0)
             steps.append((dkdv, h, kv, kv, *tables))
     chain = _chains(q)
-    return tuple((_chained_launch(spec, i, chain), *rest) for i, (spec, *rest) in enumerate(steps))
+    return tuple((_chained_launch(spec, i, chain, after), *rest) for i, (spec, *rest) in enumerate(steps))
 
 
 _CHAINS = True  # benchmarks/chained_launches.py switches it off for an A/B
 
 
-def _chained_launch(spec: tuple, i: int, chain: bool) -> Launch:
+def _chained_launch(spec: tuple, i: int, chain: bool, after: bool = False) -> Launch:
     """The ``Launch`` of a call's launch i, spec = (kernel, grid, scalars, constexprs) (``chained``)."""
     kernel, grid, scalars, meta = spec
-    return Launch(kernel, grid, scalars, chained(meta, i, chain))
+    return Launch(kernel, grid, scalars, chained(meta, i, chain, after))
 
 
 def _chains(q) -> bool:
@@ -802,12 +804,13 @@ class Triton(Backend):
         merged into what they wrote (or storing, where no later branch links anything outside it)."""
         first, rest = triton_fused.first_apart(plan, q.shape[1])
         fresh = not rest and _stores_every_row(first, q.shape[2])
+        chain = rest and _chains(q)  # the first branch's launch starts while the fused one's last programs run
         if rest:
-            out, lse = triton_fused.forward(q, k, v, plan, scale, causal, key_mask, block, from_branch=1)
+            out, lse = triton_fused.forward(q, k, v, plan, scale, causal, key_mask, block, from_branch=1, chain=chain)
         else:
             out, lse = _new_out_lse(q, fresh)
         self._branch_forwards(out, lse, q, k, v, first, scale, causal, key_mask, 1.0, fresh=fresh,
-                              links=triton_fused.links(plan, q.device))
+                              links=triton_fused.links(plan, q.device), after=chain)
         return out, lse
 
     def attend_plan_(self, out, lse, q, k, v, plan: Plan, scale: float, causal: bool, key_mask=None) -> None:
@@ -820,14 +823,15 @@ class Triton(Backend):
         self._branch_forwards(out, lse, q, k, v, plan, scale, causal, key_mask, 1.0, fresh=False)
 
     def _branch_forwards(self, out, lse, q, k, v, plan, scale, causal, key_mask, out_scale, fresh: bool,
-                         other_rows: bool = False, links=None) -> None:
+                         other_rows: bool = False, links=None, after: bool = False) -> None:
         """other_rows: every head has one branch and out, lse hold nothing yet (``_one_branch_per_head``);
-        links: weighted launches (``_Launch``). The launches are made once per call geometry (``prepared``)."""
+        links: weighted launches (``_Launch``); after: the first launch chains after the launch before the call,
+        which signals its dependents (``chained``). The launches are made once per call geometry (``prepared``)."""
         tma = triton_fused.tma_loads(k, v)
         key = ("forward", plan, *_geometry(q, k, lse, key_mask), scale, causal, out_scale, fresh, other_rows, tma,
-               links and links[1:])
+               links and links[1:], after)
         steps = prepared(key, lambda: _forward_steps(q, k, lse, key_mask, plan, scale, causal, out_scale, fresh,
-                                                      other_rows, tma, links))
+                                                      other_rows, tma, links, after))
         streams = _side_streams(q.device, len(steps)) if other_rows and _concurrent(q) else None
         km = _mask_arg(key_mask, q)
         for i, (heads, table, lk, launch) in enumerate(steps):
@@ -880,13 +884,14 @@ class Triton(Backend):
         first, rest = triton_fused.first_apart(plan, q.shape[1])
         delta = _row_dot(dout, out, lse)
         fresh = not rest and _stores_every_row(first, q.shape[2])
+        chain = _chains(q)
         if rest:
             dq, dk, dv = triton_fused.backward(dout, q, k, v, lse, delta, plan, scale, causal, key_mask, configs,
-                                               _chains(q), from_branch=1)
+                                               chain, from_branch=1)
         else:
             dq, dk, dv = _new_grads(q, k, v, fresh)
         self._branch_backwards(dq, dk, dv, dout, q, k, v, out, lse, first, scale, causal, 1.0, key_mask, fresh, delta,
-                               triton_fused.links(plan, q.device))
+                               triton_fused.links(plan, q.device), after=rest and chain)
         return dq, dk, dv
 
     def attend_plan_backward_(self, dq, dk, dv, dout, q, k, v, out, lse, plan: Plan, scale: float, causal: bool,
@@ -902,19 +907,19 @@ class Triton(Backend):
         self._branch_backwards(dq, dk, dv, dout, q, k, v, out, lse, plan, scale, causal, out_scale, key_mask, False)
 
     def _branch_backwards(self, dq, dk, dv, dout, q, k, v, out, lse, plan, scale, causal, out_scale, key_mask,
-                          fresh: bool, delta=None, links=None) -> None:
+                          fresh: bool, delta=None, links=None, after: bool = False) -> None:
         """``attend_plan_backward_``'s launches (made once per call geometry, ``_backward_steps``); fresh: dq,
         dk, dv hold nothing yet and the plan's first launch stores every row of them (``_stores_every_row``),
         so it stores instead of adding; delta: rowsum(dout * out) where the caller has it; links: weighted
-        launches (``_Launch``)."""
+        launches (``_Launch``); after: the first launch chains after the launch before the call (``chained``)."""
         lse = lse.contiguous()
         if delta is None:
             delta = _row_dot(dout, out, lse)  # rowsum(dO' O) for dO' = s dout, O = out / s
         tma = triton_fused.tma_loads(k, v)
         key = ("backward", plan, *_geometry(q, k, lse, key_mask), scale, causal, out_scale, fresh, tma,
-               links and links[1:])
+               links and links[1:], after)
         steps = prepared(key, lambda: _backward_steps(q, k, lse, key_mask, plan, scale, causal, out_scale, fresh, tma,
-                                                      links))
+                                                      links, after))
         km = _mask_arg(key_mask, q)
         for launch, heads, kv_heads, grad_heads, table, lk in steps:
             qv = _view(q, heads)

@@ -368,9 +368,13 @@ if triton is not None:
     def _fused_fwd(Q, K, V, O, L, KM, T, TS, RO, LK, NB, HEAVY, qb, qh, qu, kb, kh, ku, lb, lh, lu, mb, mu, LCM,
                    HEAD_BASE, KV_GROUP, qk_scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                    NEG_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   TMA: tl.constexpr = False, UNION: tl.constexpr = False, FROM_BRANCH: tl.constexpr = 0):
+                   TMA: tl.constexpr = False, UNION: tl.constexpr = False, FROM_BRANCH: tl.constexpr = 0,
+                   CHAIN: tl.constexpr = False):
         """FROM_BRANCH: run the branches from this one (1: a causal union plan's first branch runs apart,
-        ``triton.Triton``)."""
+        ``triton.Triton``). CHAIN: the launch after this one (that first branch's, which merges into out and lse
+        only once this one has finished) may start while this one runs."""
+        if CHAIN:
+            gdc_launch_dependents()
         head, b, doc0, N, T, span, c, pos, row_ok = _residue_tile(TS, T, NB, RO, HEAVY, BLOCK_M, LCM, HEAD_BASE, 1)
         if span + c >= N:
             return
@@ -448,8 +452,11 @@ if triton is not None:
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr = False,
                   CHAIN: tl.constexpr = False, UNION: tl.constexpr = False, FROM_BRANCH: tl.constexpr = 0):
         """CHAIN: launched while the dK/dV launch before it runs (it reads nothing that one writes); every
-        program waits for that launch before it ends, so this launch ends after it (``backward``).
-        FROM_BRANCH as in ``_fused_fwd``."""
+        program waits for that launch before it ends, so this launch ends after it (``backward``); the launch
+        after it may start while it runs (a causal union plan's first branch's, which adds into the gradients
+        only once this one has finished). FROM_BRANCH as in ``_fused_fwd``."""
+        if CHAIN:
+            gdc_launch_dependents()
         head, b, doc0, N, T, span, c, pos, row_ok = _residue_tile(TS, T, NB, RO, HEAVY, BLOCK_M, LCM, HEAD_BASE, 1)
         if span + c >= N:
             if CHAIN:
@@ -684,11 +691,13 @@ def bwd_tiles(plan: Plan, n: int, h: int, d: int, dtype: torch.dtype, causal: bo
                  for (_, keys_or_rows, warps, stages), tile in ((kv, kv_tile), (dq, dq_tile)))
 
 
-def forward(q, k, v, plan: Plan, scale: float, causal: bool, key_mask, block_m: int, from_branch: int = 0):
+def forward(q, k, v, plan: Plan, scale: float, causal: bool, key_mask, block_m: int, from_branch: int = 0,
+            chain: bool = False):
     """q: (b, n, h, d), k, v: (b, n, h_kv, d) contiguous; key_mask (b, n) bool or None; block_m from
     ``fwd_tile`` -> out (b, n, h, d) in q.dtype, lse (b, n, h) float32, over the plan's branches from
-    ``from_branch`` on (``_fused_fwd``). The launch (grid, tables, scalars, the config ``pick`` chose) is made
-    once per call geometry (``prepared``)."""
+    ``from_branch`` on (``_fused_fwd``). chain (sm_90, ``triton._chains``): the next launch may start while this
+    one runs (``chained``). The launch (grid, tables, scalars, the config ``pick`` chose) is made once per call
+    geometry (``prepared``)."""
     b, n, h, d = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((b, n, h), dtype=torch.float32, device=q.device)
@@ -698,8 +707,8 @@ def forward(q, k, v, plan: Plan, scale: float, causal: bool, key_mask, block_m: 
     def build():
         tables, count, lcm, nb, heavy = _tables(plan, n, block_m, q.device)
         scalars = (nb, heavy, *_strides(q, k, lse, key_mask), lcm, plan[0].head_base, plan[0].kv_group, scale * LOG2E)
-        meta = dict(IS_CAUSAL=causal, HAS_MASK=key_mask is not None, NEG_SCALE=scale < 0, BLOCK_M=block_m, HEAD_DIM=d,
-                    TMA=tma, UNION=union(plan, n), FROM_BRANCH=from_branch)
+        meta = chained(dict(IS_CAUSAL=causal, HAS_MASK=key_mask is not None, NEG_SCALE=scale < 0, BLOCK_M=block_m,
+                            HEAD_DIM=d, TMA=tma, UNION=union(plan, n), FROM_BRANCH=from_branch), 0, chain)
 
         def launch(cfg):
             return Launch(_fused_fwd, (count * lcm, h, b), scalars,
@@ -711,7 +720,7 @@ def forward(q, k, v, plan: Plan, scale: float, causal: bool, key_mask, block_m: 
         return tables, launch(cfg)
 
     key = ("fused forward", plan, q.shape, k.shape, None if key_mask is None else key_mask.stride(), q.dtype, q.device,
-           scale, causal, block_m, tma, from_branch)
+           scale, causal, block_m, tma, from_branch, chain)
     tables, launch = prepared(key, build)
     launch((q, k, v, out, lse, mask, *tables))
     return out, lse

@@ -105,12 +105,13 @@ def _run(entry, grid: tuple, ptrs: list, scalars: tuple, device: int) -> bool:
     return True
 
 
-def chained(meta: dict, i: int, chain: bool) -> dict:
+def chained(meta: dict, i: int, chain: bool, after: bool = False) -> dict:
     """The constexprs of a call's launch i where its launches chain (``chain``: sm_90 and a Triton with grid
     dependency control): every launch runs its kernel's ``CHAIN`` form; the first waits for what came before
-    it on the stream, each later one starts while the one before runs (``launch_pdl``) and waits in-kernel
-    up to where it reads what that one writes. Without ``chain``: ``meta`` as it is."""
-    return dict(meta, CHAIN=True, launch_pdl=i > 0) if chain else meta
+    it on the stream (after: it too starts while the launch before it runs, one that signals its dependents in
+    its own ``CHAIN`` form), each later one starts while the one before runs (``launch_pdl``) and waits
+    in-kernel up to where it reads what that one writes. Without ``chain``: ``meta`` as it is."""
+    return dict(meta, CHAIN=True, launch_pdl=i > 0 or after) if chain else meta
 
 
 _PREPARED: dict = {}  # launches per call geometry (``prepared``)
