@@ -575,11 +575,12 @@ def _strides(q, k, lse, mask):
 def fwd_configs(d: int, dtype: torch.dtype) -> tuple[tuple[int, int, int, int], ...]:
     """Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) of the fused forward, timed once per kind of
     call on the device (``pick``): with plain plans 8 warps ran 5-7% faster than 4 on some H100
-    hosts and 10-15% slower on another, and 1.1-1.6x slower with GQA or a key mask (NOTES.md, v7).
-    float32 tiles take twice the shared memory: 2 stages."""
+    hosts and 10-15% slower on another, and 1.1-1.6x slower with GQA or a key mask (NOTES.md, v7);
+    on an H200 8 warps ran 1.3x slower and 4 stages 2% faster than 3 (v31). float32 tiles take twice the
+    shared memory: 2 stages."""
     if dtype == torch.float32:
         return (128, 64, 8, 2), (128, 32, 4, 2)
-    return (128, 64, 8, 3), (128, 64, 4, 3)
+    return (128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 4, 4)
 
 
 TMA_MIN_ROWS = 32768  # key rows (b x n) below which a call is host-bound: the scratch allocation costs more
