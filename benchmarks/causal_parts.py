@@ -9,6 +9,10 @@ it runs and unweighted (what the pair weights cost); one branch w = 2048, r = 1 
 (TMA) loads off, with every launch storing its (out, lse) instead of merging into the earlier branches' (a
 bound on what the merge costs: the result is wrong), both. At each batch size (a launch's last wave is a
 smaller share at larger b). The plain forward fused (one launch), branch by branch and with one branch.
+The fused launch from branch 1 alone, causal (the call's other part) and plain (twice its pairs: the two
+give that launch's cost a pair and its fixed cost), and the same launch with no branch to run (what its
+programs cost to load q and store out and lse); the call's two parts on two streams of different priorities,
+outputs apart (not merged: a bound on what interleaving their programs in one launch would give).
 Medians of ``triton.testing.do_bench``, best of two rounds, ms per batch; the ratio column is plain fused /
 (2 x causal): the causal forward's useful rate against the plain fused kernel's (1.0: the same rate; the one
 branch against its own plain call; JSON key ``causal_rate_over_plain_fused``).
@@ -29,6 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from dilated_attention import dilated_attention  # noqa: E402
 from dilated_attention.backends import triton as triton_backend  # noqa: E402
 from dilated_attention.backends import triton_fused, triton_launch  # noqa: E402
+from dilated_attention.plan import build_plan  # noqa: E402
 
 SEGS, RATES = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16]
 FORWARD_LAUNCH, TMA_MIN_ROWS, TILING = triton_backend._forward_launch, triton_fused.TMA_MIN_ROWS, triton_fused.tiling
@@ -50,6 +55,42 @@ def variant(tma: bool = True, merge: bool = True, fused: bool = True, first_only
     triton_fused.first_apart = (lambda plan, n: (FIRST_APART(plan, n)[0], False)) if first_only else FIRST_APART
     triton_fused.links = LINKS if weighted else (lambda plan, device: None)
     triton_launch._PREPARED.clear()
+
+
+def fused_parts(q, k, v, bench) -> dict:
+    """ms per batch of the fused launch from branch 1 alone (causal, plain), of that launch with no branch to
+    run, and of the causal call's two parts on two streams: the first branch's launch (storing) on a stream of
+    low priority, the fused launch from branch 1 on one of high priority, so the block scheduler places the
+    second grid's programs as the first one's free their slots."""
+    b, n, h, d = q.shape
+    plan = build_plan(n, h, SEGS, RATES, "paper")
+    block = triton_fused.fwd_tile(plan, n, h, d, q.dtype)
+
+    def fused(causal, start):
+        return triton_fused.forward(q, k, v, plan, d ** -0.5, causal, None, block, from_branch=start)
+
+    low, high = torch.cuda.Stream(priority=0), torch.cuda.Stream(priority=-1)
+
+    def two_streams():
+        main = torch.cuda.current_stream()
+        for stream in (low, high):
+            stream.wait_stream(main)
+        with torch.cuda.stream(low):
+            dilated_attention(q, k, v, SEGS, RATES, is_causal=True)  # the first branch alone (``variant``)
+        with torch.cuda.stream(high):
+            fused(True, 1)
+        for stream in (low, high):
+            main.wait_stream(stream)
+
+    calls = {"causal, fused from branch 1 alone": lambda: fused(True, 1),
+             "plain, fused from branch 1 alone": lambda: fused(False, 1),
+             "fused, no branch to run": lambda: fused(False, len(SEGS)),
+             "causal, two parts on two streams (bound)": two_streams}
+    variant(first_only=True)
+    with torch.no_grad():
+        ms = {name: bench(fn) / b for name, fn in calls.items()}
+    variant()
+    return ms
 
 
 def main():
@@ -77,6 +118,8 @@ def main():
                 single: (False, one, None)}
     against = {name: base for name, (_, _, base) in variants.items() if base}
     against["SDPA causal, 2048-row blocks"] = "SDPA plain, 2048-row blocks"  # PyTorch's own kernels
+    against["causal, fused from branch 1 alone"] = "plain, fused from branch 1 alone"
+    against["causal, two parts on two streams (bound)"] = fused
     rows = []
     print(torch.cuda.get_device_name(), torch.__version__)
     for b in a.batches:
@@ -92,6 +135,9 @@ def main():
                                  return_mode="median") / b
                 ms[name] = min(ms.get(name, float("inf")), t)
         variant()
+        for _ in range(2):
+            for name, t in fused_parts(q, k, v, lambda fn: do_bench(fn, return_mode="median")).items():
+                ms[name] = min(ms.get(name, float("inf")), t)
         blocks = [t.reshape(-1, 2048, a.heads, a.head_dim).transpose(1, 2) for t in (q, k, v)]
         sdpa = {}
         for _ in range(2):
