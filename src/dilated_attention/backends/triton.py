@@ -884,14 +884,14 @@ class Triton(Backend):
         first, rest = triton_fused.first_apart(plan, q.shape[1])
         delta = _row_dot(dout, out, lse)
         fresh = not rest and _stores_every_row(first, q.shape[2])
-        chain = _chains(q)
+        chain = rest and _chains(q)  # as in the forward
         if rest:
             dq, dk, dv = triton_fused.backward(dout, q, k, v, lse, delta, plan, scale, causal, key_mask, configs,
                                                chain, from_branch=1)
         else:
             dq, dk, dv = _new_grads(q, k, v, fresh)
         self._branch_backwards(dq, dk, dv, dout, q, k, v, out, lse, first, scale, causal, 1.0, key_mask, fresh, delta,
-                               triton_fused.links(plan, q.device), after=rest and chain)
+                               triton_fused.links(plan, q.device), after=chain)
         return dq, dk, dv
 
     def attend_plan_backward_(self, dq, dk, dv, dout, q, k, v, out, lse, plan: Plan, scale: float, causal: bool,
