@@ -114,6 +114,9 @@ def forward(q, k, v, block_m: int = 64, block_n: int = 64):
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     b, n, h, d = q.shape
+    if n % SEG or q.dtype != torch.bfloat16 or not all(t.is_contiguous() for t in (q, k, v)):
+        raise ValueError(f"the prototype takes contiguous bf16 q, k, v with n a multiple of {SEG}; got n = {n}, "
+                         f"{q.dtype}")
     out = torch.empty_like(q)
     lse = torch.empty(b, n, h, device=q.device, dtype=torch.float32)
     descs = []
